@@ -1,0 +1,5 @@
+import sys
+
+from fedspeech.cli import main
+
+sys.exit(main())

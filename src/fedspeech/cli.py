@@ -1,0 +1,49 @@
+"""The ``fedspeech`` command line: one subcommand per job.
+
+Each package registers its own subcommands (``register(subparsers)`` in its ``cli``
+module), so this file stays a table of contents. Heavy imports (torch, flwr) happen inside
+the command functions, so ``fedspeech --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Packages whose ``cli`` module adds subcommands, in the order they appear in --help.
+_COMMAND_MODULES = (
+    "fedspeech.data.cli",
+    "fedspeech.profiling.cli",
+    "fedspeech.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedspeech",
+        description="Federated self-supervised speech learning: corpora, planning, pretraining, evaluation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: one clear line, no traceback
+        print(f"fedspeech {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""In-process runner: drive a Flower ``ServerApp`` and ``ClientApp`` inside one process.
+
+Why our own ``Grid``: Flower's Simulation Engine always goes through Ray (about 1.5 GB and
+~25 s of start-up on a 2-core machine, see ``../shared/docs/FLOWER.md``), which is too heavy
+for a laptop demo and for tests. ``Grid`` is the interface a ServerApp talks to, so a Grid
+that hands each message straight to the ClientApp runs *the same* ServerApp and ClientApp
+code with no serialisation, sockets or actors. Clients run one after another, which is
+also what a 2-core machine can afford.
+
+Each node keeps its own ``Context`` (node config with ``partition-id``/``num-partitions``
+exactly as the Simulation Engine sets them, and a persistent ``state``), so client-local
+state such as FedU predictors or local heads survives between rounds as it would under
+Flower's engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+log = logging.getLogger(__name__)
+
+# Flower node ids are random 64-bit ints; ours are offset so they never look like indexes.
+_FIRST_NODE_ID = 1000
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes of a message's records, as Flower counts them (``count_bytes``)."""
+    if not message.has_content():
+        return 0
+    return sum(record.count_bytes() for record in message.content.values())
+
+
+@dataclass
+class ClientCall:
+    """Accounting of one ClientApp call, kept for the round log."""
+
+    node_id: int
+    partition_id: int
+    message_type: str
+    group_id: str
+    seconds: float
+    bytes_received: int  # by the client (server → client)
+    bytes_sent: int  # by the client (client → server)
+    error: str | None = None
+
+
+@dataclass
+class InProcessGrid(Grid):
+    """A ``Grid`` whose nodes are ClientApp calls in this process."""
+
+    client_app: ClientApp
+    node_configs: list[dict]
+    run_config: dict
+    calls: list[ClientCall] = field(default_factory=list)
+    _run: Run | None = None
+    _replies: dict[str, Message] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._contexts = {
+            _FIRST_NODE_ID + i: Context(
+                run_id=0, node_id=_FIRST_NODE_ID + i, node_config=dict(cfg), state=RecordDict(),
+                run_config=dict(self.run_config),
+            )
+            for i, cfg in enumerate(self.node_configs)
+        }
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        if self._run is None:
+            raise RuntimeError("InProcessGrid.set_run() was not called")
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def partition_id(self, node_id: int) -> int:
+        return int(self._contexts[node_id].node_config["partition-id"])
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self._replies[message.metadata.message_id] = self._deliver(message)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def _deliver(self, message: Message) -> Message:
+        """Run the ClientApp on one message; a failing client becomes an error reply."""
+        node_id = message.metadata.dst_node_id
+        context = self._contexts.get(node_id)
+        if context is None:
+            return Message(Error(code=0, reason=f"unknown node {node_id}"), reply_to=message)
+        TaskIdentity.node_id = node_id
+        start = time.perf_counter()
+        error = None
+        try:
+            reply = self.client_app(message, context)
+        except Exception as exc:  # a faulty client must not stop the run
+            log.warning("client %s failed: %s", context.node_config.get("partition-id"), exc, exc_info=True)
+            error = f"{type(exc).__name__}: {exc}"
+            reply = Message(Error(code=1, reason=error), reply_to=message)
+        finally:
+            TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self.calls.append(ClientCall(
+            node_id=node_id, partition_id=self.partition_id(node_id),
+            message_type=message.metadata.message_type, group_id=message.metadata.group_id,
+            seconds=time.perf_counter() - start, bytes_received=message_bytes(message),
+            bytes_sent=message_bytes(reply), error=error,
+        ))
+        return reply
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_clients: int,
+                  run_config: dict, node_configs: list[dict] | None = None) -> InProcessGrid:
+    """Run ``server_app`` against ``num_clients`` in-process ClientApp nodes.
+
+    ``node_configs`` defaults to Flower's simulation convention
+    (``partition-id``/``num-partitions``). Returns the grid, whose ``calls`` hold per-call
+    timings and bytes.
+    """
+    if node_configs is None:
+        node_configs = [{"partition-id": i, "num-partitions": num_clients} for i in range(num_clients)]
+    grid = InProcessGrid(client_app=client_app, node_configs=node_configs, run_config=run_config)
+    grid.set_run(Run.create_empty(run_id=0))
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 0, 0, SUPERLINK_NODE_ID
+    context = Context(run_id=0, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                      run_config=dict(run_config))
+    server_app(grid, context)
+    return grid
