@@ -1,0 +1,508 @@
+"""Server-side aggregation rules as pure NumPy functions on state dicts.
+
+A *state dict* here is an ordered ``dict[str, np.ndarray]`` (what
+``ArrayRecord.to_numpy_ndarrays`` / ``torch.nn.Module.state_dict`` give, key by key).
+The rules are kept free of Flower so they can be checked against hand-computed numbers;
+``strategies.py`` wraps them for Flower. Exact rules and sources: docs METHODS.md §2-3.
+
+Conventions shared by every rule:
+
+* **Refusal.** Given the previous global state, every client state is screened with
+  :func:`validate_update` (missing/unexpected keys, shape mismatch, non-numeric dtype,
+  NaN/Inf). A refused client is dropped with a logged warning naming it and the key; it
+  is never averaged in. If every client is refused the global state is returned
+  unchanged. Without ``global_state`` the first client is the reference (it can then only
+  be refused for non-finite values), so pass ``global_state`` in production.
+* **Numerics.** Floats are combined in float64 and cast back to the reference dtype.
+  Integer tensors (e.g. ``num_batches_tracked``) are averaged and rounded to the nearest
+  integer; bool tensors take the (weighted) majority. The dtype never changes.
+* **"Layer" = one state-dict tensor.** L-DAWA's per-layer weights and the FedU divergence
+  are computed per tensor (a weight and its bias are two layers), as the reference
+  L-DAWA code does (it iterates over the flat list of model arrays).
+* **Backbone-only transmission.** Filter the global and client states with
+  :func:`select_keys`, aggregate with any rule, and put the result back with
+  :func:`merge_state`; heads (keys outside the prefixes) keep their value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, np.ndarray]
+
+#: dtype kinds an aggregation can handle: bool, signed int, unsigned int, float.
+_NUMERIC_KINDS = "biuf"
+#: How many refusal reasons a warning lists before summarising the rest.
+_REASONS_IN_WARNING = 5
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def normalise_prefixes(prefixes: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """Return prefixes as a tuple (a bare string is one prefix, not its characters)."""
+    if prefixes is None:
+        return None
+    if isinstance(prefixes, str):
+        prefixes = (prefixes,)
+    result = tuple(prefixes)
+    if not result or not all(isinstance(p, str) and p for p in result):
+        raise ValueError(f"prefixes must be non-empty strings, got {result!r}")
+    return result
+
+
+def select_keys(
+    state: Mapping[str, np.ndarray], prefixes: str | Iterable[str] | None
+) -> StateDict:
+    """Keep the entries whose key starts with one of ``prefixes`` (all if ``None``).
+
+    Plain ``str.startswith``: end a prefix with ``"."`` to match a module boundary
+    (``"encoder."`` does not match ``"encoder_head.weight"``). Key order is kept.
+    """
+    normalised = normalise_prefixes(prefixes)
+    if normalised is None:
+        return dict(state)
+    return {k: v for k, v in state.items() if k.startswith(normalised)}
+
+
+def exclude_keys(
+    state: Mapping[str, np.ndarray], prefixes: str | Iterable[str] | None
+) -> StateDict:
+    """The complement of :func:`select_keys` (e.g. the local heads)."""
+    normalised = normalise_prefixes(prefixes)
+    if normalised is None:
+        return {}
+    return {k: v for k, v in state.items() if not k.startswith(normalised)}
+
+
+def merge_state(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> StateDict:
+    """``base`` with the entries of ``update`` replaced; ``base``'s key order is kept."""
+    unknown = [k for k in update if k not in base]
+    if unknown:
+        raise ValueError(f"update has keys the base state lacks: {unknown[:5]}")
+    return {k: update[k] if k in update else v for k, v in base.items()}
+
+
+# --------------------------------------------------------------------- screening
+
+
+def validate_update(
+    global_state: Mapping[str, np.ndarray],
+    client_state: Mapping[str, np.ndarray],
+    *,
+    allow_missing: bool = False,
+) -> list[str]:
+    """Reasons to refuse ``client_state`` against ``global_state`` (empty = acceptable).
+
+    Refused: a key the global lacks, a global key the client lacks (unless
+    ``allow_missing``, used by depth-aware partial aggregation), a shape that differs
+    from the global one, a non-numeric dtype, or any NaN/Inf in a float tensor.
+    """
+    reasons: list[str] = []
+    if not allow_missing:
+        reasons += [f"missing key '{k}'" for k in global_state if k not in client_state]
+    for key, value in client_state.items():
+        if key not in global_state:
+            reasons.append(f"unexpected key '{key}'")
+            continue
+        array = np.asarray(value)
+        expected = np.shape(global_state[key])
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            reasons.append(f"key '{key}': unsupported dtype {array.dtype}")
+        elif array.shape != expected:
+            reasons.append(f"key '{key}': shape {array.shape} != global shape {expected}")
+        elif array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            reasons.append(f"key '{key}': {bad} non-finite value(s) of {array.size}")
+    return reasons
+
+
+def format_reasons(reasons: Sequence[str]) -> str:
+    """One line listing the first few reasons (a model can miss hundreds of keys)."""
+    shown = "; ".join(reasons[:_REASONS_IN_WARNING])
+    hidden = len(reasons) - _REASONS_IN_WARNING
+    return shown + (f"; and {hidden} more" if hidden > 0 else "")
+
+
+def screen_updates(
+    global_state: Mapping[str, np.ndarray],
+    states: Sequence[Mapping[str, np.ndarray]],
+    client_ids: Sequence[object] | None = None,
+    *,
+    allow_missing: bool = False,
+) -> tuple[list[int], dict[int, list[str]]]:
+    """Split clients into accepted indices and ``{index: reasons}`` for the refused.
+
+    Each refusal is logged as a warning naming the client and the offending key(s).
+    """
+    ids = _client_ids(client_ids, len(states))
+    accepted: list[int] = []
+    refused: dict[int, list[str]] = {}
+    for index, state in enumerate(states):
+        reasons = validate_update(global_state, state, allow_missing=allow_missing)
+        if reasons:
+            refused[index] = reasons
+            logger.warning("refusing update from %s: %s", ids[index], format_reasons(reasons))
+        else:
+            accepted.append(index)
+    return accepted, refused
+
+
+def _client_ids(client_ids: Sequence[object] | None, count: int) -> list[object]:
+    if client_ids is None:
+        return [f"client {i}" for i in range(count)]
+    if len(client_ids) != count:
+        raise ValueError(f"got {len(client_ids)} client ids for {count} client states")
+    return list(client_ids)
+
+
+def _screen(
+    global_state: Mapping[str, np.ndarray] | None,
+    states: Sequence[Mapping[str, np.ndarray]],
+    client_ids: Sequence[object] | None,
+    allow_missing: bool = False,
+) -> tuple[Mapping[str, np.ndarray] | None, list[int]]:
+    """Reference state and accepted client indices (``None`` reference: nothing to do)."""
+    if not states:
+        raise ValueError("no client states to aggregate")
+    reference = global_state if global_state is not None else states[0]
+    accepted, _ = screen_updates(reference, states, client_ids, allow_missing=allow_missing)
+    if not accepted:
+        if global_state is None:
+            raise ValueError("every client update was refused and no global_state was given")
+        logger.warning("every client update was refused; the global state stays as it was")
+        return None, []
+    return reference, accepted
+
+
+def _copy_state(state: Mapping[str, np.ndarray]) -> StateDict:
+    return {k: np.array(v, copy=True) for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------ numerics
+
+
+def _cast_like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Cast a float64 aggregate back to the reference dtype (ints rounded, bools voted)."""
+    dtype = np.asarray(reference).dtype
+    if dtype.kind == "b":
+        return np.asarray(value >= 0.5)
+    if dtype.kind in "iu":
+        return np.rint(value).astype(dtype)
+    return np.asarray(value).astype(dtype)
+
+
+def weighted_average(
+    reference: Mapping[str, np.ndarray],
+    states: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+) -> StateDict:
+    """Per key, Σ_k c_k w_k / Σ_k c_k over the clients whose state contains that key.
+
+    The building block of FedAvg, the loss-weighted and mixed rules (every client has
+    every key, so the normalisation is the global one) and of depth-aware partial
+    aggregation (per key, only the clients that sent it). Keys no client sent keep the
+    reference value. Inputs are assumed screened; weights must be ≥ 0.
+    """
+    if len(states) != len(weights):
+        raise ValueError(f"got {len(weights)} weights for {len(states)} client states")
+    result: StateDict = {}
+    for key, ref_value in reference.items():
+        contributors = [(s[key], float(c)) for s, c in zip(states, weights) if key in s]
+        total = sum(c for _, c in contributors)
+        if not contributors or total <= 0.0:
+            result[key] = np.array(ref_value, copy=True)
+            continue
+        accumulator = np.zeros(np.shape(ref_value), dtype=np.float64)
+        for value, weight in contributors:
+            accumulator += np.asarray(value).astype(np.float64) * (weight / total)
+        result[key] = _cast_like(accumulator, ref_value)
+    return result
+
+
+def _check_positive_finite(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or not np.isfinite(array).all() or (array <= 0).any():
+        raise ValueError(f"{name} must be finite and > 0 for every client, got {list(values)}")
+    return array
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def fedavg_weights(num_examples: Sequence[float]) -> np.ndarray:
+    """FedAvg client weights n_k / Σ_j n_j."""
+    counts = _check_positive_finite(num_examples, "num_examples")
+    return counts / counts.sum()
+
+
+def fedavg(
+    states: Sequence[Mapping[str, np.ndarray]],
+    num_examples: Sequence[float],
+    *,
+    global_state: Mapping[str, np.ndarray] | None = None,
+    client_ids: Sequence[object] | None = None,
+) -> StateDict:
+    """FedAvg (McMahan et al., AISTATS 2017): w = Σ_k n_k w_k / Σ_k n_k."""
+    _require_same_length(states, num_examples, "num_examples")
+    reference, accepted = _screen(global_state, states, client_ids)
+    if reference is None:
+        return _copy_state(global_state)  # type: ignore[arg-type]
+    weights = fedavg_weights([num_examples[i] for i in accepted])
+    return weighted_average(reference, [states[i] for i in accepted], weights)
+
+
+def loss_weights(losses: Sequence[float], temperature: float = 1.0) -> np.ndarray:
+    """α_k = exp(−L_k/T) / Σ_j exp(−L_j/T): lower loss ⇒ larger weight.
+
+    Numerically stable softmax (the maximum logit is subtracted before ``exp``).
+    """
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    values = np.asarray(losses, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"losses must be finite, one per client, got {list(losses)}")
+    logits = -values / temperature
+    exp = np.exp(logits - logits.max())
+    return exp / exp.sum()
+
+
+def loss_weighted(
+    states: Sequence[Mapping[str, np.ndarray]],
+    losses: Sequence[float],
+    temperature: float = 1.0,
+    *,
+    global_state: Mapping[str, np.ndarray] | None = None,
+    client_ids: Sequence[object] | None = None,
+) -> StateDict:
+    """Loss-weighted averaging (Gao et al., ICASSP 2022; yan-gao-GY/Flower-SpeechBrain).
+
+    w = Σ_k α_k w_k with α = softmax(−L/T) over the accepted clients, on full weights.
+    """
+    _require_same_length(states, losses, "losses")
+    reference, accepted = _screen(global_state, states, client_ids)
+    if reference is None:
+        return _copy_state(global_state)  # type: ignore[arg-type]
+    weights = loss_weights([losses[i] for i in accepted], temperature)
+    return weighted_average(reference, [states[i] for i in accepted], weights)
+
+
+def mixed_weights(
+    num_examples: Sequence[float],
+    losses: Sequence[float],
+    beta: float = 0.2,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Per-client weights β·n_k/Σn + (1−β)·α_k of the mixed rule."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    return beta * fedavg_weights(num_examples) + (1.0 - beta) * loss_weights(losses, temperature)
+
+
+def mixed(
+    states: Sequence[Mapping[str, np.ndarray]],
+    num_examples: Sequence[float],
+    losses: Sequence[float],
+    beta: float = 0.2,
+    temperature: float = 1.0,
+    *,
+    global_state: Mapping[str, np.ndarray] | None = None,
+    client_ids: Sequence[object] | None = None,
+) -> StateDict:
+    """Mixed FedAvg/loss rule (FedVSSL): w = β·FedAvg + (1−β)·LossAgg, element-wise.
+
+    Both terms are linear in the client weights, so the element-wise mix equals one
+    weighted average with weights :func:`mixed_weights`; computing it that way rounds
+    integer buffers once instead of twice. (The public FedVSSL baseline concatenated the
+    two weight lists instead of adding them; this does not.)
+    """
+    _require_same_length(states, num_examples, "num_examples")
+    _require_same_length(states, losses, "losses")
+    reference, accepted = _screen(global_state, states, client_ids)
+    if reference is None:
+        return _copy_state(global_state)  # type: ignore[arg-type]
+    weights = mixed_weights(
+        [num_examples[i] for i in accepted], [losses[i] for i in accepted], beta, temperature
+    )
+    return weighted_average(reference, [states[i] for i in accepted], weights)
+
+
+def _cosine_delta(client: np.ndarray, global_value: np.ndarray) -> float:
+    """δ = cos(w_k, w_g) clipped to ≤ 1; 1 where the angle is undefined.
+
+    Undefined: integer/bool buffers, 0-d tensors (the reference code leaves such
+    entries unscaled) and zero-norm tensors (the reference code divides by zero when
+    the global tensor is zero, e.g. a zero-initialised bias; we fall back to δ = 1,
+    i.e. the plain mean).
+    """
+    client = np.asarray(client)
+    if client.dtype.kind != "f" or client.ndim == 0:
+        return 1.0
+    x = client.astype(np.float64).ravel()
+    y = np.asarray(global_value).astype(np.float64).ravel()
+    norms = float(np.linalg.norm(x)) * float(np.linalg.norm(y))
+    if norms == 0.0 or not math.isfinite(norms):
+        return 1.0
+    return min(float(np.dot(x, y)) / norms, 1.0)
+
+
+def ldawa_deltas(
+    global_state: Mapping[str, np.ndarray], states: Sequence[Mapping[str, np.ndarray]]
+) -> list[dict[str, float]]:
+    """Per client, per tensor δ_k^l = min(cos(w_k^l, w_g^l), 1) (see :func:`ldawa`)."""
+    return [{k: _cosine_delta(s[k], global_state[k]) for k in global_state} for s in states]
+
+
+def ldawa(
+    global_state: Mapping[str, np.ndarray],
+    states: Sequence[Mapping[str, np.ndarray]],
+    *,
+    warmup: bool = False,
+    num_examples: Sequence[float] | None = None,
+    client_ids: Sequence[object] | None = None,
+) -> StateDict:
+    """L-DAWA (Rehman, Gao et al., ICCV 2023; yasar-rehman/L-DAWA).
+
+    Per tensor l: δ_k^l = min(cos(w_k^l, w_g^l), 1), on weights (not updates) against
+    the previous global model; w^l = (1/K) Σ_k δ_k^l w_k^l, divided by K (the accepted
+    clients), not by Σδ, with no sample weighting. Negative cosines are kept, as in the
+    paper. Integer/bool buffers get the plain mean (δ = 1), rounded.
+
+    ``warmup=True`` gives plain FedAvg (weighted by ``num_examples``, equal weights if
+    ``None``); the strategy sets it for the first rounds.
+    """
+    if num_examples is not None:
+        _require_same_length(states, num_examples, "num_examples")
+    if warmup:
+        counts = num_examples if num_examples is not None else [1.0] * len(states)
+        return fedavg(states, counts, global_state=global_state, client_ids=client_ids)
+    reference, accepted = _screen(global_state, states, client_ids)
+    if reference is None:
+        return _copy_state(global_state)
+    kept = [states[i] for i in accepted]
+    deltas = ldawa_deltas(global_state, kept)
+    count = len(kept)
+    result: StateDict = {}
+    for key, ref_value in global_state.items():
+        accumulator = np.zeros(np.shape(ref_value), dtype=np.float64)
+        for state, delta in zip(kept, deltas):
+            accumulator += np.asarray(state[key]).astype(np.float64) * delta[key]
+        result[key] = _cast_like(accumulator / count, ref_value)
+    return result
+
+
+# ------------------------------------------------------------------------------ FedU
+
+
+def fedu_divergence(
+    before: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
+    prefixes: str | Iterable[str] | None = None,
+) -> float:
+    """FedU divergence (Zhuang et al., ICCV 2021): mean over weight tensors of ‖a − b‖₂.
+
+    Over the float tensors of ``before`` (optionally those under ``prefixes``, e.g. the
+    online encoder); integer buffers are not weights and are skipped. Both states must
+    hold the same tensors with the same shapes.
+    """
+    chosen = select_keys(before, prefixes)
+    norms: list[float] = []
+    for key, value in chosen.items():
+        if key not in after:
+            raise ValueError(f"fedu_divergence: key '{key}' missing from the second state")
+        first, second = np.asarray(value), np.asarray(after[key])
+        if first.shape != second.shape:
+            raise ValueError(f"fedu_divergence: key '{key}' shapes {first.shape} != {second.shape}")
+        if first.dtype.kind != "f":
+            continue
+        difference = first.astype(np.float64) - second.astype(np.float64)
+        norms.append(float(np.linalg.norm(difference.ravel())))
+    if not norms:
+        raise ValueError("fedu_divergence: no float tensors to compare")
+    return float(np.mean(norms))
+
+
+@dataclass(frozen=True)
+class FedUClientUpdate:
+    """What a FedU client does with a new global model (see :func:`fedu_client_update`)."""
+
+    state: StateDict
+    divergence: float
+    took_global_predictor: bool
+
+
+def fedu_client_update(
+    local_state: Mapping[str, np.ndarray],
+    global_state: Mapping[str, np.ndarray],
+    *,
+    encoder_prefixes: str | Iterable[str],
+    predictor_prefixes: str | Iterable[str],
+    mu: float = 0.4,
+) -> FedUClientUpdate:
+    """Client side of FedU's divergence-aware predictor update (ICCV 2021, §3.3).
+
+    divergence = :func:`fedu_divergence` between the client's online encoder (after its
+    last local training) and the received global online encoder. The client always
+    takes the global encoder; it takes the global predictor only if divergence < μ,
+    else keeps its own. Every other key (e.g. the EMA target encoder) stays local.
+    """
+    local_encoder = select_keys(local_state, encoder_prefixes)
+    global_encoder = select_keys(global_state, encoder_prefixes)
+    if set(local_encoder) != set(global_encoder):
+        missing = sorted(set(local_encoder) ^ set(global_encoder))[:5]
+        raise ValueError(f"FedU: local and global encoder keys differ, e.g. {missing}")
+    divergence = fedu_divergence(local_encoder, global_encoder)
+    update = dict(global_encoder)
+    global_predictor = select_keys(global_state, predictor_prefixes)
+    took_predictor = bool(global_predictor) and divergence < mu
+    if took_predictor:
+        unknown = [k for k in global_predictor if k not in local_state]
+        if unknown:
+            raise ValueError(f"FedU: global predictor keys unknown locally: {unknown[:5]}")
+        update.update(global_predictor)
+    new_state = {k: np.array(update.get(k, v), copy=True) for k, v in local_state.items()}
+    return FedUClientUpdate(new_state, divergence, took_predictor)
+
+
+# ---------------------------------------------------------------- heterogeneous depth
+
+
+def partial_average(
+    global_state: Mapping[str, np.ndarray],
+    client_states: Sequence[Mapping[str, np.ndarray]],
+    num_examples: Sequence[float],
+    *,
+    client_ids: Sequence[object] | None = None,
+) -> StateDict:
+    """Depth-aware partial aggregation (METHODS §3; InclusiveFL weighting).
+
+    For each tensor l, S_l = clients whose state contains l:
+    w_l = Σ_{k∈S_l} n_k w_{k,l} / Σ_{k∈S_l} n_k; keys nobody sent keep the global value.
+    A client may omit keys (it trained fewer layers) but is refused for unknown keys,
+    wrong shapes or non-finite values.
+    """
+    _require_same_length(client_states, num_examples, "num_examples")
+    reference, accepted = _screen(global_state, client_states, client_ids, allow_missing=True)
+    if reference is None:
+        return _copy_state(global_state)
+    counts = _check_positive_finite([num_examples[i] for i in accepted], "num_examples")
+    return weighted_average(global_state, [client_states[i] for i in accepted], counts)
+
+
+def key_coverage(
+    global_state: Mapping[str, np.ndarray], client_states: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, int]:
+    """How many clients sent each global key (0 = kept at its global value)."""
+    return {k: sum(k in s for s in client_states) for k in global_state}
+
+
+def _require_same_length(states: Sequence[object], values: Sequence[object], name: str) -> None:
+    if len(states) != len(values):
+        raise ValueError(f"got {len(values)} {name} for {len(states)} client states")

@@ -1,0 +1,539 @@
+"""Flower strategies (``flwr.serverapp.strategy``, flwr 1.41) for the aggregation rules.
+
+All strategies build on Flower's message-based ``FedAvg`` for node sampling, message
+construction and evaluation, and replace ``aggregate_train`` with one that
+
+1. screens every reply on its own: an error reply, a missing ``num-examples``, a
+   missing/non-finite ``train_loss`` (loss-based rules), undecodable arrays, or arrays
+   refused by :func:`~fedspeech.federated.aggregation.validate_update` drop that client
+   with a warning, and the round goes on with the rest. (Flower's own FedAvg validation
+   raises on the first inconsistent reply and aborts the round.)
+2. aggregates the accepted clients with the pure rule from ``aggregation.py``;
+3. records a :class:`RoundReport` (accepted/refused clients and why, weights used).
+
+Wire format (what a ClientApp must send back for a train message)::
+
+    RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(
+        {"num-examples": n, "train_loss": mean_loss, ...})})
+
+With ``backbone_prefixes`` the strategy sends only the matching keys of the global
+model, aggregates only those, and keeps the other keys (heads) of its global state
+unchanged; non-backbone arrays in a reply are ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedspeech.federated import aggregation as agg
+from fedspeech.federated.aggregation import StateDict
+
+logger = logging.getLogger(__name__)
+
+NUM_EXAMPLES_KEY = "num-examples"
+TRAIN_LOSS_KEY = "train_loss"
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+#: Config keys the FedU strategy adds to every train message.
+FEDU_MU_KEY = "fedu-mu"
+FEDU_ENCODER_KEY = "fedu-encoder-prefixes"
+FEDU_PREDICTOR_KEY = "fedu-predictor-prefixes"
+#: Counters added to the aggregated train MetricRecord.
+ACCEPTED_METRIC = "clients-accepted"
+REFUSED_METRIC = "clients-refused"
+
+
+@dataclass
+class RoundReport:
+    """Per-round bookkeeping a runner can log (``dataclasses.asdict`` makes it JSON-able).
+
+    ``weights`` maps node id to the weight its update got (for L-DAWA the mean over
+    tensors of δ/K); ``details`` holds rule-specific extras (L-DAWA deltas, warm-up flag,
+    keys nobody trained, ignored non-backbone keys).
+    """
+
+    server_round: int
+    rule: str
+    accepted: list[int] = field(default_factory=list)
+    refused: dict[int, list[str]] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """One accepted reply, decoded."""
+
+    node_id: int
+    state: StateDict
+    num_examples: float
+    train_loss: float | None
+    content: RecordDict
+
+
+class RobustFedAvg(FedAvg):
+    """FedAvg (w = Σ n_k w_k / Σ n_k) that refuses bad clients instead of failing.
+
+    Parameters beyond Flower's ``FedAvg`` ones (which pass through unchanged):
+    ``backbone_prefixes`` (send/aggregate only these keys; ``None`` = all) and
+    ``loss_key`` (metric holding the client's mean training loss).
+    """
+
+    rule_name = "fedavg"
+    requires_loss = False
+    allow_missing_keys = False
+
+    def __init__(
+        self,
+        *,
+        backbone_prefixes: Sequence[str] | str | None = None,
+        loss_key: str = TRAIN_LOSS_KEY,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.backbone_prefixes = agg.normalise_prefixes(backbone_prefixes)
+        self.loss_key = loss_key
+        self.reports: list[RoundReport] = []
+        self._global_record: ArrayRecord | None = None
+        self._global_state: StateDict | None = None
+
+    # ------------------------------------------------------------------ global model
+
+    @property
+    def last_report(self) -> RoundReport | None:
+        """The most recent round's report (``None`` before the first aggregation)."""
+        return self.reports[-1] if self.reports else None
+
+    def set_global_arrays(self, arrays: ArrayRecord) -> None:
+        """Remember the global model replies are checked against (and L-DAWA compares to).
+
+        ``configure_train`` calls this; call it yourself only to aggregate without it.
+        """
+        state = {k: v.numpy() for k, v in arrays.items()}
+        if self.backbone_prefixes and not agg.select_keys(state, self.backbone_prefixes):
+            raise ValueError(
+                f"backbone_prefixes {self.backbone_prefixes} match no key of the global "
+                f"arrays (e.g. {list(state)[:3]})"
+            )
+        self._global_record = arrays
+        self._global_state = state
+
+    def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The part of the global model that is transmitted (Arrays are shared, not copied)."""
+        if self.backbone_prefixes is None:
+            return arrays
+        return ArrayRecord({k: v for k, v in arrays.items() if k.startswith(self.backbone_prefixes)})
+
+    def _extra_train_config(self, server_round: int) -> dict[str, Any]:
+        """Rule-specific config entries for train messages."""
+        return {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling and messages, with the outgoing keys and extra config."""
+        self.set_global_arrays(arrays)
+        round_config = ConfigRecord(dict(config))  # never mutate the caller's record
+        for key, value in self._extra_train_config(server_round).items():
+            round_config[key] = value
+        return super().configure_train(server_round, self._outgoing(arrays), round_config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation gets the same (backbone-only) view of the model as training."""
+        return super().configure_evaluate(
+            server_round, self._outgoing(arrays), ConfigRecord(dict(config)), grid
+        )
+
+    # ---------------------------------------------------------------------- screening
+
+    def _pick_record(self, records: Any, preferred: str, kind: str) -> tuple[Any, str | None]:
+        if preferred in records:
+            return records[preferred], None
+        if len(records) == 1:
+            return next(iter(records.values())), None
+        return None, f"expected one {kind} (or one named '{preferred}'), got {len(records)}"
+
+    def _decode_reply(
+        self, message: Message, reference: StateDict, ignored: dict[int, int]
+    ) -> tuple[ClientUpdate | None, list[str]]:
+        """Decode one reply, or return the reasons to refuse it."""
+        node_id = int(message.metadata.src_node_id)
+        if message.has_error():
+            error = message.error
+            return None, [f"error reply (code {error.code}): {error.reason}"]
+        content = message.content
+        arrays, problem = self._pick_record(content.array_records, self.arrayrecord_key, "ArrayRecord")
+        if problem:
+            return None, [problem]
+        metrics, problem = self._pick_record(content.metric_records, METRICS_KEY, "MetricRecord")
+        if problem:
+            return None, [problem]
+        reasons: list[str] = []
+        num_examples = _finite_number(metrics.get(self.weighted_by_key))
+        if num_examples is None or num_examples <= 0:
+            reasons.append(f"metric '{self.weighted_by_key}' missing, not finite or not > 0")
+        train_loss = _finite_number(metrics.get(self.loss_key))
+        if self.requires_loss and train_loss is None:
+            reasons.append(f"metric '{self.loss_key}' missing or not finite")
+        keys = list(arrays.keys())
+        if self.backbone_prefixes is not None:
+            extra = [k for k in keys if not k.startswith(self.backbone_prefixes)]
+            if extra:
+                ignored[node_id] = len(extra)
+                logger.warning(
+                    "node %d sent %d non-backbone array(s), e.g. '%s'; ignored",
+                    node_id, len(extra), extra[0],
+                )
+                keys = [k for k in keys if k.startswith(self.backbone_prefixes)]
+        state: StateDict = {}
+        for key in keys:
+            try:
+                state[key] = arrays[key].numpy()
+            except Exception as exc:  # noqa: BLE001 - any bad payload refuses the client only
+                reasons.append(f"key '{key}': cannot decode array ({exc})")
+        reasons += agg.validate_update(reference, state, allow_missing=self.allow_missing_keys)
+        if reasons or num_examples is None:
+            return None, reasons
+        return ClientUpdate(node_id, state, num_examples, train_loss, content), []
+
+    def screen_replies(
+        self, replies: Iterable[Message], reference: StateDict
+    ) -> tuple[list[ClientUpdate], dict[int, list[str]], dict[int, int]]:
+        """Accepted updates, ``{node: reasons}`` for refusals, ``{node: #ignored keys}``."""
+        accepted: list[ClientUpdate] = []
+        refused: dict[int, list[str]] = {}
+        ignored: dict[int, int] = {}
+        for message in replies:
+            update, reasons = self._decode_reply(message, reference, ignored)
+            if update is None:
+                node_id = int(message.metadata.src_node_id)
+                refused[node_id] = reasons
+                logger.warning(
+                    "%s: refusing update from node %d: %s",
+                    self.rule_name, node_id, agg.format_reasons(reasons),
+                )
+            else:
+                accepted.append(update)
+        return accepted, refused, ignored
+
+    # -------------------------------------------------------------------- aggregation
+
+    def _aggregate(
+        self, server_round: int, reference: StateDict, updates: list[ClientUpdate]
+    ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
+        """Aggregate screened updates: (state, weight per node, details)."""
+        counts = [u.num_examples for u in updates]
+        state = agg.fedavg(
+            [u.state for u in updates], counts, global_state=reference, client_ids=_ids(updates)
+        )
+        return state, _by_node(updates, agg.fedavg_weights(counts)), {}
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen replies, aggregate the accepted ones, keep untransmitted keys."""
+        if self._global_state is None or self._global_record is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.aggregate_train needs the global model: call "
+                "configure_train (or set_global_arrays) first"
+            )
+        replies = list(replies)
+        report = RoundReport(server_round, self.rule_name)
+        self.reports.append(report)
+        if not replies:
+            logger.warning("%s: round %d received no replies", self.rule_name, server_round)
+            return None, None
+        reference = agg.select_keys(self._global_state, self.backbone_prefixes)
+        updates, refused, ignored = self.screen_replies(replies, reference)
+        report.refused = refused
+        report.accepted = [u.node_id for u in updates]
+        if ignored:
+            report.details["ignored_non_backbone_keys"] = ignored
+        if not updates:
+            logger.warning(
+                "%s: round %d: all %d client(s) refused; the global model stays as it was",
+                self.rule_name, server_round, len(refused),
+            )
+            return self._global_record, MetricRecord({ACCEPTED_METRIC: 0, REFUSED_METRIC: len(refused)})
+        state, weights, details = self._aggregate(server_round, reference, updates)
+        report.weights = weights
+        report.details.update(details)
+        return self._to_record(state), self._aggregate_metrics(updates, len(refused))
+
+    def _to_record(self, aggregated: StateDict) -> ArrayRecord:
+        """Full global ArrayRecord: new arrays for aggregated keys, old ones elsewhere."""
+        assert self._global_record is not None
+        return ArrayRecord(
+            {
+                key: Array(np.ascontiguousarray(aggregated[key])) if key in aggregated else old
+                for key, old in self._global_record.items()
+            }
+        )
+
+    def _aggregate_metrics(self, updates: list[ClientUpdate], num_refused: int) -> MetricRecord:
+        """Flower's weighted metric average over accepted replies, plus client counts."""
+        try:
+            metrics = self.train_metrics_aggr_fn([u.content for u in updates], self.weighted_by_key)
+        except (TypeError, ValueError, KeyError) as exc:  # inconsistent client metrics
+            logger.warning("%s: could not aggregate train metrics: %s", self.rule_name, exc)
+            metrics = MetricRecord()
+        metrics[ACCEPTED_METRIC] = len(updates)
+        metrics[REFUSED_METRIC] = num_refused
+        return metrics
+
+    def summary(self) -> None:
+        """Flower's summary plus the rule and its parameters."""
+        super().summary()
+        logger.info("rule %s, backbone prefixes %s", self.rule_name, self.backbone_prefixes)
+
+
+class LossWeighted(RobustFedAvg):
+    """Loss-weighted averaging: α = softmax(−L/T) of the clients' ``train_loss``."""
+
+    rule_name = "loss"
+    requires_loss = True
+
+    def __init__(self, *, temperature: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        agg.loss_weights([0.0], temperature)  # validates the temperature now
+        self.temperature = temperature
+
+    def _aggregate(
+        self, server_round: int, reference: StateDict, updates: list[ClientUpdate]
+    ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
+        losses = [float(u.train_loss) for u in updates]  # type: ignore[arg-type]
+        state = agg.loss_weighted(
+            [u.state for u in updates], losses, self.temperature,
+            global_state=reference, client_ids=_ids(updates),
+        )
+        return state, _by_node(updates, agg.loss_weights(losses, self.temperature)), {}
+
+
+class MixedFedAvgLoss(RobustFedAvg):
+    """FedVSSL's mix: β·FedAvg + (1−β)·loss-weighted, element-wise (β = 0.2)."""
+
+    rule_name = "mixed"
+    requires_loss = True
+
+    def __init__(self, *, beta: float = 0.2, temperature: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        agg.mixed_weights([1.0], [0.0], beta, temperature)  # validates beta and temperature
+        self.beta = beta
+        self.temperature = temperature
+
+    def _aggregate(
+        self, server_round: int, reference: StateDict, updates: list[ClientUpdate]
+    ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
+        counts = [u.num_examples for u in updates]
+        losses = [float(u.train_loss) for u in updates]  # type: ignore[arg-type]
+        state = agg.mixed(
+            [u.state for u in updates], counts, losses, self.beta, self.temperature,
+            global_state=reference, client_ids=_ids(updates),
+        )
+        weights = agg.mixed_weights(counts, losses, self.beta, self.temperature)
+        return state, _by_node(updates, weights), {}
+
+
+class LDAWA(RobustFedAvg):
+    """L-DAWA: per-tensor cosine-weighted mean (÷K) after ``warmup_rounds`` of FedAvg.
+
+    The previous global model is the one ``configure_train`` sent this round.
+    """
+
+    rule_name = "ldawa"
+
+    def __init__(self, *, warmup_rounds: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if warmup_rounds < 0:
+            raise ValueError(f"warmup_rounds must be >= 0, got {warmup_rounds}")
+        self.warmup_rounds = warmup_rounds
+
+    def _aggregate(
+        self, server_round: int, reference: StateDict, updates: list[ClientUpdate]
+    ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
+        if server_round <= self.warmup_rounds:
+            state, weights, _ = super()._aggregate(server_round, reference, updates)
+            return state, weights, {"warmup": True}
+        states = [u.state for u in updates]
+        state = agg.ldawa(reference, states, client_ids=_ids(updates))
+        deltas = agg.ldawa_deltas(reference, states)
+        count = len(updates)
+        weights = [float(np.mean(list(d.values()))) / count for d in deltas]
+        details = {"warmup": False, "deltas": {u.node_id: d for u, d in zip(updates, deltas)}}
+        return state, _by_node(updates, weights), details
+
+
+class FedU(RobustFedAvg):
+    """FedU server: data-size average of the online encoder and predictor.
+
+    Only keys under ``encoder_prefixes`` + ``predictor_prefixes`` are exchanged (unless
+    ``backbone_prefixes`` overrides that set); each train config carries ``fedu-mu`` and
+    both prefix lists so the client can apply
+    :func:`~fedspeech.federated.aggregation.fedu_client_update`.
+    """
+
+    rule_name = "fedu"
+
+    def __init__(
+        self,
+        *,
+        encoder_prefixes: Sequence[str] | str,
+        predictor_prefixes: Sequence[str] | str,
+        mu: float = 0.4,
+        backbone_prefixes: Sequence[str] | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        encoder = agg.normalise_prefixes(encoder_prefixes)
+        predictor = agg.normalise_prefixes(predictor_prefixes)
+        assert encoder is not None and predictor is not None
+        exchanged = backbone_prefixes if backbone_prefixes is not None else encoder + predictor
+        super().__init__(backbone_prefixes=exchanged, **kwargs)
+        if not (mu >= 0 and math.isfinite(mu)):
+            raise ValueError(f"mu must be finite and >= 0, got {mu}")
+        self.encoder_prefixes = encoder
+        self.predictor_prefixes = predictor
+        self.mu = mu
+
+    def _extra_train_config(self, server_round: int) -> dict[str, Any]:
+        return {
+            FEDU_MU_KEY: float(self.mu),
+            FEDU_ENCODER_KEY: list(self.encoder_prefixes),
+            FEDU_PREDICTOR_KEY: list(self.predictor_prefixes),
+        }
+
+
+class DepthAwarePartial(RobustFedAvg):
+    """Heterogeneous depth: per key, the data-size mean over the clients that sent it.
+
+    Replies may carry different key sets (a shallow client sends only what it trained);
+    keys nobody sent keep the global value. ``keys_for_node(node_id, keys)`` optionally
+    picks the keys sent to each node (per-node sub-models); by default all nodes get the
+    whole (backbone) model. Never calls ``FedAvg.aggregate_train``, whose validation
+    requires identical key sets.
+    """
+
+    rule_name = "partial"
+    allow_missing_keys = True
+
+    def __init__(
+        self,
+        *,
+        keys_for_node: Callable[[int, list[str]], Iterable[str]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.keys_for_node = keys_for_node
+
+    def _per_node(self, messages: Iterable[Message]) -> list[Message]:
+        """Replace each message's arrays by the node's sub-model."""
+        messages = list(messages)
+        if self.keys_for_node is None:
+            return messages
+        result = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            content = message.content
+            arrays = content[self.arrayrecord_key]
+            wanted = list(self.keys_for_node(node_id, list(arrays.keys())))
+            unknown = [k for k in wanted if k not in arrays]
+            if unknown:
+                raise ValueError(f"keys_for_node({node_id}) returned unknown keys {unknown[:5]}")
+            record = RecordDict(
+                {
+                    self.arrayrecord_key: ArrayRecord({k: arrays[k] for k in wanted}),
+                    self.configrecord_key: content[self.configrecord_key],
+                }
+            )
+            result.append(
+                Message(record, dst_node_id=node_id, message_type=message.metadata.message_type)
+            )
+        return result
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._per_node(super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._per_node(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def _aggregate(
+        self, server_round: int, reference: StateDict, updates: list[ClientUpdate]
+    ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
+        states = [u.state for u in updates]
+        counts = [u.num_examples for u in updates]
+        state = agg.partial_average(reference, states, counts, client_ids=_ids(updates))
+        coverage = agg.key_coverage(reference, states)
+        details = {
+            "keys_not_trained": [k for k, n in coverage.items() if n == 0],
+            "keys_sent": {u.node_id: len(u.state) for u in updates},
+        }
+        # Per-node weight: its share of the examples among all accepted clients; the
+        # per-key weight is n_k / Σ_{j∈S_l} n_j (larger for deep keys few clients sent).
+        return state, _by_node(updates, agg.fedavg_weights(counts)), details
+
+
+STRATEGIES: dict[str, type[RobustFedAvg]] = {
+    "fedavg": RobustFedAvg,
+    "loss": LossWeighted,
+    "mixed": MixedFedAvgLoss,
+    "ldawa": LDAWA,
+    "fedu": FedU,
+    "partial": DepthAwarePartial,
+}
+
+
+def make_strategy(name: str, **kwargs: Any) -> RobustFedAvg:
+    """Build the strategy registered as ``name`` (see ``STRATEGIES``) with ``kwargs``.
+
+    Flower ``FedAvg`` keyword arguments (``fraction_train``, ``min_train_nodes``, ...)
+    pass through to every strategy.
+    """
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown aggregation strategy '{name}'; choose one of {sorted(STRATEGIES)}"
+        ) from None
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"strategy '{name}': bad arguments: {exc}") from exc
+
+
+def _finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite scalar number (not a bool or list)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _ids(updates: list[ClientUpdate]) -> list[str]:
+    return [f"node {u.node_id}" for u in updates]
+
+
+def _by_node(updates: list[ClientUpdate], weights: Iterable[float]) -> dict[int, float]:
+    return {u.node_id: float(w) for u, w in zip(updates, weights, strict=True)}
