@@ -16,6 +16,7 @@ import sys
 _COMMAND_MODULES = (
     "fedspeech.data.cli",
     "fedspeech.profiling.cli",
+    "fedspeech.federated.cli",
     "fedspeech.demo",
 )
 

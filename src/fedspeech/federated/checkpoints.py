@@ -1,0 +1,77 @@
+"""Per-round checkpoints in Hugging Face format, and resuming from the last complete one.
+
+A round's folder is written under a temporary name and renamed when complete, so a crash
+mid-write never leaves a checkpoint that looks valid: resume takes the highest complete
+round. The folder is a regular HF checkpoint (``config.json`` + ``model.safetensors``) that
+``transformers.Wav2Vec2Model.from_pretrained`` loads; anything that is not part of the HF
+model (e.g. the feature-matching projector/predictor) goes beside it in
+``extra.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_ROUND_DIR = re.compile(r"^round_(\d{4,})$")
+STATE_FILE = "fedspeech_state.json"
+EXTRA_FILE = "extra.safetensors"
+
+
+def round_dir(out_dir: Path, server_round: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"round_{server_round:04d}"
+
+
+def save_checkpoint(out_dir: Path, server_round: int, hf_model, extra: dict[str, torch.Tensor],
+                    state: dict) -> Path:
+    """Write the round's checkpoint atomically and return its folder."""
+    final = round_dir(out_dir, server_round)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_model.save_pretrained(tmp, safe_serialization=True)
+    if extra:
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA_FILE))
+    (tmp / STATE_FILE).write_text(json.dumps({"round": server_round, **state}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def completed_rounds(out_dir: Path) -> list[int]:
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    rounds = []
+    for child in folder.iterdir():
+        match = _ROUND_DIR.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            rounds.append(int(match.group(1)))
+    return sorted(rounds)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    rounds = completed_rounds(out_dir)
+    return round_dir(out_dir, rounds[-1]) if rounds else None
+
+
+def load_state(folder: Path) -> dict:
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def load_extra(folder: Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / EXTRA_FILE
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int, protect: set[int] = frozenset()) -> None:
+    """Delete all but the newest ``keep_last`` round folders (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    for server_round in completed_rounds(out_dir)[:-keep_last]:
+        if server_round not in protect:
+            shutil.rmtree(round_dir(out_dir, server_round), ignore_errors=True)

@@ -1,0 +1,232 @@
+"""The Flower app for federated self-supervised pretraining: one ``ServerApp`` and one
+``ClientApp``, run unchanged by the in-process runner, Flower's Simulation Engine
+(``flwr run .``) and the Deployment Engine (SuperLink + SuperNodes).
+
+Client: loads the global arrays, restores what it keeps locally (heads under backbone-only
+transmission, the FedU predictor, the BYOL target), trains ``local-epochs`` on its own
+partition and replies with the transmitted arrays and its metrics.
+
+Server: samples clients deterministically per (seed, round), lets the chosen strategy
+aggregate, measures the held-out-speaker validation loss, writes an HF checkpoint and one
+JSON line per round, and resumes from the last complete round.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedspeech.data.audio import AudioDataset, make_loader
+from fedspeech.data.manifest import read_manifest
+from fedspeech.data.partition import Partition, client_utterances
+from fedspeech.federated import checkpoints, roundlog
+from fedspeech.federated.inprocess import message_bytes
+from fedspeech.federated.sampling import SampledGrid, sampled_nodes, wait_for_nodes
+from fedspeech.federated.settings import PretrainSettings
+from fedspeech.federated.strategies import make_strategy
+from fedspeech.ssl.feature_matching import FeatureMatchingModel
+from fedspeech.ssl.methods import SSLMethod, get_method
+from fedspeech.ssl.train import LRSchedule, evaluate_loss, train_local
+
+log = logging.getLogger(__name__)
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+LOCAL_STATE_KEY = "local-arrays"
+CONSTANT_LR = LRSchedule(decay="constant")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@lru_cache(maxsize=256)
+def _client_dataset(manifest: str, partition: str, client_id: int, max_seconds: float, seed: int) -> AudioDataset:
+    """A client's audio, decoded once per process (clients are called every round)."""
+    utterances = client_utterances(Partition.load(partition), read_manifest(manifest), client_id)
+    return AudioDataset(utterances, max_seconds=max_seconds, seed=seed + client_id)
+
+
+@lru_cache(maxsize=4)
+def _validation_dataset(manifest: str, max_utterances: int, max_seconds: float) -> AudioDataset | None:
+    """Held-out speakers (the manifest's dev split), a fixed subset so rounds compare."""
+    dev = [u for u in read_manifest(manifest) if u.split == "dev"]
+    if not dev:
+        log.warning("%s: no dev split, so no validation loss", manifest)
+        return None
+    dev = sorted(dev, key=lambda u: u.id)[:max_utterances]
+    return AudioDataset(dev, max_seconds=max_seconds, seed=0, crop="center")
+
+
+# ----------------------------------------------------------------------------- client
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    settings = PretrainSettings.from_run_config(context.run_config)
+    config = msg.content["config"]
+    client_id = int(context.node_config["partition-id"])
+    # A SuperNode may point at its own files (--node-config "manifest=... partition=...").
+    manifest = str(context.node_config.get("manifest", settings.manifest))
+    partition = str(context.node_config.get("partition", settings.partition))
+    start = time.perf_counter()
+
+    method = get_method(settings)
+    model = method.fresh_model()
+    local = context.state.get(LOCAL_STATE_KEY)
+    local_state = local.to_torch_state_dict() if local is not None else {}
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    load_info = method.load_global(model, global_state, local_state)
+
+    torch.manual_seed(hash((settings.seed, int(config["server-round"]), client_id)) % 2**63)  # dropout, Gumbel noise
+    dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
+    server_round = int(config["server-round"])
+    dataset.set_epoch(server_round)
+    loader = make_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 100_003 + server_round)
+    result = train_local(
+        model, method.objective, loader, epochs=settings.local_epochs, lr=float(config["lr"]),
+        lr_schedule=CONSTANT_LR,  # the server schedules the learning rate per round
+        start_step=int(config["global-step"]), max_grad_norm=settings.max_grad_norm,
+        rng=np.random.default_rng([settings.seed, server_round, client_id]),
+    )
+
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(method.local_state(model))
+    metrics = {
+        "num-examples": result.num_examples,
+        "train_loss": result.mean_loss_last_epoch,
+        "partition-id": client_id,
+        "steps": result.steps,
+        "skipped-batches": result.skipped_batches,
+        "seconds": time.perf_counter() - start,
+        **load_info,
+    }
+    content = RecordDict({"arrays": ArrayRecord(method.transmitted_state(model)), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def _resume_or_start(settings: PretrainSettings, method: SSLMethod, model: torch.nn.Module) -> tuple[int, float]:
+    """Restore the last complete round when resuming; return (next round, global step)."""
+    out = Path(settings.out_dir)
+    latest = checkpoints.latest_checkpoint(out) if settings.resume else None
+    if latest is None:
+        if roundlog.log_path(out).exists() and not settings.resume:
+            raise ValueError(f"{out}: holds an earlier run; pass --resume to continue it or choose another --out")
+        return 1, 0.0
+    method.restore(model, latest)
+    state = checkpoints.load_state(latest)
+    roundlog.truncate_after(out, state["round"])
+    log.info("resuming after round %d from %s", state["round"], latest)
+    return int(state["round"]) + 1, float(state["global_step"])
+
+
+def _client_rows(replies: list[Message]) -> list[dict]:
+    rows = []
+    for reply in replies:
+        if reply.has_error():
+            rows.append({"node": reply.metadata.src_node_id, "error": reply.error.reason})
+            continue
+        m = reply.content["metrics"]
+        rows.append({
+            "client": int(m["partition-id"]), "train_loss": float(m["train_loss"]),
+            "examples": int(m["num-examples"]), "seconds": float(m["seconds"]), "steps": int(m["steps"]),
+            "bytes_sent": message_bytes(reply),
+            **{k: float(v) for k, v in m.items() if k.startswith("fedu-")},
+        })
+    return sorted(rows, key=lambda r: r.get("client", -1))
+
+
+def build_strategy(settings: PretrainSettings, method: SSLMethod):
+    """The aggregation rule, exchanging exactly what the method transmits."""
+    rule_options = {
+        "fedavg": {},
+        "loss": {"temperature": settings.loss_temperature},
+        "mixed": {"beta": settings.mixed_beta, "temperature": settings.loss_temperature},
+        "ldawa": {"warmup_rounds": settings.ldawa_warmup},
+        "fedu": {"encoder_prefixes": FeatureMatchingModel.online_encoder_keys(),
+                 "predictor_prefixes": FeatureMatchingModel.predictor_keys(), "mu": settings.fedu_mu},
+    }[settings.strategy]
+    # Sampling is ours (SampledGrid): the strategy addresses every node it is shown.
+    return make_strategy(settings.strategy, backbone_prefixes=method.transmitted_prefixes(), fraction_train=1.0,
+                         fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, **rule_options)
+
+
+def _report(strategy) -> dict:
+    """The strategy's account of the round: accepted/refused clients and weights."""
+    report = strategy.last_report
+    if report is None:
+        return {}
+    return {"refused": {str(k): v for k, v in report.refused.items()},
+            "weights": {str(k): round(v, 6) for k, v in report.weights.items()}}
+
+
+def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
+    """Run (or resume) the federated pretraining; returns the round records written."""
+    from rich.progress import Progress
+
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method = get_method(settings)
+    model = method.fresh_model()
+    first_round, global_step = _resume_or_start(settings, method, model)
+    num_clients = len(Partition.load(settings.partition).clients)
+    nodes = wait_for_nodes(grid, num_clients)
+    strategy = build_strategy(settings, method)
+    arrays = ArrayRecord(method.transmitted_state(model))
+    val_set = _validation_dataset(settings.manifest, settings.val_max_utterances, settings.max_seconds)
+    val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=0) if val_set else None
+    records = []
+    with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
+        task = progress.add_task("federated pretraining", total=settings.rounds, completed=first_round - 1)
+        for server_round in range(first_round, settings.rounds + 1):
+            started = time.perf_counter()
+            chosen = sampled_nodes(nodes, settings.clients_per_round, server_round, settings.seed)
+            config = ConfigRecord({"lr": settings.lr_at_round(server_round), "global-step": int(global_step)})
+            messages = list(strategy.configure_train(server_round, arrays, config, SampledGrid(grid, chosen)))
+            replies = list(grid.send_and_receive(messages))
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = ArrayRecord({**arrays.to_torch_state_dict(), **new_arrays.to_torch_state_dict()})
+            method.load_global(model, arrays.to_torch_state_dict(), {})
+            clients = _client_rows(replies)
+            ok = [c for c in clients if "error" not in c]
+            global_step += sum(c["steps"] for c in ok) / max(1, len(ok))
+            val_loss = evaluate_loss(model, method.objective, val_loader) if val_loader else None
+            checkpoints.save_checkpoint(out, server_round, *method.checkpoint_parts(model),
+                                        state={"global_step": global_step, "settings": settings.to_run_config()})
+            checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
+            record = {
+                "round": server_round,
+                "sampled": sorted(c["client"] for c in ok),
+                "failed": [c for c in clients if "error" in c],
+                "aggregation": _report(strategy),
+                "clients": ok,
+                "train_loss": sum(c["train_loss"] * c["examples"] for c in ok) / max(1, sum(c["examples"] for c in ok)),
+                "val_loss": val_loss,
+                "lr": config["lr"],
+                "bytes_to_clients": sum(message_bytes(m) for m in messages),
+                "bytes_from_clients": sum(message_bytes(r) for r in replies),
+                "round_seconds": time.perf_counter() - started,
+            }
+            roundlog.append_round(out, record)
+            records.append(record)
+            log.info("round %d: train loss %.4f, val loss %s", server_round, record["train_loss"],
+                     f"{val_loss:.4f}" if val_loss is not None else "n/a")
+            progress.advance(task)
+    return records
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    run_server(grid, PretrainSettings.from_run_config(context.run_config))

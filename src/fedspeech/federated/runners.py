@@ -1,0 +1,111 @@
+"""Run federated pretraining with a chosen runner, and the centralised baseline.
+
+``run_pretraining(settings, runner="inprocess")`` is the Python entry point behind
+``fedspeech pretrain``; the Deployment Engine is started by the user (docs/deployment.md)
+and runs the same ``pretrain_app``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedspeech.data.audio import AudioDataset, make_loader
+from fedspeech.data.manifest import read_manifest
+from fedspeech.data.partition import Partition, client_utterances
+from fedspeech.federated import checkpoints, roundlog
+from fedspeech.federated.settings import PretrainSettings
+
+log = logging.getLogger(__name__)
+
+
+def run_pretraining(settings: PretrainSettings, runner: str = "inprocess") -> list[dict]:
+    """Run the federated pretraining app; returns the round log."""
+    from fedspeech.federated import pretrain_app
+
+    num_clients = Partition.load(settings.partition).num_clients
+    run_config = settings.to_run_config()
+    if runner == "inprocess":
+        from fedspeech.federated.inprocess import run_inprocess
+
+        run_inprocess(pretrain_app.server_app, pretrain_app.client_app, num_clients, run_config)
+    elif runner == "simulation":
+        from fedspeech.federated.engines import run_simulation
+
+        run_simulation(run_config=run_config, num_supernodes=num_clients,
+                       flwr_home=Path(settings.out_dir) / "flwr-home")
+    else:
+        raise ValueError(f"runner: unknown {runner!r} (inprocess, simulation)")
+    return roundlog.read_rounds(settings.out_dir)
+
+
+def run_centralised(settings: PretrainSettings) -> list[dict]:
+    """The centralised baseline under the same compute budget.
+
+    Same model, objective, crops, batch size and learning-rate schedule; all clients' data
+    pooled on one machine. Each "round" trains on a random draw from the pool of as many
+    examples as that round's sampled clients hold (times local epochs), so after R rounds
+    it has seen the same number of examples as the federated run. Writes the same round
+    log and checkpoints, so the two compare directly.
+    """
+    from fedspeech.data.partition import sample_clients
+    from fedspeech.federated.pretrain_app import CONSTANT_LR, _validation_dataset
+    from fedspeech.ssl.methods import get_method
+    from fedspeech.ssl.train import evaluate_loss, train_local
+
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if roundlog.log_path(out).exists() and not settings.resume:
+        raise ValueError(f"{out}: holds an earlier run; pass --resume to continue it or choose another --out")
+    utterances = read_manifest(settings.manifest)
+    if settings.partition:
+        partition = Partition.load(settings.partition)
+        per_client = [client_utterances(partition, utterances, c) for c in range(partition.num_clients)]
+    else:  # no partition: one "client" holding the whole training split
+        per_client = [[u for u in utterances if u.split == "train"]]
+    pool = AudioDataset([u for c in per_client for u in c], max_seconds=settings.max_seconds, seed=settings.seed)
+    usable = {u.id for u in pool.utterances}
+    sizes = [sum(u.id in usable for u in c) for c in per_client]
+
+    method = get_method(settings)
+    model = method.fresh_model()
+    first_round, global_step = 1, 0.0
+    latest = checkpoints.latest_checkpoint(out) if settings.resume else None
+    if latest is not None:
+        method.restore(model, latest)
+        state = checkpoints.load_state(latest)
+        first_round, global_step = state["round"] + 1, float(state["global_step"])
+        roundlog.truncate_after(out, state["round"])
+    val_set = _validation_dataset(settings.manifest, settings.val_max_utterances, settings.max_seconds)
+    val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=0) if val_set else None
+    import torch.utils.data as tud
+
+    records = []
+    for server_round in range(first_round, settings.rounds + 1):
+        started = time.perf_counter()
+        k = settings.clients_per_round or len(per_client)
+        chosen = sample_clients(len(per_client), min(k, len(per_client)), server_round, settings.seed)
+        budget = sum(sizes[c] for c in chosen)
+        rng = np.random.default_rng([settings.seed, server_round, 999_983])
+        indices = rng.choice(len(pool), size=min(budget, len(pool)), replace=False)
+        pool.set_epoch(server_round)
+        loader = make_loader(tud.Subset(pool, indices.tolist()), settings.batch_size, shuffle=True,
+                             seed=settings.seed * 100_003 + server_round)
+        result = train_local(model, method.objective, loader, epochs=settings.local_epochs,
+                             lr=settings.lr_at_round(server_round), lr_schedule=CONSTANT_LR,
+                             start_step=int(global_step), max_grad_norm=settings.max_grad_norm, rng=rng)
+        global_step += result.steps
+        val_loss = evaluate_loss(model, method.objective, val_loader) if val_loader else None
+        checkpoints.save_checkpoint(out, server_round, *method.checkpoint_parts(model),
+                                    state={"global_step": global_step, "settings": settings.to_run_config()})
+        checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
+        record = {"round": server_round, "centralised": True, "train_loss": result.mean_loss_last_epoch,
+                  "examples": result.num_examples, "val_loss": val_loss, "lr": settings.lr_at_round(server_round),
+                  "round_seconds": time.perf_counter() - started}
+        roundlog.append_round(out, record)
+        records.append(record)
+        log.info("centralised round %d: train loss %.4f, val loss %s", server_round, record["train_loss"], val_loss)
+    return records

@@ -1,0 +1,31 @@
+"""Shared fixtures: a small built-in corpus (espeak-ng), made once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Manifest of a 6-speaker corpus (4 train, 1 dev, 1 test speakers)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (scripts/setup.sh installs it)")
+    from fedspeech.data.synth import build_corpus
+
+    return build_corpus(tmp_path_factory.mktemp("corpus"), speakers=6, seed=0,
+                        keywords_per_speaker=12, sentences_per_speaker=3)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP spinning makes them many
+    times slower when the two cores are shared (CI machines, parallel jobs)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,111 @@
+"""Federated pretraining end to end with the in-process Flower runner."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Wav2Vec2Model
+
+from fedspeech.data.manifest import read_manifest
+from fedspeech.data.partition import make_partition
+from fedspeech.federated.checkpoints import completed_rounds, round_dir
+from fedspeech.federated.roundlog import read_rounds
+from fedspeech.federated.runners import run_centralised, run_pretraining
+from fedspeech.federated.settings import PretrainSettings
+
+
+@pytest.fixture(scope="module")
+def partition(small_corpus: Path, tmp_path_factory) -> Path:
+    utts = read_manifest(small_corpus)
+    part = make_partition(utts, "speaker", 2, seed=0, manifest=str(small_corpus))
+    return part.save(tmp_path_factory.mktemp("part") / "partition.json")
+
+
+def settings(small_corpus: Path, partition: Path, out: Path, **kw) -> PretrainSettings:
+    base = dict(manifest=str(small_corpus), partition=str(partition), out_dir=str(out), model="tiny",
+                rounds=2, max_seconds=1.0, batch_size=4, val_max_utterances=8)
+    return PretrainSettings(**{**base, **kw})
+
+
+def test_two_rounds_log_checkpoints_and_hf_loading(small_corpus, partition, tmp_path):
+    records = run_pretraining(settings(small_corpus, partition, tmp_path / "run"))
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        assert r["sampled"] == [0, 1]
+        assert {c["client"] for c in r["clients"]} == {0, 1}
+        assert all(c["examples"] > 0 and c["train_loss"] > 0 for c in r["clients"])
+        assert r["val_loss"] is not None and r["val_loss"] > 0
+        assert r["bytes_to_clients"] > 0 and r["bytes_from_clients"] > 0
+        assert r["round_seconds"] > 0
+    # the round's checkpoint is a Hugging Face folder that transformers loads
+    backbone = Wav2Vec2Model.from_pretrained(round_dir(tmp_path / "run", 2))
+    saved = load_file(str(round_dir(tmp_path / "run", 2) / "model.safetensors"))
+    key = "encoder.layers.0.attention.k_proj.weight"
+    assert torch.equal(backbone.state_dict()[key], saved["wav2vec2." + key])
+
+
+def test_resume_matches_uninterrupted_run(small_corpus, partition, tmp_path):
+    straight = run_pretraining(settings(small_corpus, partition, tmp_path / "a"))
+    run_pretraining(settings(small_corpus, partition, tmp_path / "b", rounds=1))
+    resumed = run_pretraining(settings(small_corpus, partition, tmp_path / "b", resume=True))
+    assert [r["round"] for r in resumed] == [1, 2]
+    assert resumed[1]["val_loss"] == pytest.approx(straight[1]["val_loss"], rel=1e-5)
+    a = load_file(str(round_dir(tmp_path / "a", 2) / "model.safetensors"))
+    b = load_file(str(round_dir(tmp_path / "b", 2) / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_refuses_to_overwrite_an_earlier_run(small_corpus, partition, tmp_path):
+    run_pretraining(settings(small_corpus, partition, tmp_path / "r", rounds=1))
+    with pytest.raises(ValueError, match="--resume"):
+        run_pretraining(settings(small_corpus, partition, tmp_path / "r", rounds=1))
+
+
+def test_backbone_only_sends_less(small_corpus, partition, tmp_path):
+    full = run_pretraining(settings(small_corpus, partition, tmp_path / "full", rounds=1))
+    backbone = run_pretraining(settings(small_corpus, partition, tmp_path / "bb", rounds=1, backbone_only=True,
+                                        strategy="loss"))
+    assert backbone[0]["bytes_to_clients"] < full[0]["bytes_to_clients"]
+    assert backbone[0]["bytes_from_clients"] < full[0]["bytes_from_clients"]
+
+
+def test_feature_matching_with_fedu(small_corpus, partition, tmp_path):
+    records = run_pretraining(settings(small_corpus, partition, tmp_path / "fedu", method="byol", strategy="fedu"))
+    second = records[1]["clients"]
+    assert all("fedu-divergence" in c and c["fedu-divergence"] > 0 for c in second)
+    assert Wav2Vec2Model.from_pretrained(round_dir(tmp_path / "fedu", 2)) is not None
+
+
+def test_failing_client_does_not_stop_the_run(small_corpus, partition, tmp_path):
+    # Client 1's audio is corrupt: it fails every round, client 0 carries on.
+    from fedspeech.data.partition import Partition, client_utterances
+
+    part = Partition.load(partition)
+    utts = read_manifest(small_corpus)
+    broken_dir = tmp_path / "broken"
+    broken_dir.mkdir()
+    rows = []
+    bad_ids = {u.id for u in client_utterances(part, utts, 1)}
+    for u in utts:
+        if u.id in bad_ids:
+            bad = broken_dir / f"{u.id}.wav"
+            bad.write_bytes(b"not audio")
+            u = dataclasses.replace(u, path=str(bad))
+        rows.append(u)
+    from fedspeech.data.manifest import write_manifest
+
+    manifest = write_manifest(rows, tmp_path / "manifest.tsv")
+    records = run_pretraining(settings(manifest, partition, tmp_path / "run", rounds=1))
+    assert records[0]["sampled"] == [0]
+    assert len(records[0]["failed"]) == 1 and "unusable" in records[0]["failed"][0]["error"]
+
+
+def test_centralised_baseline_sees_the_same_examples(small_corpus, partition, tmp_path):
+    fed = run_pretraining(settings(small_corpus, partition, tmp_path / "fed", rounds=1))
+    central = run_centralised(settings(small_corpus, partition, tmp_path / "central", rounds=1))
+    assert central[0]["examples"] == sum(c["examples"] for c in fed[0]["clients"])
+    assert completed_rounds(tmp_path / "central") == [1]
