@@ -50,6 +50,18 @@ def settings_from_args(args: argparse.Namespace) -> PretrainSettings:
     return PretrainSettings(**values)
 
 
+def _check_preset(preset: str | None, settings: PretrainSettings) -> None:
+    """A preset's client count must match the partition it runs on."""
+    if not preset:
+        return
+    from fedspeech.data.partition import Partition
+
+    clients = Partition.load(settings.partition).num_clients
+    if clients != PRESETS[preset]["clients"]:
+        raise ValueError(f"--preset {preset} needs a partition with {PRESETS[preset]['clients']} clients; "
+                         f"{settings.partition} has {clients}")
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from fedspeech.federated.runners import run_centralised, run_pretraining
 
@@ -61,6 +73,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     else:
         if not settings.partition:
             raise ValueError("--partition is required (make one with `fedspeech partition`)")
+        _check_preset(args.preset, settings)
         records = run_pretraining(settings, runner=args.runner)
     last = records[-1] if records else None
     if last:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def _client_dataset(manifest: str, partition: str, client_id: int, max_seconds: 
 @lru_cache(maxsize=4)
 def _validation_dataset(manifest: str, max_utterances: int, max_seconds: float) -> AudioDataset | None:
     """Held-out speakers (the manifest's dev split), a fixed subset so rounds compare."""
+    if max_utterances <= 0:
+        return None
     dev = [u for u in read_manifest(manifest) if u.split == "dev"]
     if not dev:
         log.warning("%s: no dev split, so no validation loss", manifest)
@@ -70,36 +73,41 @@ def _validation_dataset(manifest: str, max_utterances: int, max_seconds: float) 
 # ----------------------------------------------------------------------------- client
 
 
-@client_app.train()
-def client_train(msg: Message, context: Context) -> Message:
-    settings = PretrainSettings.from_run_config(context.run_config)
-    config = msg.content["config"]
-    client_id = int(context.node_config["partition-id"])
-    # A SuperNode may point at its own files (--node-config "manifest=... partition=...").
-    manifest = str(context.node_config.get("manifest", settings.manifest))
-    partition = str(context.node_config.get("partition", settings.partition))
-    start = time.perf_counter()
+@dataclass
+class ClientUpdate:
+    """What one client's local round produces, before it is put in a Flower message."""
 
+    sent: dict[str, torch.Tensor]  # transmitted to the server
+    kept: dict[str, torch.Tensor]  # stays on the client for its next round
+    metrics: dict[str, float | int]
+
+
+def local_round(settings: PretrainSettings, node_config: dict, global_state: dict[str, torch.Tensor],
+                kept: dict[str, torch.Tensor], server_round: int, lr: float, global_step: int) -> ClientUpdate:
+    """One client's round: apply the global model, train on its partition, report.
+
+    Plain tensors in and out, so the ClientApp below is a thin Flower wrapper and the
+    runner-overhead benchmark can time the same work without Flower.
+    """
+    client_id = int(node_config["partition-id"])
+    # A SuperNode may point at its own files (--node-config "manifest=... partition=...").
+    manifest = str(node_config.get("manifest", settings.manifest))
+    partition = str(node_config.get("partition", settings.partition))
+    start = time.perf_counter()
     method = get_method(settings)
     model = method.fresh_model()
-    local = context.state.get(LOCAL_STATE_KEY)
-    local_state = local.to_torch_state_dict() if local is not None else {}
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    load_info = method.load_global(model, global_state, local_state)
+    load_info = method.load_global(model, global_state, kept)
 
-    torch.manual_seed(hash((settings.seed, int(config["server-round"]), client_id)) % 2**63)  # dropout, Gumbel noise
+    torch.manual_seed(hash((settings.seed, server_round, client_id)) % 2**63)  # dropout, Gumbel noise
     dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
-    server_round = int(config["server-round"])
     dataset.set_epoch(server_round)
     loader = make_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 100_003 + server_round)
     result = train_local(
-        model, method.objective, loader, epochs=settings.local_epochs, lr=float(config["lr"]),
+        model, method.objective, loader, epochs=settings.local_epochs, lr=lr,
         lr_schedule=CONSTANT_LR,  # the server schedules the learning rate per round
-        start_step=int(config["global-step"]), max_grad_norm=settings.max_grad_norm,
+        start_step=global_step, max_grad_norm=settings.max_grad_norm,
         rng=np.random.default_rng([settings.seed, server_round, client_id]),
     )
-
-    context.state[LOCAL_STATE_KEY] = ArrayRecord(method.local_state(model))
     metrics = {
         "num-examples": result.num_examples,
         "train_loss": result.mean_loss_last_epoch,
@@ -109,7 +117,20 @@ def client_train(msg: Message, context: Context) -> Message:
         "seconds": time.perf_counter() - start,
         **load_info,
     }
-    content = RecordDict({"arrays": ArrayRecord(method.transmitted_state(model)), "metrics": MetricRecord(metrics)})
+    return ClientUpdate(method.transmitted_state(model), method.local_state(model), metrics)
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    kept = context.state.get(LOCAL_STATE_KEY)
+    update = local_round(
+        PretrainSettings.from_run_config(context.run_config), dict(context.node_config),
+        msg.content["arrays"].to_torch_state_dict(), kept.to_torch_state_dict() if kept is not None else {},
+        server_round=int(config["server-round"]), lr=float(config["lr"]), global_step=int(config["global-step"]),
+    )
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(update.kept)
+    content = RecordDict({"arrays": ArrayRecord(update.sent), "metrics": MetricRecord(update.metrics)})
     return Message(content, reply_to=msg)
 
 

@@ -1,0 +1,113 @@
+"""Runner overhead: Flower in-process runner (and Simulation Engine) vs pure client compute.
+
+The same rounds (same clients, data, seeds) run three ways in one process:
+  pure        — a plain Python loop: each client's ``local_round`` + FedAvg + checkpoint
+  in-process  — the Flower ServerApp/ClientApp through our in-process Grid
+  simulation  — the same app under Flower's Simulation Engine (Ray), with --simulation
+(pure and in-process alternate ``--repeats`` times, best time of each kept), and the script
+prints wall time and overhead = runner / pure − 1. Target: in-process ≤ 5 %.
+Validation is switched off in all three so only the runner differs.
+
+    .venv/bin/python benchmarks/runner_overhead.py [--rounds 3] [--clients 4] [--simulation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def pure_rounds(settings) -> float:
+    """The client work of ``settings.rounds`` rounds, with no Flower at all."""
+    from fedspeech.data.partition import Partition
+    from fedspeech.federated import checkpoints
+    from fedspeech.federated.aggregation import fedavg
+    from fedspeech.federated.pretrain_app import local_round
+    from fedspeech.ssl.methods import get_method
+
+    method = get_method(settings)
+    model = method.fresh_model()
+    num_clients = Partition.load(settings.partition).num_clients
+    global_state = method.transmitted_state(model)
+    kept: dict[int, dict] = {}
+    global_step = 0.0
+    started = time.perf_counter()
+    for server_round in range(1, settings.rounds + 1):
+        updates = []
+        for client in range(num_clients):
+            config = {"partition-id": client, "num-partitions": num_clients}
+            update = local_round(settings, config, global_state, kept.get(client, {}), server_round,
+                                 settings.lr_at_round(server_round), int(global_step))
+            kept[client] = update.kept
+            updates.append(update)
+        states = [{k: v.numpy() for k, v in u.sent.items()} for u in updates]
+        averaged = fedavg(states, [u.metrics["num-examples"] for u in updates],
+                          global_state={k: v.numpy() for k, v in global_state.items()})
+        global_state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in averaged.items()}
+        method.load_global(model, global_state, {})
+        global_step += float(np.mean([u.metrics["steps"] for u in updates]))
+        checkpoints.save_checkpoint(Path(settings.out_dir), server_round, *method.checkpoint_parts(model),
+                                    state={"global_step": global_step})
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--speakers", type=int, default=10)
+    parser.add_argument("--simulation", action="store_true", help="also time Flower's Simulation Engine (Ray)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best of each counts")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noise)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from fedspeech.data.manifest import read_manifest
+    from fedspeech.data.partition import make_partition
+    from fedspeech.data.synth import build_corpus
+    from fedspeech.federated.runners import run_pretraining
+    from fedspeech.federated.settings import PretrainSettings
+
+    work = Path(tempfile.mkdtemp(prefix="fedspeech-overhead-"))
+    manifest = build_corpus(work / "corpus", speakers=args.speakers, seed=0, keywords_per_speaker=12,
+                            sentences_per_speaker=4)
+    partition = make_partition(read_manifest(manifest), "speaker", args.clients, seed=0,
+                               manifest=str(manifest)).save(work / "partition.json")
+
+    def settings(name: str) -> PretrainSettings:
+        return PretrainSettings(manifest=str(manifest), partition=str(partition), out_dir=str(work / name),
+                                model="tiny", rounds=args.rounds, max_seconds=1.0, val_max_utterances=0)
+
+    def inprocess(name: str) -> float:
+        started = time.perf_counter()
+        run_pretraining(settings(name), runner="inprocess")
+        return time.perf_counter() - started
+
+    pure_rounds(settings("warmup"))  # first-touch costs (audio decoding, imports) out of the comparison
+    # Alternate the two and keep each one's best time: on a shared machine, load drifts.
+    pure_times, inprocess_times = [], []
+    for repeat in range(args.repeats):
+        pure_times.append(pure_rounds(settings(f"pure{repeat}")))
+        inprocess_times.append(inprocess(f"inprocess{repeat}"))
+    rows = [("pure client compute", min(pure_times)), ("Flower in-process runner", min(inprocess_times))]
+    if args.simulation:
+        started = time.perf_counter()
+        run_pretraining(settings("simulation"), runner="simulation")
+        rows.append(("Flower Simulation Engine (Ray)", time.perf_counter() - started))
+
+    pure = rows[0][1]
+    print(f"\n{args.rounds} rounds x {args.clients} clients, tiny wav2vec 2.0, 1 s crops, torch threads {args.threads}")
+    print(f"{'runner':34s} {'wall s':>8s} {'overhead':>9s}")
+    for name, seconds in rows:
+        print(f"{name:34s} {seconds:8.2f} {100 * (seconds / pure - 1):8.1f}%")
+    inprocess = rows[1][1] / pure - 1
+    print(f"in-process overhead target <= 5%: {'PASS' if inprocess <= 0.05 else 'FAIL'} ({100 * inprocess:.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
