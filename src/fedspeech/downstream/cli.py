@@ -1,0 +1,134 @@
+"""``fedspeech finetune asr|kws|speaker``: centralised fine-tuning of a backbone.
+
+Data come from one manifest: train split to train, test split to report, dev split (when
+present) to pick the best epoch. Speaker ID instead divides every speaker's utterances
+between train and test (see ``fedspeech.downstream.tasks``). Heavy modules load inside the
+command, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TASK_CHOICES = ("asr", "kws", "speaker")
+_MAX_MATRIX_LABELS = 20  # a larger confusion matrix does not fit a terminal
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``finetune``."""
+    parser = subparsers.add_parser("finetune", help="fine-tune a backbone on a downstream task (centralised)")
+    parser.add_argument("task", choices=TASK_CHOICES,
+                        help="asr (character CTC), kws (keywords) or speaker (speaker ID)")
+    parser.add_argument("--manifest", required=True, type=Path, metavar="M", help="manifest TSV")
+    parser.add_argument("--backbone", default="tiny", metavar="tiny|base|large|FOLDER",
+                        help="model preset (random init) or local HF checkpoint folder (default tiny)")
+    parser.add_argument("--epochs", type=_positive_int, default=10, metavar="E", help="passes over train (default 10)")
+    parser.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N updates")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="default 8")
+    parser.add_argument("--lr-backbone", type=_positive_float, default=5e-5, metavar="LR", help="default 5e-5")
+    parser.add_argument("--lr-head", type=_positive_float, default=1e-3, metavar="LR", help="default 1e-3")
+    parser.add_argument("--freeze-cnn", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the CNN feature encoder frozen (default: frozen)")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (linear probe)")
+    parser.add_argument("--layer-weighted", action="store_true",
+                        help="kws/speaker: learn a weighted sum of all hidden layers")
+    parser.add_argument("--max-seconds", type=_positive_float, metavar="S",
+                        help="kws/speaker: crop clips to S seconds; asr: skip training clips longer than S")
+    parser.add_argument("--no-dev", action="store_true", help="ignore the dev split; evaluate the last epoch")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the full result as JSON")
+    parser.set_defaults(func=_run_finetune)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from fedspeech.data.manifest import read_manifest
+    from fedspeech.downstream.finetune import finetune_asr, finetune_classifier
+    from fedspeech.downstream.heads import is_preset
+    from fedspeech.downstream.tasks import task_data
+
+    if not is_preset(args.backbone) and not (Path(args.backbone) / "config.json").is_file():
+        raise ValueError(f"--backbone {args.backbone}: not a preset (tiny, base, large) and no config.json there")
+    data = task_data(read_manifest(args.manifest), args.task, seed=args.seed)
+    common = dict(
+        dev_utts=None if args.no_dev else data.dev,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr_backbone=args.lr_backbone,
+        lr_head=args.lr_head,
+        freeze_cnn=args.freeze_cnn,
+        freeze_backbone=args.freeze_backbone,
+        max_seconds=args.max_seconds,
+        seed=args.seed,
+    )
+    if args.task == "asr":
+        if args.layer_weighted:
+            raise ValueError("--layer-weighted applies to kws and speaker only")
+        result = finetune_asr(args.backbone, data.train, data.test, **common)
+    else:
+        result = finetune_classifier(args.backbone, data.train, data.test, task=args.task,
+                                     layer_weighted=args.layer_weighted, **common)
+    result["manifest"] = str(args.manifest)
+    print_result(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def print_result(result: dict) -> None:
+    """Metrics, training curve and (for classifiers) the confusion matrix."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{result['task']} fine-tuning of {result['backbone']} (seed {result['seed']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    metrics = ("wer", "cer", "loss") if result["task"] == "asr" else ("accuracy", "macro_accuracy", "loss")
+    for name in metrics:
+        table.add_row(f"test {name}", f"{result[name]:.4f}")
+    for name in ("num_train", "num_dev", "num_eval", "steps", "best_epoch", "selected_on", "trainable_parameters",
+                 "train_seconds"):
+        table.add_row(name, str(result[name]))
+    table.add_row("epoch losses", " ".join(f"{loss:.3f}" for loss in result["epoch_losses"]))
+    console.print(table)
+
+    if result["task"] == "asr":
+        examples = Table(title="examples")
+        for column in ("id", "reference", "hypothesis"):
+            examples.add_column(column)
+        for ex in result["examples"]:
+            examples.add_row(ex["id"], ex["reference"], ex["hypothesis"])
+        console.print(examples)
+    elif len(result["labels"]) <= _MAX_MATRIX_LABELS:
+        matrix = Table(title="confusion matrix (rows: true, columns: predicted)")
+        matrix.add_column("")
+        for label in result["labels"]:
+            matrix.add_column(label, justify="right")
+        for label, row in zip(result["labels"], result["confusion_matrix"], strict=True):
+            matrix.add_row(label, *(str(v) for v in row))
+        console.print(matrix)
