@@ -109,3 +109,21 @@ def test_centralised_baseline_sees_the_same_examples(small_corpus, partition, tm
     central = run_centralised(settings(small_corpus, partition, tmp_path / "central", rounds=1))
     assert central[0]["examples"] == sum(c["examples"] for c in fed[0]["clients"])
     assert completed_rounds(tmp_path / "central") == [1]
+
+
+def test_per_round_probes_keep_the_best_round_per_task(small_corpus, partition, tmp_path):
+    import json
+
+    out = tmp_path / "probed"
+    records = run_pretraining(settings(small_corpus, partition, out, probes="kws,speaker"))
+    for r in records:
+        assert set(r["probes"]) == {"kws", "speaker"}
+        assert all(0.0 <= v <= 1.0 for v in r["probes"].values())
+    best = json.loads((out / "best_rounds.json").read_text())
+    assert best  # tracker state written
+    for task in ("kws", "speaker"):
+        scores = [r["probes"][task] for r in records]
+        best_round = records[scores.index(max(scores))]["round"]  # ties keep the earlier round
+        saved = load_file(str(out / "best" / task / "model.safetensors"))
+        expected = load_file(str(round_dir(out, best_round) / "model.safetensors"))
+        assert all(torch.equal(saved[k], expected[k]) for k in expected)

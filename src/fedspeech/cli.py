@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "fedspeech.data.cli",
     "fedspeech.profiling.cli",
     "fedspeech.federated.cli",
+    "fedspeech.downstream.cli",
     "fedspeech.demo",
 )
 

@@ -207,6 +207,12 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
     arrays = ArrayRecord(method.transmitted_state(model))
     val_set = _validation_dataset(settings.manifest, settings.val_max_utterances, settings.max_seconds)
     val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=0) if val_set else None
+    prober = None
+    if settings.probe_tasks:
+        from fedspeech.federated.probing import RoundProber
+
+        prober = RoundProber(settings.manifest, settings.probe_tasks, out, settings.probe_method, settings.seed,
+                             resume_after=first_round - 1 if settings.resume else None)
     records = []
     with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
         task = progress.add_task("federated pretraining", total=settings.rounds, completed=first_round - 1)
@@ -227,6 +233,7 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
             checkpoints.save_checkpoint(out, server_round, *method.checkpoint_parts(model),
                                         state={"global_step": global_step, "settings": settings.to_run_config()})
             checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
+            probe_scores = prober(server_round, method.checkpoint_parts(model)[0]) if prober else {}
             record = {
                 "round": server_round,
                 "sampled": sorted(c["client"] for c in ok),
@@ -235,6 +242,7 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
                 "clients": ok,
                 "train_loss": sum(c["train_loss"] * c["examples"] for c in ok) / max(1, sum(c["examples"] for c in ok)),
                 "val_loss": val_loss,
+                "probes": probe_scores,
                 "lr": config["lr"],
                 "bytes_to_clients": sum(message_bytes(m) for m in messages),
                 "bytes_from_clients": sum(message_bytes(r) for r in replies),

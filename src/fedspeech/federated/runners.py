@@ -83,6 +83,12 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
     val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=0) if val_set else None
     import torch.utils.data as tud
 
+    prober = None
+    if settings.probe_tasks:
+        from fedspeech.federated.probing import RoundProber
+
+        prober = RoundProber(settings.manifest, settings.probe_tasks, out, settings.probe_method, settings.seed,
+                             resume_after=first_round - 1 if latest is not None else None)
     records = []
     for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
@@ -102,8 +108,9 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
         checkpoints.save_checkpoint(out, server_round, *method.checkpoint_parts(model),
                                     state={"global_step": global_step, "settings": settings.to_run_config()})
         checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
+        probe_scores = prober(server_round, method.checkpoint_parts(model)[0]) if prober else {}
         record = {"round": server_round, "centralised": True, "train_loss": result.mean_loss_last_epoch,
-                  "examples": result.num_examples, "val_loss": val_loss, "lr": settings.lr_at_round(server_round),
+                  "examples": result.num_examples, "val_loss": val_loss, "probes": probe_scores, "lr": settings.lr_at_round(server_round),
                   "round_seconds": time.perf_counter() - started}
         roundlog.append_round(out, record)
         records.append(record)

@@ -40,6 +40,8 @@ class PretrainSettings:
     ldawa_warmup: int = 2  # L-DAWA: plain FedAvg for this many rounds
     fedu_mu: float = 0.4  # FedU divergence threshold
     val_max_utterances: int = 64  # held-out speakers' utterances used for validation loss
+    probes: str = ""  # per-round frozen-feature probes, e.g. "kws,speaker,asr" (METHODS.md §4)
+    probe_method: str = "linear"  # or "knn"
     keep_checkpoints: int = 0  # 0 = keep a checkpoint for every round
     resume: bool = False
 
@@ -53,8 +55,15 @@ class PretrainSettings:
         for name in ("rounds", "local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        unknown = set(self.probe_tasks) - {"kws", "speaker", "asr"}
+        if unknown:
+            raise ValueError(f"probes: unknown task(s) {sorted(unknown)}; choose from kws, speaker, asr")
         if self.max_seconds <= 0:
             raise ValueError(f"max_seconds: must be > 0, got {self.max_seconds}")
+
+    @property
+    def probe_tasks(self) -> list[str]:
+        return [t.strip() for t in self.probes.split(",") if t.strip()]
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
