@@ -51,7 +51,7 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
     run_dir = out / "pretrain_fedavg"
     done = checkpoints.completed_rounds(run_dir)
     settings = PretrainSettings(manifest=str(manifest), partition=str(partition_path), out_dir=str(run_dir),
-                                model="tiny", strategy="fedavg", rounds=rounds, max_seconds=2.0, seed=seed,
+                                model="tiny", strategy="fedavg", rounds=rounds, max_seconds=1.5, seed=seed,
                                 resume=bool(done))
     records = run_pretraining(settings) if not done or done[-1] < rounds else None
     from fedspeech.federated.roundlog import read_rounds
@@ -67,6 +67,10 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    # The tiny model gains little from a second thread and loses a lot when cores are shared.
+    torch.set_num_threads(args.threads)
     run_demo(Path(args.out), args.speakers, args.clients, args.rounds, args.seed)
     return 0
 
@@ -78,4 +82,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clients", type=int, default=10, help="federated clients (speaker-disjoint)")
     parser.add_argument("--rounds", type=int, default=3, help="pretraining rounds (0 = data steps only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.set_defaults(func=_demo)

@@ -17,7 +17,7 @@ _MAX_MATRIX_LABELS = 20  # a larger confusion matrix does not fit a terminal
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``finetune``."""
+    """Add ``finetune`` and ``compare``."""
     parser = subparsers.add_parser("finetune", help="fine-tune a backbone on a downstream task (centralised)")
     parser.add_argument("task", choices=TASK_CHOICES,
                         help="asr (character CTC), kws (keywords) or speaker (speaker ID)")
@@ -40,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the full result as JSON")
     parser.set_defaults(func=_run_finetune)
+
+    from fedspeech.downstream.compare import register as register_compare
+
+    register_compare(subparsers)
 
 
 def _positive_int(text: str) -> int:
