@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated self-supervised speech learning: corpora, planning, pretraining, evaluation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's choice; 1 is best for tiny models on shared cores)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError) as error:  # bad input: one clear line, no traceback

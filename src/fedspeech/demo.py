@@ -69,8 +69,10 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    # The tiny model gains little from a second thread and loses a lot when cores are shared.
-    torch.set_num_threads(args.threads)
+    # The tiny model gains little from a second thread and loses a lot when cores are shared;
+    # `fedspeech --threads N demo` overrides.
+    if not args.threads:
+        torch.set_num_threads(1)
     run_demo(Path(args.out), args.speakers, args.clients, args.rounds, args.seed)
     return 0
 
@@ -82,5 +84,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clients", type=int, default=10, help="federated clients (speaker-disjoint)")
     parser.add_argument("--rounds", type=int, default=3, help="pretraining rounds (0 = data steps only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.set_defaults(func=_demo)
