@@ -7,6 +7,7 @@ and runs the same ``pretrain_app``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -22,21 +23,24 @@ from fedspeech.federated.settings import PretrainSettings
 log = logging.getLogger(__name__)
 
 
-def run_pretraining(settings: PretrainSettings, runner: str = "inprocess") -> list[dict]:
+def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeout: float = 24 * 3600) -> list[dict]:
     """Run the federated pretraining app; returns the round log."""
     from fedspeech.federated import pretrain_app
 
     num_clients = Partition.load(settings.partition).num_clients
+    # Flower's engines run the apps in other processes and folders: pass absolute paths.
+    settings = dataclasses.replace(settings, **{name: str(Path(getattr(settings, name)).resolve())
+                                                for name in ("manifest", "partition", "out_dir")})
     run_config = settings.to_run_config()
     if runner == "inprocess":
         from fedspeech.federated.inprocess import run_inprocess
 
         run_inprocess(pretrain_app.server_app, pretrain_app.client_app, num_clients, run_config)
     elif runner == "simulation":
-        from fedspeech.federated.engines import run_simulation
+        from fedspeech.federated.engines import project_app_dir, run_simulation
 
-        run_simulation(run_config=run_config, num_supernodes=num_clients,
-                       flwr_home=Path(settings.out_dir) / "flwr-home")
+        run_simulation(project_app_dir(), run_config, num_clients, flwr_home=Path(settings.out_dir) / "flwr-home",
+                       timeout=timeout)
     else:
         raise ValueError(f"runner: unknown {runner!r} (inprocess, simulation)")
     return roundlog.read_rounds(settings.out_dir)
