@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--speakers", type=int, default=10)
     parser.add_argument("--simulation", action="store_true", help="also time Flower's Simulation Engine (Ray)")
+    parser.add_argument("--max-seconds", type=float, default=2.0, help="training crop length")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best of each counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noise)")
     args = parser.parse_args()
@@ -74,14 +75,16 @@ def main() -> None:
     from fedspeech.federated.settings import PretrainSettings
 
     work = Path(tempfile.mkdtemp(prefix="fedspeech-overhead-"))
-    manifest = build_corpus(work / "corpus", speakers=args.speakers, seed=0, keywords_per_speaker=12,
-                            sentences_per_speaker=4)
+    # About 70 utterances per client: a small but not trivial local epoch.
+    manifest = build_corpus(work / "corpus", speakers=args.speakers, seed=0, keywords_per_speaker=24,
+                            sentences_per_speaker=12)
     partition = make_partition(read_manifest(manifest), "speaker", args.clients, seed=0,
                                manifest=str(manifest)).save(work / "partition.json")
 
     def settings(name: str) -> PretrainSettings:
         return PretrainSettings(manifest=str(manifest), partition=str(partition), out_dir=str(work / name),
-                                model="tiny", rounds=args.rounds, max_seconds=1.0, val_max_utterances=0)
+                                model="tiny", rounds=args.rounds, max_seconds=args.max_seconds,
+                                val_max_utterances=0)
 
     def inprocess(name: str) -> float:
         started = time.perf_counter()
@@ -101,7 +104,7 @@ def main() -> None:
         rows.append(("Flower Simulation Engine (Ray)", time.perf_counter() - started))
 
     pure = rows[0][1]
-    print(f"\n{args.rounds} rounds x {args.clients} clients, tiny wav2vec 2.0, 1 s crops, torch threads {args.threads}")
+    print(f"\n{args.rounds} rounds x {args.clients} clients, tiny wav2vec 2.0, {args.max_seconds:g} s crops, torch threads {args.threads}")
     print(f"{'runner':34s} {'wall s':>8s} {'overhead':>9s}")
     for name, seconds in rows:
         print(f"{name:34s} {seconds:8.2f} {100 * (seconds / pure - 1):8.1f}%")

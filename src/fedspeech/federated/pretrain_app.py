@@ -223,8 +223,8 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
             messages = list(strategy.configure_train(server_round, arrays, config, SampledGrid(grid, chosen)))
             replies = list(grid.send_and_receive(messages))
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                arrays = ArrayRecord({**arrays.to_torch_state_dict(), **new_arrays.to_torch_state_dict()})
+            if new_arrays is not None:  # the strategies return the full global record
+                arrays = new_arrays
             method.load_global(model, arrays.to_torch_state_dict(), {})
             clients = _client_rows(replies)
             ok = [c for c in clients if "error" not in c]
