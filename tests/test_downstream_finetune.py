@@ -21,9 +21,7 @@ from fedspeech.downstream.finetune import (
 )
 from fedspeech.downstream.heads import UtteranceClassifier, make_optimizer
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-             codevector_dim=32, proj_codevector_dim=32, num_codevectors_per_group=16)
+from synthetic import SMALL
 
 
 def tones(folder, count: int, *, prefix: str, seed: int, split: str = "train", seconds: float = 0.4):

@@ -26,10 +26,7 @@ from fedspeech.downstream.state import (
 from fedspeech.downstream.text import CharVocab
 from fedspeech.models.configs import model_config
 
-# A much smaller "tiny" so each forward/backward takes milliseconds on a shared CPU.
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-             codevector_dim=32, proj_codevector_dim=32, num_codevectors_per_group=16)
+from synthetic import SMALL
 
 
 def utt(i: int, *, transcript: str = "", label: str = "", speaker: str = "s0") -> Utterance:

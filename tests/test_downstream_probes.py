@@ -22,9 +22,7 @@ from fedspeech.downstream.probes import (
 )
 from fedspeech.downstream.selection import HIGHER, LOWER
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-             codevector_dim=32, proj_codevector_dim=32, num_codevectors_per_group=16)
+from synthetic import SMALL
 
 
 def angle(degrees: float, scale: float = 1.0) -> list[float]:

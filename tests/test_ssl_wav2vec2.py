@@ -13,33 +13,7 @@ from fedspeech.models.configs import model_config
 from fedspeech.ssl.train import LRSchedule, evaluate_loss, train_local
 from fedspeech.ssl.wav2vec2 import GumbelSchedule, Wav2Vec2Objective, contrastive_logits
 
-SR = 16_000
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def synthetic_batch(lengths: list[int], seed: int) -> dict[str, torch.Tensor]:
-    """Zero-padded 'utterances': a few random sinusoids with a slow envelope plus noise."""
-    rng = np.random.default_rng(seed)
-    width = max(lengths)
-    values = torch.zeros(len(lengths), width)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        t = np.arange(n) / SR
-        wave = sum(
-            rng.uniform(0.2, 1.0) * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
-            for f in rng.uniform(100, 3000, size=4)
-        ) * (1.2 + np.sin(2 * np.pi * rng.uniform(1, 4) * t))
-        wave = wave + 0.05 * rng.standard_normal(n)
-        values[row, :n] = torch.tensor((wave - wave.mean()) / wave.std(), dtype=torch.float32)
-        mask[row, :n] = 1
-    return {"input_values": values, "attention_mask": mask}
+from synthetic import SR, synthetic_batch
 
 
 @pytest.fixture(scope="module")
