@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # Flower logs every round's sampling at INFO; our own log says more
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     if args.threads:
         import torch
 
