@@ -23,6 +23,7 @@ def plot_validation_curves(runs: Sequence[str | Path], out: str | Path,
     for run, label in zip(runs, labels):
         rows = [r for r in read_rounds(run) if r.get("val_loss") is not None]
         ax.plot([r["round"] for r in rows], [r["val_loss"] for r in rows], marker="o", label=label)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("validation loss (held-out speakers)")
     ax.grid(alpha=0.3)
