@@ -1,0 +1,176 @@
+"""``fedspeech feasibility``: per-device predictions, FL wall-clock and trend, as JSON + text.
+
+JSON schema ``fedspeech.feasibility/1``: ``workload`` (what was measured), ``device_model``
+(the formulas), ``devices`` (one object per device with at least ``device``, ``fits``,
+``seconds_per_batch``, ``max_seconds_that_fit``, ``peak_bytes``; plus ``fl`` and ``trend``
+when asked), and optional ``fl_schedule``, ``fleet`` and ``trend`` summaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fedspeech.profiling.catalogue import Device, select_devices
+from fedspeech.profiling.planner import (
+    BASELINE_YEAR,
+    FLSchedule,
+    Workload,
+    first_year_reaching,
+    fl_wallclock,
+    predict,
+    trend_assumption,
+)
+from fedspeech.profiling.report import format_table
+
+SCHEMA = "fedspeech.feasibility/1"
+DEVICE_MODEL = (
+    "seconds_per_batch = batch * train_FLOPs(1 utterance) / (throughput * mixed_precision_speedup); "
+    "throughput = calibration.train_gflops / calibration.seconds_per_batch; "
+    "peak = weights + grads + AdamW state + batch * (m0 + m1 * seconds) (m0, m1 fitted from two measured lengths); "
+    "fits = peak <= memory * (1 - headroom); max_seconds_that_fit solves that inequality for seconds."
+)
+
+
+def parse_fleet(text: str, catalogue: dict[str, Device]) -> list[Device]:
+    """``a40:2,raspberry-pi-4:8`` -> one Device per client."""
+    clients: list[Device] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = part.rpartition(":")
+        if not name or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--fleet entry {part!r}: expected DEVICE:COUNT with COUNT >= 1")
+        clients += select_devices(catalogue, [name]) * int(count)
+    if not clients:
+        raise ValueError("--fleet is empty")
+    return clients
+
+
+def plan(
+    devices: list[Device],
+    workloads: dict[str, Workload],
+    precision: str,
+    catalogue: dict[str, Device],
+    schedule: FLSchedule | None = None,
+    fleet: str | None = None,
+    trend_months: float | None = None,
+    trend_target: str = "a40",
+) -> dict[str, Any]:
+    """All predictions for the selected devices (see module docstring for the schema)."""
+    workload = workloads[precision]
+    fp32 = workloads.get("fp32")
+
+    def run(device: Device):
+        return predict(device, workload, fp32)
+
+    predictions = {d.id: run(d) for d in devices}
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "workload": workload.to_dict(),
+        "workloads": {p: w.to_dict() for p, w in workloads.items()},
+        "device_model": DEVICE_MODEL,
+        "devices": [],
+    }
+    for device in devices:
+        entry = predictions[device.id].to_dict()
+        entry["throughput_gflops"] = None if device.memory_only else device.throughput_flops / 1e9
+        entry["headroom"] = device.headroom
+        result["devices"].append(entry)
+
+    if schedule is not None:
+        result["fl_schedule"] = asdict(schedule)
+        for entry in result["devices"]:
+            spb = entry["seconds_per_batch"]
+            entry["fl"] = None if spb is None else fl_wallclock([spb] * schedule.clients, workload.batch, schedule, workload.model_bytes)
+        if fleet:
+            result["fleet"] = fleet_wallclock(parse_fleet(fleet, catalogue), workload, fp32, schedule)
+
+    if trend_months is not None:
+        target_device = select_devices(catalogue, [trend_target])[0]
+        target = predict(target_device, workload, fp32).compute_seconds_per_batch
+        if target is None:
+            raise ValueError(f"trend target {trend_target!r} has no throughput")
+        classes: dict[str, int] = {}
+        for entry in result["devices"]:
+            compute = entry["compute_seconds_per_batch"]
+            if compute is None:
+                entry["trend"] = None
+                continue
+            year = first_year_reaching(compute, target, trend_months)
+            entry["trend"] = {"first_year_reaching_target": year, "speedup_needed": compute / target}
+            classes[entry["device_class"]] = min(year, classes.get(entry["device_class"], year))
+        result["trend"] = {
+            "doubling_months": trend_months,
+            "baseline_year": BASELINE_YEAR,
+            "target_device": target_device.id,
+            "target_seconds_per_batch": target,
+            "first_year_by_class": classes,
+            "assumption": trend_assumption(trend_months, target_device.name),
+        }
+    return result
+
+
+def fleet_wallclock(clients: list[Device], workload: Workload, fp32: Workload | None, schedule: FLSchedule) -> dict[str, Any]:
+    """Mixed fleet: clients whose device cannot train (OOM, no throughput) are left out."""
+    times, excluded = [], []
+    for device in clients:
+        p = predict(device, workload, fp32)
+        (times.append(p.seconds_per_batch) if p.seconds_per_batch is not None else excluded.append(device.id))
+    summary: dict[str, Any] = {"clients": len(clients), "excluded": excluded}
+    if not times:
+        summary["wallclock"] = None
+        summary["note"] = "no client of the fleet can train this workload"
+        return summary
+    sampled = min(schedule.clients_per_round or len(times), len(times))
+    fleet_schedule = FLSchedule(len(times), schedule.utterances_per_client, schedule.rounds, schedule.local_epochs, sampled, schedule.bandwidth_mbps)
+    summary["wallclock"] = fl_wallclock(times, workload.batch, fleet_schedule, workload.model_bytes)
+    summary["note"] = f"expected slowest of {sampled} clients sampled uniformly from {len(times)} able to train"
+    return summary
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
+def _hours(fl: dict[str, float] | None) -> str:
+    return "-" if not fl else f"{fl['total_hours']:.1f}"
+
+
+def render_plan(result: dict[str, Any]) -> str:
+    w = result["workload"]
+    lines = [
+        f"# {w['model']}: {w['seconds']:g} s, batch {w['batch']}, {w['precision']}, savers: {', '.join(w['savers']) or 'none'}",
+        f"train GFLOPs per batch {w['train_gflops_per_batch']:.1f}; predicted peak {_gib(w['peak_bytes'])} GiB",
+        "",
+    ]
+    has_fl = "fl_schedule" in result
+    has_trend = "trend" in result
+    headers = ["device", "fits", "s/batch", "max s", "peak GiB", "usable GiB"]
+    headers += ["FL hours"] if has_fl else []
+    headers += ["year"] if has_trend else []
+    headers += ["notes"]
+    rows = []
+    for d in result["devices"]:
+        max_s = d["max_seconds_that_fit"]
+        row = [d["device"], "yes" if d["fits"] else "NO", "-" if d["seconds_per_batch"] is None else f"{d['seconds_per_batch']:.3f}",
+               "-" if max_s is None else f"{max_s:.1f}", _gib(d["peak_bytes"]), _gib(d["usable_bytes"])]
+        if has_fl:
+            row.append(_hours(d.get("fl")))
+        if has_trend:
+            row.append("-" if not d.get("trend") else str(d["trend"]["first_year_reaching_target"]))
+        row.append("; ".join(d["reasons"]))
+        rows.append(row)
+    lines.append(format_table(headers, rows))
+    if has_fl:
+        s = result["fl_schedule"]
+        lines += ["", f"FL schedule: {s['clients']} clients ({s['clients_per_round'] or s['clients']} per round), "
+                      f"{s['utterances_per_client']} utterances each, {s['local_epochs']} local epoch(s), {s['rounds']} rounds; "
+                      "a round lasts as long as its slowest sampled client."]
+        if "fleet" in result:
+            f = result["fleet"]
+            lines.append(f"Mixed fleet ({f['clients']} clients, excluded: {', '.join(f['excluded']) or 'none'}): "
+                         f"{_hours(f['wallclock'])} h total. {f['note']}")
+    if has_trend:
+        t = result["trend"]
+        lines += ["", t["assumption"], "First year each device class reaches the target: "
+                  + ", ".join(f"{k} {v}" for k, v in t["first_year_by_class"].items())]
+    return "\n".join(lines)

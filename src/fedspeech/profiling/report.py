@@ -1,0 +1,283 @@
+"""``fedspeech profile``: run the measurements and shape them into the JSON report and tables.
+
+JSON schema (``fedspeech.profile/1``), all FLOPs in GFLOPs (2 FLOPs per multiply-add):
+
+- ``modules``: ``cnn_encoder``, ``transformer``, ``quantization``, ``other``, ``total`` ->
+  ``params``, ``gflops`` (inference: one utterance of S seconds, batch 1). ``other`` holds what
+  METHODS.md §1 puts in no group (``masked_spec_embed``), so the groups add up to ``total``.
+- ``layers``: every conv layer, feature projection, positional conv, encoder layer norm, each
+  Transformer layer, quantizer and the two projections -> ``name``, ``module``, ``group``,
+  ``params``, ``forward_gflops``, ``train_gflops``, ``activation_bytes`` at the requested batch.
+- ``unattributed``: the same figures for what runs outside those layers (the loss, masking).
+- ``train_step``: measured ``seconds``, ``activation_bytes``, ``peak_bytes`` (+ breakdown).
+- optional ``savers``, ``sweep``, ``precision_comparison``.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fedspeech.profiling.accounting import GROUPS, OTHER
+from fedspeech.profiling.measure import GIGA, LayerFigures, StepMeasurement, inference_flops, measure_step
+from fedspeech.profiling.savers import PRECISIONS, Savers
+
+SCHEMA = "fedspeech.profile/1"
+MEMORY_METHOD = (
+    "activation_bytes: storages autograd saves for backward (saved_tensors_hooks, deduplicated, "
+    "weights excluded; inputs kept by activation checkpointing included). peak_bytes: CPU - high-water "
+    "mark of live tensor bytes over one steady-state step (fedspeech.profiling.memory); CUDA - "
+    "torch.cuda.max_memory_allocated. Allocator and framework overhead are not included."
+)
+Log = Callable[[str], None]
+
+
+def _gflops(flops: float) -> float:
+    return flops / GIGA
+
+
+def modules_table(layers: list[LayerFigures], other: LayerFigures) -> dict[str, dict[str, float]]:
+    """Per-group params and inference GFLOPs; the groups plus ``other`` add up to ``total``."""
+    table: dict[str, dict[str, float]] = {}
+    for group in GROUPS:
+        members = [layer for layer in layers if layer.group == group]
+        flops = sum(m.forward_flops for m in members)
+        table[group] = {"params": sum(m.params for m in members), "gflops": _gflops(flops), "flops": flops}
+    table[OTHER] = {
+        "params": other.params, "gflops": _gflops(other.forward_flops), "flops": other.forward_flops, "includes": other.module,
+    }
+    flops = sum(layer.forward_flops for layer in layers) + other.forward_flops
+    table["total"] = {"params": sum(layer.params for layer in layers) + other.params, "gflops": _gflops(flops), "flops": flops}
+    return table
+
+
+def layer_rows(measurement: StepMeasurement) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": layer.name,
+            "module": layer.module,
+            "group": layer.group,
+            "params": layer.params,
+            "forward_gflops": _gflops(layer.forward_flops),
+            "train_gflops": _gflops(layer.train_flops),
+            "activation_bytes": layer.activation_bytes,
+        }
+        for layer in measurement.layers
+    ]
+
+
+def step_summary(m: StepMeasurement) -> dict[str, Any]:
+    return {
+        "seconds": m.seconds_per_step,
+        "seconds_all": m.step_seconds,
+        "cpu_seconds": m.cpu_seconds_per_step,
+        "cpu_seconds_all": m.step_cpu_seconds,
+        "audio_seconds": m.seconds,
+        "batch": m.batch,
+        "precision": m.precision,
+        "savers": m.savers,
+        "frames": m.frames,
+        "forward_gflops": _gflops(m.forward_flops),
+        "train_gflops": _gflops(m.train_flops),
+        "activation_bytes": m.activation_bytes,
+        "peak_bytes": m.peak_bytes,
+        "peak_breakdown": m.peak_breakdown,
+        "static_bytes": m.static_bytes,
+    }
+
+
+def saver_rows(baseline: StepMeasurement, variants: list[StepMeasurement]) -> list[dict[str, Any]]:
+    """What each saver configuration saves (bytes) and costs (step time, FLOPs) vs. no savers."""
+    rows = []
+    for m in [baseline, *variants]:
+        row = step_summary(m)
+        audio = m.batch * m.seconds
+        row.update(
+            label="+".join(m.savers) or "none",
+            activation_saved_bytes=baseline.activation_bytes - m.activation_bytes,
+            peak_saved_bytes=baseline.peak_bytes - m.peak_bytes,
+            extra_train_gflops=_gflops(m.train_flops - baseline.train_flops),
+            seconds_per_audio_second=(m.seconds_per_step / audio) if m.seconds_per_step else None,
+        )
+        if m.seconds_per_step and baseline.seconds_per_step:
+            row["time_cost_seconds"] = m.seconds_per_step - baseline.seconds_per_step
+            row["time_cost_percent"] = 100 * (m.seconds_per_step / baseline.seconds_per_step - 1)
+            row["cpu_time_cost_percent"] = 100 * (m.cpu_seconds_per_step / baseline.cpu_seconds_per_step - 1)
+        rows.append(row)
+    return rows
+
+
+def profile(
+    template: nn.Module,
+    model_name: str,
+    seconds: float,
+    batch: int,
+    precision: str = "fp32",
+    savers: Savers = Savers(),
+    device_type: str = "cpu",
+    repeats: int = 1,
+    sweep_seconds: list[float] | None = None,
+    compare_precision: bool = False,
+    log: Log = lambda message: None,
+) -> dict[str, Any]:
+    """Everything ``fedspeech profile`` reports, as the JSON-ready dict described above."""
+    log(f"inference FLOPs: {model_name}, {seconds:g} s, batch 1")
+    inference_layers, inference_other = inference_flops(template, seconds)
+    log(f"train step: batch {batch}, {savers.effective_seconds(seconds):g} s, {savers.effective_precision(precision)}")
+    main = measure_step(template, model_name, seconds, batch, precision, savers, device_type, repeats)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "config": {
+            "model": model_name,
+            "seconds": seconds,
+            "batch": batch,
+            "precision": precision,
+            "savers": savers.tokens(),
+            "device_type": device_type,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+        },
+        "modules": modules_table(inference_layers, inference_other),
+        "layers": layer_rows(main),
+        "unattributed": {
+            "params": main.other.params,
+            "includes": main.other.module,
+            "forward_gflops": _gflops(main.other.forward_flops),
+            "train_gflops": _gflops(main.other.train_flops),
+            "activation_bytes": main.other.activation_bytes,
+        },
+        "train_step": {**step_summary(main), "memory_method": MEMORY_METHOD},
+    }
+    if savers.any:
+        log("savers: baseline and each saver alone")
+        baseline = measure_step(template, model_name, seconds, batch, precision, Savers(), device_type, repeats, with_layers=False)
+        singles = savers.singles()
+        if len(singles) == 1:
+            variants = [main]  # the selected saver alone is the main measurement
+        else:
+            variants = [
+                measure_step(template, model_name, seconds, batch, precision, single, device_type, repeats, with_layers=False)
+                for single in singles
+            ] + [main]
+        report["savers"] = saver_rows(baseline, variants)
+    if sweep_seconds:
+        report["sweep"] = sweep(template, model_name, sweep_seconds, batch, precision, savers, device_type, repeats, log)
+    if compare_precision:
+        rows = []
+        for other_precision in PRECISIONS:
+            log(f"precision: {other_precision}")
+            m = measure_step(template, model_name, seconds, batch, other_precision, savers.without_amp(), device_type, repeats, with_layers=False)
+            rows.append(step_summary(m))
+        report["precision_comparison"] = rows
+    return report
+
+
+def sweep(
+    template: nn.Module,
+    model_name: str,
+    lengths: list[float],
+    batch: int,
+    precision: str,
+    savers: Savers,
+    device_type: str,
+    repeats: int,
+    log: Log = lambda message: None,
+) -> list[dict[str, Any]]:
+    """Memory and FLOPs versus input length (crop saver ignored: the sweep sets the length)."""
+    rows = []
+    for length in lengths:
+        log(f"sweep: {length:g} s")
+        layers, other = inference_flops(template, length)
+        m = measure_step(template, model_name, length, batch, precision, savers.without_crop(), device_type, repeats, with_layers=False)
+        row = step_summary(m)
+        row["inference_gflops"] = modules_table(layers, other)["total"]["gflops"]
+        rows.append(row)
+    return rows
+
+
+# -- text tables -----------------------------------------------------------------------------
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def _sec(s: float | None) -> str:
+    return "-" if s is None else f"{s:.3f}"
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render(report: dict[str, Any]) -> str:
+    """Human-readable tables of a profile report."""
+    c = report["config"]
+    out = [
+        f"# {c['model']}: {c['seconds']:g} s, batch {c['batch']}, {c['precision']}, savers: {', '.join(c['savers']) or 'none'}",
+        "",
+        "Modules (params; inference GFLOPs of one utterance, batch 1)",
+        format_table(
+            ["module", "params", "GFLOPs"],
+            [[k, f"{v['params']:,}", f"{v['gflops']:.3f}"] for k, v in report["modules"].items()],
+        ),
+        "",
+        f"Layers (train step at batch {c['batch']})",
+        format_table(
+            ["layer", "group", "params", "fwd GFLOPs", "train GFLOPs", "activations MiB"],
+            [
+                [r["name"], r["group"], f"{r['params']:,}", f"{r['forward_gflops']:.3f}", f"{r['train_gflops']:.3f}", _mib(r["activation_bytes"])]
+                for r in report["layers"]
+            ]
+            + [
+                [
+                    "(unattributed)", OTHER, f"{report['unattributed']['params']:,}",
+                    f"{report['unattributed']['forward_gflops']:.3f}", f"{report['unattributed']['train_gflops']:.3f}",
+                    _mib(report["unattributed"]["activation_bytes"]),
+                ]
+            ],
+        ),
+        "",
+    ]
+    t = report["train_step"]
+    out.append(
+        f"Train step: {_sec(t['seconds'])} s/step wall, {_sec(t['cpu_seconds'])} s CPU (median of {len(t['seconds_all'])}), "
+        f"{t['train_gflops']:.2f} GFLOPs, "
+        f"activations {_mib(t['activation_bytes'])} MiB, peak {_mib(t['peak_bytes'])} MiB"
+    )
+    if "savers" in report:
+        out += ["", "Memory savers (vs. none)", format_table(
+            ["savers", "activations MiB", "peak MiB", "saved peak MiB", "s/step", "time cost %", "CPU-time cost %", "train GFLOPs"],
+            [
+                [r["label"], _mib(r["activation_bytes"]), _mib(r["peak_bytes"]), _mib(r["peak_saved_bytes"]), _sec(r["seconds"]),
+                 "-" if "time_cost_percent" not in r else f"{r['time_cost_percent']:+.1f}",
+                 "-" if "cpu_time_cost_percent" not in r else f"{r['cpu_time_cost_percent']:+.1f}", f"{r['train_gflops']:.2f}"]
+                for r in report["savers"]
+            ],
+        )]
+    if "sweep" in report:
+        out += ["", "Sweep over input length", format_table(
+            ["seconds", "inference GFLOPs", "train GFLOPs", "activations MiB", "peak MiB", "s/step"],
+            [[f"{r['audio_seconds']:g}", f"{r['inference_gflops']:.2f}", f"{r['train_gflops']:.2f}", _mib(r["activation_bytes"]), _mib(r["peak_bytes"]), _sec(r["seconds"])]
+             for r in report["sweep"]],
+        )]
+    if "precision_comparison" in report:
+        out += ["", "Precision comparison", format_table(
+            ["precision", "activations MiB", "peak MiB", "s/step", "train GFLOPs"],
+            [[r["precision"], _mib(r["activation_bytes"]), _mib(r["peak_bytes"]), _sec(r["seconds"]), f"{r['train_gflops']:.2f}"]
+             for r in report["precision_comparison"]],
+        )]
+    return "\n".join(out)
+
+
+def model_label(model: str) -> str:
+    """A file-name-safe label for a preset or a checkpoint folder."""
+    return Path(model).name or "model"
