@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "fedspeech.profiling.cli",
     "fedspeech.federated.cli",
     "fedspeech.downstream.cli",
+    "fedspeech.federated.earlyexit_cli",
     "fedspeech.demo",
 )
 

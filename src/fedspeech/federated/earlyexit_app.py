@@ -1,0 +1,524 @@
+"""The Flower app for federated early-exit fine-tuning on heterogeneous devices (METHODS §3):
+one ``ServerApp`` and one ``ClientApp``, run unchanged by the in-process runner and by
+Flower's engines (see :mod:`fedspeech.federated.earlyexit_runner`).
+
+Task: keyword spotting (the keyword labels of the manifest) with a classification head
+after every ``exit-every`` Transformer layers of an HF SSL backbone
+(:class:`~fedspeech.models.early_exit.EarlyExitModel`). CTC (ASR) exits are not wired in.
+
+Start: the server queries every client once; each client plans its own depth from its
+device (fleet or ``device`` node config), its data and the round deadline, and replies with
+the plan. The server turns the plans into training depths by ``mode``
+(:func:`~fedspeech.federated.earlyexit_plan.training_depths`) and writes ``plan.json``.
+
+Round: every sampled client receives only the arrays it runs (frozen CNN, shared trunk,
+layers and heads <= its depth), trains layers and heads <= its depth on the loss of all its
+exits (optionally with self-distillation), and sends back only what it trained, with the
+training FLOPs it spent and their predicted time on its device. The server aggregates
+depth-aware (:class:`~fedspeech.federated.strategies.DepthAwarePartial`), measures the
+accuracy at every exit on held-out speakers, writes an HF checkpoint (backbone; heads in
+``extra.safetensors``) and one JSON line: per-client depth, FLOPs, upload bytes and device
+time, FLOPs and bytes per device tier, and the simulated round wall-clock (the slowest
+sampled client's predicted device time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file
+
+from fedspeech.data.audio import TARGET_SAMPLE_RATE, AudioDataset, make_loader
+from fedspeech.data.manifest import Utterance, read_manifest
+from fedspeech.data.partition import Partition, client_utterances
+from fedspeech.federated import checkpoints, roundlog
+from fedspeech.federated.earlyexit_plan import (
+    ClientPlan,
+    client_device,
+    device_seconds,
+    inclusive_deadline,
+    plan_client,
+    steps_per_round,
+    training_depths,
+    with_deadline,
+)
+from fedspeech.federated.earlyexit_settings import EarlyExitSettings
+from fedspeech.federated.inprocess import message_bytes
+from fedspeech.federated.sampling import SampledGrid, sampled_nodes, wait_for_nodes
+from fedspeech.federated.strategies import make_strategy
+from fedspeech.models.depth_planner import DepthCostModel, Device, measure_depth_costs
+from fedspeech.models.early_exit import ConfidenceExit, EarlyExitModel, early_exit_loss
+from fedspeech.ssl.train import LRSchedule, train_local
+
+log = logging.getLogger(__name__)
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+CONSTANT_LR = LRSchedule(decay="constant")  # the server schedules the learning rate per round
+PLAN_FILE = "plan.json"
+HEAD_PREFIX = "heads."
+EVAL_BATCH = 32
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _model_key(settings: EarlyExitSettings) -> tuple:
+    """The settings that decide the model's architecture and initial weights."""
+    return (settings.model, settings.num_layers, settings.model_overrides, settings.exit_every, settings.exits,
+            settings.label_names, settings.freeze_feature_encoder, settings.head_dropout, settings.seed)
+
+
+def build_model(settings: EarlyExitSettings) -> EarlyExitModel:
+    """The early-exit model of a run; presets are initialised from ``seed`` (same weights
+    on the server and in every process)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        return EarlyExitModel.build(
+            settings.model, "classify", len(settings.label_names), exits=settings.exit_list,
+            every=None if settings.exit_list else settings.exit_every,
+            config_overrides=settings.config_overrides,
+            freeze_feature_encoder=settings.freeze_feature_encoder, head_dropout=settings.head_dropout,
+        )
+
+
+# Per-process caches for the clients (settings are not hashable, so no lru_cache): one
+# model, loaded with every array a call runs, and the measured cost lines per precision.
+_MODELS: dict[tuple, EarlyExitModel] = {}
+_COSTS: dict[tuple, dict[int, DepthCostModel]] = {}
+
+
+def client_model(settings: EarlyExitSettings) -> EarlyExitModel:
+    key = _model_key(settings)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = build_model(settings)
+    return _MODELS[key]
+
+
+def depth_costs(settings: EarlyExitSettings, precision: str = "fp32") -> dict[int, DepthCostModel]:
+    """FLOPs and memory per depth, measured once per process on the run's model at half and
+    all of ``max_seconds`` and fitted linearly in audio length (``measure_depth_costs``)."""
+    key = (_model_key(settings), settings.max_seconds, precision)
+    if key not in _COSTS:
+        model = client_model(settings)
+        model.freeze_beyond(None)  # every layer trainable; layers deeper than d simply do not run
+        lengths = (settings.max_seconds / 2, settings.max_seconds)
+        _COSTS[key] = {c.depth: c for c in measure_depth_costs(model, lengths=lengths, precision=precision)}
+    return _COSTS[key]
+
+
+def load_early_exit(folder: str | Path) -> EarlyExitModel:
+    """An early-exit model from one of this app's round checkpoints (inference, evaluation)."""
+    folder = Path(folder)
+    state = checkpoints.load_state(folder)
+    settings = EarlyExitSettings.from_run_config(state["settings"])
+    model = EarlyExitModel.build(folder, "classify", len(state["labels"]), exits=state["exits"],
+                                 freeze_feature_encoder=settings.freeze_feature_encoder)
+    _restore_heads(model, folder)
+    return model
+
+
+def _restore_heads(model: EarlyExitModel, folder: Path) -> None:
+    heads = checkpoints.load_extra(folder)
+    missing = [k for k in model.state_dict() if k.startswith(HEAD_PREFIX) and k not in heads]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint lacks heads {missing[:3]}")
+    model.load_state_dict(heads, strict=False)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _keyword_utterances(utterances: list[Utterance]) -> list[Utterance]:
+    return [u for u in utterances if u.label]
+
+
+@lru_cache(maxsize=256)
+def _client_dataset(manifest: str, partition: str, client_id: int, max_seconds: float, seed: int) -> AudioDataset:
+    """A client's keyword utterances, decoded once per process."""
+    utterances = _keyword_utterances(client_utterances(Partition.load(partition), read_manifest(manifest), client_id))
+    if not utterances:
+        raise ValueError(f"client {client_id} of {partition} holds no keyword utterances in {manifest}")
+    return AudioDataset(utterances, max_seconds=max_seconds, seed=seed + client_id)
+
+
+@lru_cache(maxsize=4)
+def _eval_dataset(manifest: str, splits: tuple[str, ...], max_utterances: int, max_seconds: float) -> AudioDataset:
+    """Keyword utterances of held-out speakers (``splits``), a fixed subset so rounds compare."""
+    chosen = sorted((u for u in _keyword_utterances(read_manifest(manifest)) if u.split in splits), key=lambda u: u.id)
+    if not chosen:
+        raise ValueError(f"{manifest}: no keyword utterances in split(s) {', '.join(splits)} to evaluate on")
+    if max_utterances:
+        chosen = chosen[:max_utterances]
+    return AudioDataset(chosen, max_seconds=max_seconds, seed=0, crop="center")
+
+
+def label_targets(utterances: list[Utterance], labels: tuple[str, ...]) -> torch.Tensor:
+    index = {name: i for i, name in enumerate(labels)}
+    try:
+        return torch.tensor([index[u.label] for u in utterances], dtype=torch.long)
+    except KeyError as missing:
+        raise ValueError(f"utterance label {missing} is not a class of this run ({', '.join(labels)}); "
+                         "set --labels") from None
+
+
+# ----------------------------------------------------------------------------- client
+
+
+@dataclass
+class _StepOutput:
+    loss: torch.Tensor
+    num_examples: int
+
+
+class EarlyExitObjective:
+    """Loss of one batch over the client's exits (``train_local`` objective), counting the
+    training FLOPs of every batch it runs from the depth's measured cost line."""
+
+    def __init__(self, depth: int, labels: tuple[str, ...], cost: DepthCostModel, *, distill_lambda: float,
+                 temperature: float, mixed: bool) -> None:
+        self.depth, self.labels, self.cost = depth, labels, cost
+        self.distill_lambda, self.temperature, self.mixed = distill_lambda, temperature, mixed
+        self.flops = 0.0
+        self.longest_seconds = 0.0
+        self.largest_batch = 0
+
+    def __call__(self, model: EarlyExitModel, batch: dict, rng: np.random.Generator | None) -> _StepOutput:
+        audio = batch["input_values"]
+        seconds = audio.shape[1] / TARGET_SAMPLE_RATE  # a padded batch costs its longest item
+        self.flops += self.cost.at(seconds, audio.shape[0]).train_flops
+        self.longest_seconds = max(self.longest_seconds, seconds)
+        self.largest_batch = max(self.largest_batch, audio.shape[0])
+        targets = label_targets(batch["utterances"], self.labels).to(audio.device)
+        with torch.autocast(audio.device.type, dtype=torch.bfloat16, enabled=self.mixed):
+            out = model(audio, batch.get("attention_mask"), depth=self.depth)
+        loss = early_exit_loss(out.logits, targets, "classify", distill_lambda=self.distill_lambda,
+                               temperature=self.temperature)
+        return _StepOutput(loss, int(audio.shape[0]))
+
+
+def _node_paths(settings: EarlyExitSettings, context: Context) -> tuple[int, str, str]:
+    """(client id, manifest, partition); a SuperNode may point at its own files."""
+    node = context.node_config
+    return (int(node["partition-id"]), str(node.get("manifest", settings.manifest)),
+            str(node.get("partition", settings.partition)))
+
+
+def _client_device(settings: EarlyExitSettings, context: Context) -> Device:
+    """The client's device: its ``device`` node config, else its place in the fleet."""
+    node = context.node_config
+    client_id = int(node["partition-id"])
+    num_clients = int(node.get("num-partitions", 0)) or Partition.load(settings.partition).num_clients
+    override = node.get("device")
+    return client_device(settings.fleet, settings.fleet_seed, settings.catalogue, client_id, num_clients,
+                         str(override) if override else None)
+
+
+def _precision(settings: EarlyExitSettings, device: Device) -> str:
+    return "mixed" if settings.precision == "mixed" and device.mixed_precision else "fp32"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a client's round costs to plan: steps, batch size and the longest crop a batch holds."""
+
+    steps: int
+    batch: int
+    seconds: float
+
+
+def client_workload(settings: EarlyExitSettings, client_id: int, manifest: str, partition: str) -> Workload:
+    dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
+    return Workload(steps=steps_per_round(len(dataset), settings.batch_size, settings.local_epochs),
+                    batch=min(settings.batch_size, len(dataset)),
+                    seconds=min(settings.max_seconds, max(u.duration for u in dataset.utterances)))
+
+
+@client_app.query()
+def client_plan(msg: Message, context: Context) -> Message:
+    """Plan this client's depth from its device, its data and the deadline (none when auto:
+    the server then decides from the candidates)."""
+    settings = EarlyExitSettings.from_run_config(context.run_config)
+    client_id, manifest, partition = _node_paths(settings, context)
+    device = _client_device(settings, context)
+    precision = _precision(settings, device)
+    work = client_workload(settings, client_id, manifest, partition)
+    cap = context.node_config.get("max-depth")
+    plan = plan_client(
+        client_id, device, list(depth_costs(settings, precision).values()), deadline=settings.deadline or math.inf,
+        steps=work.steps, batch=work.batch, seconds=work.seconds, precision=precision,
+        max_depth=int(cap) if cap not in (None, "") else None,
+    )
+    content = RecordDict({"plan": ConfigRecord({"plan": json.dumps(plan.to_dict())}),
+                          "metrics": MetricRecord({"partition-id": client_id, "depth": plan.depth})})
+    return Message(content, reply_to=msg)
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    settings = EarlyExitSettings.from_run_config(context.run_config)
+    config = msg.content["config"]
+    depth, server_round = int(config["depth"]), int(config["server-round"])
+    client_id, manifest, partition = _node_paths(settings, context)
+    device = _client_device(settings, context)
+    precision = _precision(settings, device)
+    start = time.perf_counter()
+
+    model = client_model(settings)
+    received = msg.content["arrays"].to_torch_state_dict()
+    needed = set(model.held_keys(depth))
+    if missing := sorted(needed - set(received)):
+        raise ValueError(f"depth {depth} needs {len(missing)} arrays the server did not send, e.g. {missing[0]}")
+    if unknown := model.load_state_dict(received, strict=False).unexpected_keys:
+        raise ValueError(f"the server sent {len(unknown)} arrays this model does not have, e.g. {unknown[0]}")
+    model.freeze_beyond(depth)
+
+    torch.manual_seed(hash((settings.seed, server_round, client_id)) % 2**63)  # dropout
+    dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
+    dataset.set_epoch(server_round)
+    loader = make_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 100_003 + server_round)
+    cost = depth_costs(settings, precision)[depth]
+    objective = EarlyExitObjective(depth, settings.label_names, cost, distill_lambda=settings.distill_lambda,
+                                   temperature=settings.distill_temperature, mixed=precision == "mixed")
+    result = train_local(model, objective, loader, epochs=settings.local_epochs, lr=float(config["lr"]),
+                         lr_schedule=CONSTANT_LR, max_grad_norm=settings.max_grad_norm,
+                         rng=np.random.default_rng([settings.seed, server_round, client_id]))
+
+    peak = cost.at(objective.longest_seconds, objective.largest_batch).peak_bytes
+    metrics = {
+        "num-examples": result.num_examples, "train_loss": result.mean_loss_last_epoch,
+        "partition-id": client_id, "depth": depth, "steps": result.steps,
+        "skipped-batches": result.skipped_batches, "train-flops": objective.flops,
+        "predicted-peak-bytes": peak, "fits-memory": int(peak <= device.usable_bytes),
+        "seconds": time.perf_counter() - start,
+    }
+    simulated = device_seconds(objective.flops, device, precision)
+    if simulated is not None:
+        metrics["device-seconds"] = simulated
+    content = RecordDict({
+        "arrays": ArrayRecord(model.partial_state_dict(depth)),
+        "metrics": MetricRecord(metrics),
+        "info": ConfigRecord({"device": device.name, "precision": precision}),
+    })
+    return Message(content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_exits(model: EarlyExitModel, dataset: AudioDataset, labels: tuple[str, ...],
+                   threshold: float) -> dict:
+    """Accuracy at every exit, and of the confidence-exit policy (with its mean exit layer)."""
+    was_training = model.training
+    model.eval()
+    policy = ConfidenceExit(threshold)
+    correct = {e: 0 for e in model.exits}
+    policy_correct, exit_sum, total = 0, 0.0, 0
+    try:
+        for batch in make_loader(dataset, EVAL_BATCH, shuffle=False):
+            targets = label_targets(batch["utterances"], labels)
+            out = model(batch["input_values"], batch["attention_mask"])
+            for layer, logits in out.logits.items():
+                correct[layer] += int((logits.argmax(-1) == targets).sum())
+            chosen_exit, chosen_logits = policy.select(out.logits)
+            policy_correct += int((chosen_logits.argmax(-1) == targets).sum())
+            exit_sum += float(chosen_exit.float().sum())
+            total += len(targets)
+    finally:
+        model.train(was_training)
+    return {
+        "accuracy": {str(e): c / total for e, c in correct.items()},
+        "confidence_exit": {"threshold": threshold, "accuracy": policy_correct / total,
+                            "mean_exit_layer": exit_sum / total},
+        "eval_utterances": total,
+    }
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def _query_plans(grid: Grid, nodes: list[int]) -> tuple[dict[int, ClientPlan], dict[int, str]]:
+    """Every node's own depth plan; nodes that fail to plan are reported, not fatal."""
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in nodes]
+    plans, failed = {}, {}
+    for reply in grid.send_and_receive(messages):
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            failed[node] = reply.error.reason
+            log.warning("node %d could not plan its depth: %s", node, reply.error.reason)
+            continue
+        plans[node] = ClientPlan.from_dict(json.loads(reply.content["plan"]["plan"]))
+    if not plans:
+        raise RuntimeError(f"no client could plan its depth: {failed}")
+    return plans, failed
+
+
+def _resume_or_start(settings: EarlyExitSettings, model: EarlyExitModel) -> int:
+    """Restore the last complete round when resuming; return the next round."""
+    out = Path(settings.out_dir)
+    latest = checkpoints.latest_checkpoint(out) if settings.resume else None
+    if latest is None:
+        if roundlog.log_path(out).exists() and not settings.resume:
+            raise ValueError(f"{out}: holds an earlier run; pass --resume to continue it or choose another --out")
+        return 1
+    model.backbone.load_state_dict(load_file(str(latest / "model.safetensors")))
+    _restore_heads(model, latest)
+    state = checkpoints.load_state(latest)
+    roundlog.truncate_after(out, state["round"])
+    log.info("resuming after round %d from %s", state["round"], latest)
+    return int(state["round"]) + 1
+
+
+def _client_rows(replies: list[Message], client_of: dict[int, int]) -> list[dict]:
+    rows = []
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            rows.append({"client": client_of.get(node, -1), "error": reply.error.reason})
+            continue
+        m, info = reply.content["metrics"], reply.content["info"]
+        rows.append({
+            "client": int(m["partition-id"]), "device": str(info["device"]), "precision": str(info["precision"]),
+            "depth": int(m["depth"]), "examples": int(m["num-examples"]), "train_loss": float(m["train_loss"]),
+            "steps": int(m["steps"]), "train_flops": float(m["train-flops"]),
+            "device_seconds": float(m["device-seconds"]) if "device-seconds" in m else None,
+            "predicted_peak_bytes": float(m["predicted-peak-bytes"]), "fits_memory": bool(m["fits-memory"]),
+            "arrays_sent": len(reply.content["arrays"]), "bytes_sent": message_bytes(reply),
+            "seconds": float(m["seconds"]),
+        })
+    return sorted(rows, key=lambda r: r["client"])
+
+
+def _by_device(rows: list[dict], field: str) -> dict[str, float]:
+    totals: dict[str, float] = defaultdict(float)
+    for row in rows:
+        totals[row["device"]] += row[field]
+    return dict(sorted(totals.items()))
+
+
+def _layers_not_trained(model: EarlyExitModel, rows: list[dict]) -> list[int]:
+    deepest = max((r["depth"] for r in rows), default=0)
+    return list(range(deepest + 1, model.num_layers + 1))
+
+
+def _write_plan(out: Path, settings: EarlyExitSettings, deadline: float, plans: dict[int, ClientPlan],
+                failed: dict[int, str], depths: dict[int, int]) -> None:
+    clients = []
+    for node, plan in sorted(plans.items(), key=lambda item: item[1].client):
+        clients.append({**plan.to_dict(), "training_depth": depths.get(node, 0), "takes_part": node in depths})
+    document = {"mode": settings.mode, "deadline": deadline, "auto_deadline": not settings.deadline, "clients": clients,
+                "failed_nodes": {str(k): v for k, v in failed.items()}}
+    (out / PLAN_FILE).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
+    """Run (or resume) federated early-exit fine-tuning; returns the round records written."""
+    from rich.progress import Progress
+
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(settings)
+    first_round = _resume_or_start(settings, model)
+    num_clients = Partition.load(settings.partition).num_clients
+    nodes = wait_for_nodes(grid, num_clients)
+    plans, failed = _query_plans(grid, nodes)
+    deadline = settings.deadline
+    if not deadline:
+        deadline = inclusive_deadline(plans.values())
+        plans = {n: with_deadline(p, deadline) for n, p in plans.items()}
+        log.info("auto deadline: %.4g s of device time per round", deadline)
+    depths = training_depths(settings.mode, {n: p.depth for n, p in plans.items()}, model.num_layers)
+    client_of = {n: p.client for n, p in plans.items()}
+    _write_plan(out, settings, deadline, plans, failed, depths)
+    log.info("%s: depths %s", settings.mode, {client_of[n]: d for n, d in sorted(depths.items())})
+
+    held = {d: model.held_keys(d) for d in set(depths.values())}
+    strategy = make_strategy("partial", keys_for_node=lambda node, keys: held[depths[node]], fraction_train=1.0,
+                             fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    arrays = ArrayRecord(model.state_dict())
+    eval_set = _eval_dataset(settings.manifest, settings.split_names, settings.eval_max_utterances,
+                             settings.max_seconds)
+    participants = sorted(depths)
+    cumulative_flops = sum(r["client_flops"] for r in roundlog.read_rounds(out)) if first_round > 1 else 0.0
+    records = []
+    with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
+        task = progress.add_task(f"early-exit fine-tuning ({settings.mode})", total=settings.rounds,
+                                 completed=first_round - 1)
+        for server_round in range(first_round, settings.rounds + 1):
+            started = time.perf_counter()
+            chosen = sampled_nodes(participants, settings.clients_per_round, server_round, settings.seed)
+            config = ConfigRecord({"lr": settings.lr_at_round(server_round)})
+            messages = list(strategy.configure_train(server_round, arrays, config, SampledGrid(grid, chosen)))
+            for message in messages:  # one sub-model per node: its depth goes with it
+                own = dict(message.content["config"])
+                message.content["config"] = ConfigRecord({**own, "depth": depths[message.metadata.dst_node_id]})
+            replies = list(grid.send_and_receive(messages))
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            model.load_state_dict(arrays.to_torch_state_dict())
+            clients = _client_rows(replies, client_of)
+            ok = [c for c in clients if "error" not in c]
+            evaluation = evaluate_exits(model, eval_set, settings.label_names, settings.confidence_threshold)
+            checkpoints.save_checkpoint(
+                out, server_round, model.backbone,
+                {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)},
+                state={"settings": settings.to_run_config(), "exits": list(model.exits),
+                       "labels": list(settings.label_names)})
+            checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
+            timed = [c["device_seconds"] for c in ok if c["device_seconds"] is not None]
+            round_flops = sum(c["train_flops"] for c in ok)
+            cumulative_flops += round_flops
+            report = strategy.last_report
+            accuracy = evaluation["accuracy"]
+            record = {
+                "round": server_round,
+                "mode": settings.mode,
+                "sampled": sorted(c["client"] for c in ok),
+                "failed": [c for c in clients if "error" in c],
+                "refused": {str(client_of.get(k, k)): v for k, v in (report.refused if report else {}).items()},
+                "clients": ok,
+                "train_loss": sum(c["train_loss"] * c["examples"] for c in ok) / max(1, sum(c["examples"] for c in ok)),
+                **evaluation,
+                "accuracy_deepest": accuracy[str(model.exits[-1])],
+                "layers_not_trained": _layers_not_trained(model, ok),
+                "client_flops": round_flops,
+                "client_flops_by_device": _by_device(ok, "train_flops"),
+                "cumulative_client_flops": cumulative_flops,
+                "upload_bytes": sum(c["bytes_sent"] for c in ok),
+                "upload_bytes_by_device": _by_device(ok, "bytes_sent"),
+                "bytes_to_clients": sum(message_bytes(m) for m in messages),
+                "simulated_round_seconds": max(timed) if timed else None,
+                "deadline": deadline,
+                "lr": config["lr"],
+                "round_seconds": time.perf_counter() - started,
+            }
+            roundlog.append_round(out, record)
+            records.append(record)
+            log.info("round %d (%s): train loss %.4f, accuracy by exit %s, simulated %.3g s", server_round,
+                     settings.mode, record["train_loss"], {k: round(v, 3) for k, v in accuracy.items()},
+                     record["simulated_round_seconds"] or math.nan)
+            progress.advance(task)
+    return records
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    run_server(grid, EarlyExitSettings.from_run_config(context.run_config))
