@@ -1,6 +1,7 @@
 """The in-process Grid runs unmodified Flower apps and strategies."""
 
 import numpy as np
+import pytest
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -49,7 +50,7 @@ def test_fedavg_rounds_run_in_process():
     assert len(train_calls) == 6
     assert all(c.bytes_received > 0 and c.bytes_sent > 0 for c in train_calls)
     # node state persists across rounds, as under Flower's engines
-    assert results["train"][2]["calls"] == 2
+    assert results["train"][2]["calls"] == pytest.approx(2)  # a weighted mean of 2s
 
 
 def test_failing_client_becomes_error_reply_and_run_continues():
