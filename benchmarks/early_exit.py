@@ -123,6 +123,7 @@ def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedspeech.federated.earlyexit_app").setLevel(logging.INFO)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # one "Sampled N nodes" line per round otherwise
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     started = time.perf_counter()

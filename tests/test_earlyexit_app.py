@@ -170,6 +170,35 @@ def test_auto_deadline_leaves_nobody_out(small_corpus, partition, mixed_fleet, t
     assert plan["clients"][2]["training_depth"] == NUM_LAYERS
 
 
+def test_mixed_precision_where_the_device_has_it(small_corpus, partition, tmp_path):
+    fleet = tmp_path / "fleet.json"
+    devices = {"gpu": {"memory_gb": 8, "throughput_flops": 1e12, "mixed_precision": True, "mixed_speedup": 2.0},
+               "cpu": {"memory_gb": 8, "throughput_flops": 1e12}}
+    fleet.write_text(json.dumps({"clients": ["gpu", "cpu", "gpu"], "devices": devices}))
+    settings = make_settings(small_corpus, partition, tmp_path / "mixed", precision="mixed", fleet=str(fleet),
+                             deadline=100.0)
+    (record,) = run_early_exit(settings)
+    clients = {c["client"]: c for c in record["clients"]}
+    assert [clients[k]["precision"] for k in (0, 1, 2)] == ["mixed", "fp32", "mixed"]
+    assert clients[0]["device_seconds"] == pytest.approx(clients[0]["train_flops"] / 2e12)
+    assert clients[1]["device_seconds"] == pytest.approx(clients[1]["train_flops"] / 1e12)
+    assert all(c["depth"] == NUM_LAYERS and c["train_loss"] > 0 for c in clients.values())
+
+
+def test_full_depth_trains_a_client_that_would_not_fit(small_corpus, partition, tmp_path):
+    fleet = tmp_path / "fleet.json"
+    devices = {"small": {"memory_gb": 0.005, "headroom": 0.0, "throughput_flops": 1e12},
+               "big": {"memory_gb": 8, "throughput_flops": 1e12}}
+    fleet.write_text(json.dumps({"clients": ["small", "big", "big"], "devices": devices}))
+    settings = make_settings(small_corpus, partition, tmp_path / "oom", mode="full", fleet=str(fleet), deadline=100.0)
+    (record,) = run_early_exit(settings)
+    plan = json.loads((tmp_path / "oom" / "plan.json").read_text())["clients"][0]
+    assert plan["depth"] == 0 and not plan["full_depth_fits_memory"] and plan["training_depth"] == NUM_LAYERS
+    small = record["clients"][0]
+    assert small["depth"] == NUM_LAYERS and small["fits_memory"] is False and small["train_flops"] > 0
+    assert all(c["fits_memory"] for c in record["clients"][1:])
+
+
 # ----------------------------------------------------------------------------- pieces
 
 
@@ -219,8 +248,12 @@ def test_fleet_specs(tmp_path):
         parse_fleet("a40:lots")
     from fedspeech.federated.earlyexit_plan import client_device
 
+    from fedspeech.profiling.catalogue import load_catalogue
+
     rpi = client_device("raspberry-pi-4:1.0", 0, "", 0, 3)
-    assert rpi.name == "raspberry-pi-4" and rpi.throughput_flops == pytest.approx(238.304643e9 / 16.6)
+    entry = load_catalogue()["raspberry-pi-4"]
+    assert rpi.name == "raspberry-pi-4" and rpi.throughput_flops == entry.throughput_flops
+    assert rpi.usable_bytes == pytest.approx(entry.usable_bytes, rel=1e-6)
     assert client_device("raspberry-pi-4:1.0", 0, "", 0, 3, override="Jetson Xavier NX").name == "jetson-xavier-nx"
     with pytest.raises(ValueError, match="unknown device"):
         client_device("toaster:1.0", 0, "", 0, 3)
@@ -253,6 +286,9 @@ def test_cli_report_and_flower_app(adaptive_run, tmp_path, capsys):
                               "--modes", "adaptive", "full", "--deadline", "2.5", "--num-layers", "8"])
     parsed = earlyexit_cli.settings_from_args(args)
     assert (parsed.deadline, parsed.num_layers, parsed.out_dir, args.modes) == (2.5, 8, "o", ["adaptive", "full"])
+    assert parsed.freeze_feature_encoder
+    args = parser.parse_args(["early-exit", "--no-freeze-feature-encoder", "--out", "o"])
+    assert earlyexit_cli.settings_from_args(args).freeze_feature_encoder is False
 
     run_folder = tmp_path / "runs"
     (run_folder / "adaptive").mkdir(parents=True)

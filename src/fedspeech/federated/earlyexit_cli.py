@@ -11,6 +11,7 @@ from pathlib import Path
 from fedspeech.federated.earlyexit_settings import DEFAULT_FLEET, MODES, PRECISIONS, EarlyExitSettings
 
 RUNNERS = ("inprocess", "simulation")  # same as earlyexit_runner.RUNNERS, kept import-free for --help
+_CHOICES = {"precision": PRECISIONS}
 # Set by --modes (one run folder per mode under --out), so not flags of their own.
 _NOT_FLAGS = {"mode", "out_dir"}
 _HELPS = {
@@ -25,12 +26,13 @@ _HELPS = {
              f"(default {DEFAULT_FLEET})",
     "catalogue": "extra device catalogue JSON",
     "deadline": "simulated device seconds per round (0 = the tightest deadline that leaves nobody out)",
-    "precision": f"{', '.join(PRECISIONS)}",
+    "precision": f"{', '.join(PRECISIONS)}: mixed precision only where the device has it",
     "labels": "comma-separated classes (default: the 10 keywords + _unknown_)",
     "clients_per_round": "clients sampled per round (0 = all taking part)",
     "distill_lambda": "self-distillation weight between exits (DepthFL)",
     "eval_splits": "held-out manifest splits to evaluate on, comma-separated",
     "resume": "continue the runs in --out from their last completed round",
+    "freeze_feature_encoder": "keep the CNN frozen: neither trained nor sent",
 }
 
 
@@ -40,11 +42,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         if field.name in _NOT_FLAGS:
             continue
         flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, dest=field.name, action="store_true", default=None, help=_HELPS.get(field.name))
+        if field.type in ("bool", bool):  # --flag / --no-flag, so a default of True can be turned off
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{_HELPS.get(field.name, '')} (default: {field.default})".strip())
         else:
             parser.add_argument(flag, dest=field.name, type=type(field.default), default=None,
-                                metavar=field.name.upper(),
+                                choices=_CHOICES.get(field.name), metavar=field.name.upper(),
                                 help=f"{_HELPS.get(field.name, '')} (default: {field.default})".strip())
 
 
