@@ -157,3 +157,13 @@ def test_peak_tensor_memory_follows_allocations_and_frees():
     assert tracker.peak_bytes == 4096 + 2 * 2**20
     assert tracker.breakdown() == {"existing_before_step": 4096, "allocated_during_step": 2 * 2**20}
     del b, view, c
+
+
+def test_mixed_precision_steps_keep_the_optimizer_state(tiny):
+    # fp16 uses a GradScaler; a skipped (overflowing) step would leave out the AdamW state
+    fp32 = measure_step(tiny, "tiny", 0.5, 1, "fp32", repeats=0, with_layers=False)
+    for precision in ("bf16", "fp16"):
+        mixed = measure_step(tiny, "tiny", 0.5, 1, precision, repeats=0, with_layers=False)
+        assert mixed.precision == precision
+        assert mixed.static_bytes == fp32.static_bytes  # autocast keeps fp32 weights, grads, AdamW state
+        assert mixed.train_flops == fp32.train_flops

@@ -165,9 +165,14 @@ def test_plan_reports_required_keys_fleet_and_trend():
     # big: 50 GFLOPs at 200 GFLOP/s = 0.25 s/batch, 4 batches per round, 10 rounds
     assert rows["big"]["fl"]["total_seconds"] == pytest.approx(10.0)
     assert rows["small"]["fl"] is None
-    # the fleet leaves out clients that cannot train and waits for the slow one
-    assert result["fleet"]["excluded"] == ["small", "small"]
+    # all 4 fleet clients train each round (default: all sampled); the two "small" ones cannot
+    # and drop out, so the round waits for "slow": 4 batches * 4 s
+    assert result["fleet"]["unable_to_train"] == {"small": 2}
     assert result["fleet"]["wallclock"]["round_seconds"] == pytest.approx(4 * 4.0)
+    sampled_one = plan(list(catalogue.values()), {"fp32": workload()}, "fp32", catalogue,
+                       FLSchedule(clients=4, utterances_per_client=8, rounds=10, clients_per_round=1), fleet="big:1,small:2,slow:1")
+    # one client per round: big (1 s), small (drops out, 0 s) twice, slow (16 s) -> mean
+    assert sampled_one["fleet"]["wallclock"]["round_seconds"] == pytest.approx((1.0 + 0 + 0 + 16.0) / 4)
     # slow is 16x slower than the target: 4 doublings * 1.5 years = 6 -> 2028
     assert rows["slow"]["trend"]["first_year_reaching_target"] == 2028
     # the class year is its fastest member's: small is 4x slower (2 doublings, 3 years)
@@ -175,3 +180,15 @@ def test_plan_reports_required_keys_fleet_and_trend():
     assert "doubles every 18 months" in result["trend"]["assumption"]
     with pytest.raises(ValueError):
         parse_fleet("big:0", catalogue)
+
+
+def test_optimizer_step_peak_is_a_floor_independent_of_length():
+    from dataclasses import replace
+
+    w = replace(workload(), optimizer_peak_bytes=3.5 * GIB)
+    assert w.peak_bytes(seconds=0.5) == pytest.approx(3.5 * GIB)  # AdamW temporaries dominate short inputs
+    assert w.peak_bytes(seconds=10.0) == pytest.approx((1.0 + 2 * (0.1 + 2.0)) * GIB)
+    assert w.max_seconds(3.6 * GIB) == pytest.approx(6.0)  # the activation line decides
+    assert w.max_seconds(3.4 * GIB) == 0.0  # the optimizer step alone does not fit
+    p = predict(device(memory_gib=3.4, headroom=0.0), w)
+    assert not p.fits and p.max_seconds_that_fit == 0.0

@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     feasibility.add_argument("--catalogue", type=Path, action="append", default=[], metavar="FILE",
                              help="extra device catalogue JSON (overrides the packaged one; repeatable)")
     feasibility.add_argument("--workload", type=Path, metavar="FILE",
-                             help="reuse the 'workload' of an earlier feasibility JSON instead of measuring")
+                             help="reuse the workloads stored in an earlier feasibility JSON instead of measuring them")
     fl = feasibility.add_argument_group("federated schedule (wall-clock of the whole training)")
     fl.add_argument("--utterances-per-client", type=_positive_int, help="enables the FL estimate")
     fl.add_argument("--clients", type=_positive_int, default=10, help="default: 10")
@@ -173,7 +173,10 @@ def run_feasibility(args: argparse.Namespace) -> int:
 
     def workload_for(p: str) -> Workload:
         if args.workload is not None:
-            return _stored_workload(args.workload, p, savers.effective_seconds(args.seconds), args.batch)
+            stored = _stored_workload(args.workload, p, args.model, savers.effective_seconds(args.seconds), args.batch,
+                                      savers.without_amp().tokens())
+            if stored is not None:
+                return stored
         log.info("measuring workload: %s, %g s, batch 1 at two lengths, %s", args.model, args.seconds, p)
         return measure_workload(args.model, args.seconds, args.batch, p, savers.without_amp(), device_type=args.device_type)
 
@@ -190,8 +193,9 @@ def run_feasibility(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_workload(path: Path, precision: str, seconds: float, batch: int):
-    """A workload saved in an earlier feasibility JSON, rescaled to ``batch``."""
+def _stored_workload(path: Path, precision: str, model: str, seconds: float, batch: int, savers: list[str]):
+    """A workload saved in an earlier feasibility JSON, rescaled to ``batch`` (None if the
+    file has none for ``precision``: that one is measured)."""
     from dataclasses import replace
 
     from fedspeech.profiling.planner import Workload
@@ -203,8 +207,13 @@ def _stored_workload(path: Path, precision: str, seconds: float, batch: int):
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{path}: not a feasibility JSON") from None
     if stored is None:
-        raise ValueError(f"{path}: no {precision} workload stored (field workloads.{precision})")
+        log.info("%s has no %s workload: measuring it", path, precision)
+        return None
     workload = Workload.from_dict(stored)
+    if workload.model != model:
+        raise ValueError(f"{path}: workload was measured for model {workload.model!r}, not {model!r}")
     if abs(workload.seconds - seconds) > 1e-9:
         raise ValueError(f"{path}: workload was measured at {workload.seconds:g} s, not {seconds:g} s")
+    if list(workload.savers) != list(savers):
+        raise ValueError(f"{path}: workload was measured with savers {list(workload.savers)}, not {savers}")
     return replace(workload, batch=batch)

@@ -8,6 +8,7 @@ when asked), and optional ``fl_schedule``, ``fleet`` and ``trend`` summaries.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
@@ -110,20 +111,27 @@ def plan(
 
 
 def fleet_wallclock(clients: list[Device], workload: Workload, fp32: Workload | None, schedule: FLSchedule) -> dict[str, Any]:
-    """Mixed fleet: clients whose device cannot train (OOM, no throughput) are left out."""
-    times, excluded = [], []
+    """Mixed fleet: each round samples clients from the whole fleet; a sampled client whose
+    device cannot train (out of memory, no throughput) drops out of that round."""
+    times, unable = [], Counter()
     for device in clients:
         p = predict(device, workload, fp32)
-        (times.append(p.seconds_per_batch) if p.seconds_per_batch is not None else excluded.append(device.id))
-    summary: dict[str, Any] = {"clients": len(clients), "excluded": excluded}
-    if not times:
+        if p.seconds_per_batch is None:
+            unable[device.id] += 1
+        times.append(p.seconds_per_batch)
+    summary: dict[str, Any] = {"clients": len(clients), "unable_to_train": dict(unable)}
+    able = [t for t in times if t is not None]
+    if not able:
         summary["wallclock"] = None
         summary["note"] = "no client of the fleet can train this workload"
         return summary
     sampled = min(schedule.clients_per_round or len(times), len(times))
-    fleet_schedule = FLSchedule(len(times), schedule.utterances_per_client, schedule.rounds, schedule.local_epochs, sampled, schedule.bandwidth_mbps)
-    summary["wallclock"] = fl_wallclock(times, workload.batch, fleet_schedule, workload.model_bytes)
-    summary["note"] = f"expected slowest of {sampled} clients sampled uniformly from {len(times)} able to train"
+    fleet_schedule = FLSchedule(len(times), schedule.utterances_per_client, schedule.rounds, schedule.local_epochs,
+                                sampled, schedule.bandwidth_mbps)
+    # a client that drops out takes no time: the round waits for the slowest one that trains
+    summary["wallclock"] = fl_wallclock([t or 0.0 for t in times], workload.batch, fleet_schedule, workload.model_bytes)
+    summary["expected_training_clients_per_round"] = sampled * len(able) / len(times)
+    summary["note"] = f"expected slowest of {sampled} clients sampled uniformly from {len(times)}; unable ones drop out"
     return summary
 
 
@@ -167,8 +175,9 @@ def render_plan(result: dict[str, Any]) -> str:
                       "a round lasts as long as its slowest sampled client."]
         if "fleet" in result:
             f = result["fleet"]
-            lines.append(f"Mixed fleet ({f['clients']} clients, excluded: {', '.join(f['excluded']) or 'none'}): "
-                         f"{_hours(f['wallclock'])} h total. {f['note']}")
+            unable = ", ".join(f"{k} x{v}" for k, v in f["unable_to_train"].items()) or "none"
+            lines.append(f"Mixed fleet ({f['clients']} clients; unable to train: {unable}): "
+                         f"{_hours(f['wallclock'])} h total ({f['note']}).")
     if has_trend:
         t = result["trend"]
         lines += ["", t["assumption"], "First year each device class reaches the target: "

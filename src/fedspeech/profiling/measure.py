@@ -66,6 +66,7 @@ class StepMeasurement:
     activation_bytes: int
     peak_bytes: int
     peak_breakdown: dict[str, int]
+    peak_by_phase: dict[str, int]
     static_bytes: dict[str, int]
     layers: list[LayerFigures]
     other: LayerFigures
@@ -126,19 +127,33 @@ def static_bytes(step: TrainStep) -> dict[str, int]:
     }
 
 
-def _peak_memory(step: TrainStep, batch) -> tuple[int, dict[str, int]]:
+def _peak_memory(step: TrainStep, batch) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Peak bytes of one step, its split, and the peaks of its two phases.
+
+    The phases matter for planning: forward + backward peaks grow with batch and length, the
+    optimizer step's (weights, gradients, AdamW state, update temporaries) does not.
+    """
     if step.device.type == "cuda":
-        torch.cuda.synchronize(step.device)
-        torch.cuda.reset_peak_memory_stats(step.device)
+        def phase_peak(run) -> int:
+            torch.cuda.synchronize(step.device)
+            torch.cuda.reset_peak_memory_stats(step.device)
+            run()
+            torch.cuda.synchronize(step.device)
+            return int(torch.cuda.max_memory_allocated(step.device))
+
         before = torch.cuda.memory_allocated(step.device)
-        step(batch)
-        peak = int(torch.cuda.max_memory_allocated(step.device))
-        return peak, {"existing_before_step": before, "allocated_during_step": peak - before}
+        phases = {"forward_backward": phase_peak(lambda: step.backward(step.forward_loss(batch))),
+                  "optimizer": phase_peak(step.update)}
+        peak = max(phases.values())
+        return peak, {"existing_before_step": before, "allocated_during_step": peak - before}, phases
     tracker = PeakTensorMemory(tensors_of(step.model, step.optimizer, batch.input_values, batch.mask_time_indices,
                                           batch.sampled_negative_indices))
     with tracker:
-        step(batch)
-    return tracker.peak_bytes, tracker.breakdown()
+        tracker.start_phase("forward_backward")
+        step.backward(step.forward_loss(batch))
+        tracker.start_phase("optimizer")
+        step.update()
+    return tracker.peak_bytes, tracker.breakdown(), dict(tracker.phase_peaks)
 
 
 def measure_step(
@@ -177,7 +192,7 @@ def measure_step(
         _fill(layers, other, "activation_bytes", saved)
 
     timings = [step.timed(data) for _ in range(repeats)]
-    peak, breakdown = _peak_memory(step, data)
+    peak, breakdown, phases = _peak_memory(step, data)
     return StepMeasurement(
         model=model_name,
         seconds=effective_seconds,
@@ -192,6 +207,7 @@ def measure_step(
         activation_bytes=int(sum(saved.values())),
         peak_bytes=peak,
         peak_breakdown=breakdown,
+        peak_by_phase=phases,
         static_bytes=static_bytes(step),
         layers=layers if with_layers else [],
         other=other,

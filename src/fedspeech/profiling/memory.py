@@ -34,6 +34,8 @@ class PeakTensorMemory(TorchDispatchMode):
         self.peak_bytes = 0
         self.existing_bytes = 0
         self.created_at_peak = 0
+        self.phase_peaks: dict[str, int] = {}
+        self._phase: str | None = None
         self._created = 0
         self._live: set[int] = set()
         for tensor in existing:
@@ -55,7 +57,14 @@ class PeakTensorMemory(TorchDispatchMode):
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
             self.created_at_peak = self._created
+        if self._phase is not None and self.current_bytes > self.phase_peaks[self._phase]:
+            self.phase_peaks[self._phase] = self.current_bytes
         return nbytes
+
+    def start_phase(self, name: str) -> None:
+        """From now on also keep the high-water mark of phase ``name`` (e.g. the optimizer step)."""
+        self._phase = name
+        self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.current_bytes)
 
     def _release(self, key: int, nbytes: int, created: bool) -> None:
         self._live.discard(key)

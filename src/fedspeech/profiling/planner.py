@@ -3,17 +3,21 @@
 Workload (device-independent, measured once on any machine, see ``workload.py``):
     F(B, S)  = B * f(S)                       train FLOPs per batch (forward + backward);
                                               f(S) measured at batch 1 and length S
-    M(B, S)  = M_static + B * (m0 + m1 * S)   peak bytes of a step: weights + gradients +
-                                              AdamW state (M_static, measured tensor sizes)
-                                              plus per-utterance activations/transients,
-                                              m0 and m1 fitted from two measured lengths
+    M(B, S)  = max(M_static + B * (m0 + m1 * S),   peak bytes of a step. Forward + backward:
+                   M_opt)                     weights + AdamW state (M_static, measured tensor
+                                              sizes) plus per-utterance activations, gradients
+                                              and temporaries, m0 and m1 fitted from the
+                                              forward+backward peaks at two measured lengths.
+                                              M_opt: the optimizer step's peak (weights,
+                                              gradients, AdamW state, update temporaries),
+                                              independent of batch and length.
 Device (catalogue): memory, headroom, effective throughput X (calibrated from one published
 step: X = f_cal / t_cal) and a mixed-precision speed-up factor s_p (1 unless the device lists
 the precision; unsupported precisions are planned as FP32).
 Prediction:
     fits            = M(B, S) <= memory * (1 - headroom)
     seconds/batch   = F(B, S) / (X * s_p)                       (null if it does not fit)
-    max seconds     = (usable - M_static - B * m0) / (B * m1)   (0 if even that is negative)
+    max seconds     = (usable - M_static - B * m0) / (B * m1)   (0 if negative or M_opt > usable)
 FL wall-clock: a round lasts as long as its slowest sampled client:
     round = max_k(local_epochs * ceil(utterances_k / B) * t_k) + communication
 Trend: device compute doubles every N months from the baseline year (2022, the study):
@@ -44,6 +48,7 @@ class Workload:
     static_bytes: float
     utterance_bytes_intercept: float
     utterance_bytes_per_second: float
+    optimizer_peak_bytes: float = 0.0
     model_bytes: float = 0.0
     measured: tuple[dict[str, Any], ...] = ()
 
@@ -53,13 +58,14 @@ class Workload:
     def peak_bytes(self, seconds: float | None = None, batch: int | None = None) -> float:
         seconds = self.seconds if seconds is None else seconds
         batch = batch or self.batch
-        return self.static_bytes + batch * (self.utterance_bytes_intercept + self.utterance_bytes_per_second * seconds)
+        forward_backward = self.static_bytes + batch * (self.utterance_bytes_intercept + self.utterance_bytes_per_second * seconds)
+        return max(forward_backward, self.optimizer_peak_bytes)
 
     def max_seconds(self, usable_bytes: float, batch: int | None = None) -> float:
         """Longest crop whose predicted peak fits ``usable_bytes`` (0 if none does)."""
         batch = batch or self.batch
         room = usable_bytes - self.static_bytes - batch * self.utterance_bytes_intercept
-        if room <= 0:
+        if room <= 0 or self.optimizer_peak_bytes > usable_bytes:
             return 0.0
         if self.utterance_bytes_per_second <= 0:
             return math.inf

@@ -82,17 +82,20 @@ def _sweep(plt, report: dict[str, Any], path: Path) -> Path:
 
 
 def _bars(plt, rows: list[dict[str, Any]], key: str, path: Path, report: dict[str, Any]) -> Path:
-    labels = [r[key] for r in rows]
+    labels = [r[key] for r in rows][::-1]  # first row on top
     metrics = [
-        ("peak MiB", [r["peak_bytes"] / MIB for r in rows]),
-        ("activations MiB", [r["activation_bytes"] / MIB for r in rows]),
-        ("s/step", [r["seconds"] or 0.0 for r in rows]),
+        ("peak MiB", [r["peak_bytes"] / MIB for r in rows][::-1], "{:,.0f}"),
+        ("activations MiB", [r["activation_bytes"] / MIB for r in rows][::-1], "{:,.0f}"),
+        ("train GFLOPs", [r["train_gflops"] for r in rows][::-1], "{:,.1f}"),
+        ("s/step (this machine)", [r["seconds"] or 0.0 for r in rows][::-1], "{:,.2f}"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.2 * len(rows) * 3), 4))
-    for axis, (title, values) in zip(axes, metrics):
-        axis.bar(labels, values, color="tab:blue")
-        axis.set_title(title)
-        axis.tick_params(axis="x", rotation=30)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(14, 1.2 + 0.45 * len(rows)), sharey=True)
+    for axis, (title, values, fmt) in zip(axes, metrics):
+        bars = axis.barh(labels, values, color="tab:blue")
+        axis.bar_label(bars, [fmt.format(v) for v in values], fontsize=7, padding=2)
+        axis.set_title(title, fontsize=9)
+        axis.margins(x=0.3)
+        axis.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"{'Precision' if key == 'precision' else 'Memory savers'}: {report['config']['model']}, batch {report['config']['batch']}, {report['config']['seconds']:g} s")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -86,6 +86,7 @@ def step_summary(m: StepMeasurement) -> dict[str, Any]:
         "activation_bytes": m.activation_bytes,
         "peak_bytes": m.peak_bytes,
         "peak_breakdown": m.peak_breakdown,
+        "peak_by_phase": m.peak_by_phase,
         "static_bytes": m.static_bytes,
     }
 
@@ -97,7 +98,7 @@ def saver_rows(baseline: StepMeasurement, variants: list[StepMeasurement]) -> li
         row = step_summary(m)
         audio = m.batch * m.seconds
         row.update(
-            label="+".join(m.savers) or "none",
+            label="+".join(m.savers) or "none" if m is not variants[-1] or len(variants) == 1 else "all selected",
             activation_saved_bytes=baseline.activation_bytes - m.activation_bytes,
             peak_saved_bytes=baseline.peak_bytes - m.peak_bytes,
             extra_train_gflops=_gflops(m.train_flops - baseline.train_flops),
@@ -213,7 +214,8 @@ def _sec(s: float | None) -> str:
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    left = {0} | {i for i, h in enumerate(headers) if h in ("notes", "savers", "setting")}
+    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -138,15 +138,21 @@ class TrainStep:
             out = self.model(batch.input_values, mask_time_indices=batch.mask_time_indices)
             return out.last_hidden_state.float().pow(2).mean()  # surrogate loss, see module doc
 
-    def backward_and_update(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def update(self) -> None:
+        """The AdamW step (through the GradScaler for fp16), then free the gradients."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def backward_and_update(self, loss: torch.Tensor) -> None:
+        self.backward(loss)
+        self.update()
 
     def __call__(self, batch: SyntheticBatch) -> None:
         self.backward_and_update(self.forward_loss(batch))

@@ -33,16 +33,22 @@ def second_length(seconds: float) -> float:
 def workload_from_measurements(
     at_length: StepMeasurement, at_other_length: StepMeasurement, batch: int, savers: Savers
 ) -> Workload:
-    """Fit the per-utterance memory line through two batch-1 measurements."""
+    """Fit the per-utterance memory line through the forward+backward peaks of two batch-1
+    measurements; the optimizer step's peak is kept as a floor (see planner.py)."""
     if at_length.batch != 1 or at_other_length.batch != 1:
         raise ValueError("workload measurements must be taken at batch 1")
     if at_length.seconds == at_other_length.seconds:
         raise ValueError("workload measurements need two different lengths")
-    static = float(sum(at_length.static_bytes.values()))
-    slope = (at_length.peak_bytes - at_other_length.peak_bytes) / (at_length.seconds - at_other_length.seconds)
-    intercept = at_length.peak_bytes - static - slope * at_length.seconds
+    # weights and AdamW state live through forward + backward; gradients appear during backward
+    # and are part of the fitted per-utterance line's intercept
+    static = float(at_length.static_bytes["params"] + at_length.static_bytes["optimizer_state"])
+    fb_long = at_length.peak_by_phase["forward_backward"]
+    fb_short = at_other_length.peak_by_phase["forward_backward"]
+    slope = (fb_long - fb_short) / (at_length.seconds - at_other_length.seconds)
+    intercept = fb_long - static - slope * at_length.seconds
     points = tuple(
-        {"seconds": m.seconds, "batch": m.batch, "peak_bytes": m.peak_bytes, "train_flops": m.train_flops}
+        {"seconds": m.seconds, "batch": m.batch, "peak_bytes": m.peak_bytes, "peak_by_phase": m.peak_by_phase,
+         "train_flops": m.train_flops}
         for m in (at_other_length, at_length)
     )
     return Workload(
@@ -55,6 +61,7 @@ def workload_from_measurements(
         static_bytes=static,
         utterance_bytes_intercept=intercept,
         utterance_bytes_per_second=slope,
+        optimizer_peak_bytes=float(max(m.peak_by_phase["optimizer"] for m in (at_length, at_other_length))),
         model_bytes=float(at_length.static_bytes["params"]),
         measured=points,
     )
