@@ -7,14 +7,15 @@ memory next to measured ones, with the % error. Also reports (a) the errors had 
 calibration been taken on a mid-size model instead, and (b) how well the linear memory line
 fitted at 1 s and 2 s extrapolates to longer inputs (that line gives max_seconds_that_fit).
 
-Predictions use only: the workload's FLOPs and memory measured at batch 1 (two lengths,
-no timing), and the calibrated device (throughput, bf16 factor). Measurements: min step
+Predictions use only: the workload's FLOPs and memory from three short untimed runs
+((batch 1, S), (1, S/2), (2, S/2), as ``fedspeech feasibility`` does), and the calibrated
+device (throughput, bf16 factor). Measurements: min step
 time over repeats (process CPU seconds by default: robust on a shared machine), peak live
 tensor bytes, and the peak RSS growth of a fresh process running plain training steps.
 
     .venv/bin/python benchmarks/prediction_error.py [--threads 1] [--clock cpu] [--json OUT]
 
-Runs in about 10 minutes on 1 thread of a loaded 2-core machine.
+Runs in 6-10 minutes on 1 thread of a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,7 +186,7 @@ def main() -> int:
         factor = device.speedup(row["precision"])
         row["predicted_step_seconds_mid_calibration"] = row["train_gflops"] / (mid_throughput * factor)
 
-    # (b) length extrapolation of the memory line fitted at 1 s and 2 s (batch 1)
+    # (b) length extrapolation of the memory model fitted at 1 s and 2 s
     extrapolation = []
     for name, lengths in (("tiny", (4.0, 8.0)), ("mid", (4.0,))):
         path = model_path(name, mid_folder)

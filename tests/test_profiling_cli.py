@@ -56,8 +56,9 @@ def test_feasibility_measures_predicts_and_reuses_the_workload(tmp_path):
     assert rows["roomy"]["seconds_per_batch"] == pytest.approx(result["workload"]["train_gflops_per_batch"] / 10.0)
     # 3 rounds * ceil(10 / 2) batches
     assert rows["roomy"]["fl"]["total_seconds"] == pytest.approx(3 * 5 * rows["roomy"]["seconds_per_batch"])
-    measured = result["workload"]["measured"]
-    assert [point["seconds"] for point in measured] == [0.5, 1.0] and measured[1]["peak_bytes"] > measured[0]["peak_bytes"]
+    measured = result["workload"]["measured"]  # (batch 1, S/2), (batch 2, S/2), (batch 1, S)
+    assert [(p["batch"], p["seconds"]) for p in measured] == [(1, 0.5), (2, 0.5), (1, 1.0)]
+    assert measured[1]["peak_bytes"] > measured[0]["peak_bytes"] and measured[2]["peak_bytes"] > measured[0]["peak_bytes"]
 
     second = tmp_path / "plan4.json"
     assert run("feasibility", "--model", "tiny", "--seconds", "1", "--batch", "4", "--catalogue", str(catalogue),
@@ -76,7 +77,7 @@ def test_calibrate_local_writes_a_usable_catalogue_entry(tmp_path):
     stored = tmp_path / "stored.json"
     stored.write_text(json.dumps({"workloads": {"fp32": {
         "model": "tiny", "seconds": 1.0, "batch": 1, "precision": "fp32", "savers": [],
-        "train_flops_per_utterance": 1e9, "static_bytes": 1e7, "utterance_bytes_intercept": 1e6,
+        "train_flops_per_utterance": 1e9, "fixed_bytes": 1e7, "utterance_bytes_intercept": 1e6,
         "utterance_bytes_per_second": 1e7,
     }}}))
     assert run("feasibility", "--calibrate-local", "--calibrate-to", str(catalogue), "--calibration-seconds", "0.5",

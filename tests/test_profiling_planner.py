@@ -23,7 +23,7 @@ def workload(precision: str = "fp32", batch: int = 2, per_utterance_gflops: floa
     # peak = 1 GiB + batch * (0.1 GiB + 0.2 GiB/s * 5 s) = 3.2 GiB at batch 2
     return Workload(
         model="synthetic", seconds=5.0, batch=batch, precision=precision, savers=(),
-        train_flops_per_utterance=per_utterance_gflops * 1e9, static_bytes=1.0 * GIB,
+        train_flops_per_utterance=per_utterance_gflops * 1e9, fixed_bytes=1.0 * GIB,
         utterance_bytes_intercept=0.1 * GIB, utterance_bytes_per_second=0.2 * GIB, model_bytes=0.25 * GIB,
     )
 
@@ -192,3 +192,35 @@ def test_optimizer_step_peak_is_a_floor_independent_of_length():
     assert w.max_seconds(3.4 * GIB) == 0.0  # the optimizer step alone does not fit
     p = predict(device(memory_gib=3.4, headroom=0.0), w)
     assert not p.fits and p.max_seconds_that_fit == 0.0
+
+
+def test_memory_model_is_fitted_from_three_runs():
+    from fedspeech.profiling.measure import LayerFigures, StepMeasurement
+    from fedspeech.profiling.savers import Savers
+    from fedspeech.profiling.workload import workload_from_measurements
+
+    def run(batch: int, seconds: float, forward: int, forward_backward: int) -> StepMeasurement:
+        other = LayerFigures("other", "-", "other", 0)
+        phases = {"forward": forward, "backward": forward_backward, "forward_backward": forward_backward, "optimizer": 90}
+        return StepMeasurement(
+            model="m", seconds=seconds, batch=batch, precision="fp32", savers=[], device_type="cpu", step_seconds=[],
+            step_cpu_seconds=[], forward_flops=10 * batch, train_flops=30 * batch, activation_bytes=0,
+            peak_bytes=forward_backward, peak_breakdown={}, peak_by_phase=phases,
+            static_bytes={"params": 40, "grads": 40, "optimizer_state": 80}, layers=[], other=other,
+        )
+
+    # activation regime: forward + backward peak = 100 + B * (10 + 5 S), forward peak 5 lower
+    w = workload_from_measurements(run(1, 2.0, 115, 120), run(1, 1.0, 110, 115), run(2, 1.0, 125, 130), batch=4, savers=Savers())
+    assert (w.fixed_bytes, w.utterance_bytes_intercept, w.utterance_bytes_per_second) == pytest.approx((100, 10, 5))
+    assert w.backward_extra_bytes == pytest.approx(5)
+    assert w.peak_bytes() == pytest.approx(100 + 4 * (10 + 5 * 2))
+    assert w.optimizer_peak_bytes == 90 and w.train_flops() == 4 * 30
+    assert w.max_seconds(200) == pytest.approx((200 - 100 - 4 * 10) / (4 * 5))
+
+    # gradient plateau: the backward peak (all gradients alive) is flat at the measured points,
+    # but the activations behind the forward peak still grow with batch and length
+    w = workload_from_measurements(run(1, 2.0, 120, 200), run(1, 1.0, 115, 200), run(2, 1.0, 130, 200), batch=4, savers=Savers())
+    assert w.utterance_bytes_per_second == pytest.approx(0) and w.backward_extra_bytes == pytest.approx(70)
+    assert w.peak_bytes(seconds=2.0, batch=1) == pytest.approx(200)  # plateau
+    assert w.peak_bytes(seconds=2.0, batch=4) == pytest.approx(100 + 4 * 20 + 70)  # activations take over
+    assert w.max_seconds(300, batch=4) == pytest.approx((300 - 170 - 4 * 10) / (4 * 5))  # finite despite the flat term

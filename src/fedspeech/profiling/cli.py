@@ -177,7 +177,7 @@ def run_feasibility(args: argparse.Namespace) -> int:
                                       savers.without_amp().tokens())
             if stored is not None:
                 return stored
-        log.info("measuring workload: %s, %g s, batch 1 at two lengths, %s", args.model, args.seconds, p)
+        log.info("measuring workload: %s, %g s, three short runs, %s", args.model, args.seconds, p)
         return measure_workload(args.model, args.seconds, args.batch, p, savers.without_amp(), device_type=args.device_type)
 
     workloads = {precision: workload_for(precision)}

@@ -16,7 +16,7 @@ instrumentation never inflates what it does not measure:
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -71,7 +71,6 @@ class StepMeasurement:
     layers: list[LayerFigures]
     other: LayerFigures
     frames: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -128,10 +127,12 @@ def static_bytes(step: TrainStep) -> dict[str, int]:
 
 
 def _peak_memory(step: TrainStep, batch) -> tuple[int, dict[str, int], dict[str, int]]:
-    """Peak bytes of one step, its split, and the peaks of its two phases.
+    """Peak bytes of one step, its split, and the peaks of its phases.
 
-    The phases matter for planning: forward + backward peaks grow with batch and length, the
-    optimizer step's (weights, gradients, AdamW state, update temporaries) does not.
+    The phases matter for planning: at the end of the forward pass every saved activation is
+    alive, so the forward peak grows with batch and length; the backward peak may instead sit
+    where all gradients exist and most activations are freed; the optimizer step's peak
+    (weights, gradients, AdamW state, update temporaries) does not depend on batch or length.
     """
     if step.device.type == "cuda":
         def phase_peak(run) -> int:
@@ -142,18 +143,26 @@ def _peak_memory(step: TrainStep, batch) -> tuple[int, dict[str, int], dict[str,
             return int(torch.cuda.max_memory_allocated(step.device))
 
         before = torch.cuda.memory_allocated(step.device)
-        phases = {"forward_backward": phase_peak(lambda: step.backward(step.forward_loss(batch))),
+        loss = []
+        phases = {"forward": phase_peak(lambda: loss.append(step.forward_loss(batch))),
+                  "backward": phase_peak(lambda: step.backward(loss.pop())),
                   "optimizer": phase_peak(step.update)}
+        phases["forward_backward"] = max(phases["forward"], phases["backward"])
         peak = max(phases.values())
         return peak, {"existing_before_step": before, "allocated_during_step": peak - before}, phases
     tracker = PeakTensorMemory(tensors_of(step.model, step.optimizer, batch.input_values, batch.mask_time_indices,
                                           batch.sampled_negative_indices))
     with tracker:
-        tracker.start_phase("forward_backward")
-        step.backward(step.forward_loss(batch))
+        tracker.start_phase("forward")
+        loss = step.forward_loss(batch)
+        tracker.start_phase("backward")
+        step.backward(loss)
+        del loss
         tracker.start_phase("optimizer")
         step.update()
-    return tracker.peak_bytes, tracker.breakdown(), dict(tracker.phase_peaks)
+    phases = dict(tracker.phase_peaks)
+    phases["forward_backward"] = max(phases["forward"], phases["backward"])
+    return tracker.peak_bytes, tracker.breakdown(), phases
 
 
 def measure_step(

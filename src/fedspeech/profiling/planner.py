@@ -3,21 +3,26 @@
 Workload (device-independent, measured once on any machine, see ``workload.py``):
     F(B, S)  = B * f(S)                       train FLOPs per batch (forward + backward);
                                               f(S) measured at batch 1 and length S
-    M(B, S)  = max(M_static + B * (m0 + m1 * S),   peak bytes of a step. Forward + backward:
-                   M_opt)                     weights + AdamW state (M_static, measured tensor
-                                              sizes) plus per-utterance activations, gradients
-                                              and temporaries, m0 and m1 fitted from the
-                                              forward+backward peaks at two measured lengths.
-                                              M_opt: the optimizer step's peak (weights,
-                                              gradients, AdamW state, update temporaries),
-                                              independent of batch and length.
+    M(B, S)  = max(M_fixed + B * (m0 + m1 * S),           peak bytes of a step: the largest of
+                   F_fixed + B * (f0 + f1 * S) + D,       three lower bounds, each measured
+                   M_opt)
+       - M_fixed + B * (m0 + m1 * S): the forward+backward peak, fitted through three runs
+         (batch 1, S), (1, S/2), (2, S/2). Its batch-independent part holds weights, AdamW
+         state and whatever gradients are alive at the peak.
+       - F_fixed + B * (f0 + f1 * S): the end-of-forward peak (all saved activations alive),
+         fitted the same way; D = min over the runs of (forward+backward peak - forward
+         peak) >= 0, the backward's extra. This term keeps growing with S even when, at the
+         measured lengths, the backward peak sits on a plateau where all gradients exist
+         and activations are gone (big models with savers), so the first term is flat there.
+       - M_opt: the optimizer step's peak (weights, gradients, AdamW state, update
+         temporaries), independent of batch and length.
 Device (catalogue): memory, headroom, effective throughput X (calibrated from one published
 step: X = f_cal / t_cal) and a mixed-precision speed-up factor s_p (1 unless the device lists
 the precision; unsupported precisions are planned as FP32).
 Prediction:
     fits            = M(B, S) <= memory * (1 - headroom)
     seconds/batch   = F(B, S) / (X * s_p)                       (null if it does not fit)
-    max seconds     = (usable - M_static - B * m0) / (B * m1)   (0 if negative or M_opt > usable)
+    max seconds     = the largest S for which every term fits (0 if none does)
 FL wall-clock: a round lasts as long as its slowest sampled client:
     round = max_k(local_epochs * ceil(utterances_k / B) * t_k) + communication
 Trend: device compute doubles every N months from the baseline year (2022, the study):
@@ -45,10 +50,14 @@ class Workload:
     precision: str
     savers: tuple[str, ...]
     train_flops_per_utterance: float
-    static_bytes: float
+    fixed_bytes: float
     utterance_bytes_intercept: float
     utterance_bytes_per_second: float
     optimizer_peak_bytes: float = 0.0
+    forward_fixed_bytes: float = 0.0
+    forward_bytes_intercept: float = 0.0
+    forward_bytes_per_second: float = 0.0
+    backward_extra_bytes: float = 0.0
     model_bytes: float = 0.0
     measured: tuple[dict[str, Any], ...] = ()
 
@@ -58,18 +67,26 @@ class Workload:
     def peak_bytes(self, seconds: float | None = None, batch: int | None = None) -> float:
         seconds = self.seconds if seconds is None else seconds
         batch = batch or self.batch
-        forward_backward = self.static_bytes + batch * (self.utterance_bytes_intercept + self.utterance_bytes_per_second * seconds)
-        return max(forward_backward, self.optimizer_peak_bytes)
+        return max(
+            _line(self.fixed_bytes, self.utterance_bytes_intercept, self.utterance_bytes_per_second, batch, seconds),
+            _line(self.forward_fixed_bytes, self.forward_bytes_intercept, self.forward_bytes_per_second, batch, seconds)
+            + self.backward_extra_bytes,
+            self.optimizer_peak_bytes,
+        )
 
     def max_seconds(self, usable_bytes: float, batch: int | None = None) -> float:
         """Longest crop whose predicted peak fits ``usable_bytes`` (0 if none does)."""
         batch = batch or self.batch
-        room = usable_bytes - self.static_bytes - batch * self.utterance_bytes_intercept
-        if room <= 0 or self.optimizer_peak_bytes > usable_bytes:
+        if self.peak_bytes(0.0, batch) > usable_bytes:
             return 0.0
-        if self.utterance_bytes_per_second <= 0:
-            return math.inf
-        return room / (batch * self.utterance_bytes_per_second)
+        longest = math.inf
+        for fixed, intercept, slope in (
+            (self.fixed_bytes, self.utterance_bytes_intercept, self.utterance_bytes_per_second),
+            (self.forward_fixed_bytes + self.backward_extra_bytes, self.forward_bytes_intercept, self.forward_bytes_per_second),
+        ):
+            if slope > 0:
+                longest = min(longest, (usable_bytes - fixed - batch * intercept) / (batch * slope))
+        return max(0.0, longest)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -85,6 +102,11 @@ class Workload:
         fields["savers"] = tuple(fields.get("savers", ()))
         fields["measured"] = tuple(fields.get("measured", ()))
         return cls(**fields)
+
+
+def _line(fixed: float, intercept: float, slope: float, batch: int, seconds: float) -> float:
+    """fixed + batch * per-utterance bytes (never negative per utterance)."""
+    return fixed + batch * max(0.0, intercept + slope * seconds)
 
 
 @dataclass

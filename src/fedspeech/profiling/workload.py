@@ -1,10 +1,12 @@
 """Build a planner :class:`Workload` from measurements, and calibrate the local CPU.
 
-The workload is measured at batch 1 (the cheapest run that still exercises every layer) at
-the requested length S and at a second length (S/2, or 2S for very short S): FLOPs come
-from the run at S, the memory line ``M_static + m0 + m1 * S`` from the two peaks. Batch
-enters the device model as a factor (planner.py); ``benchmarks/prediction_error.py`` checks
-that on this machine against direct measurements at batch 2 and 4.
+A workload is measured with three cheap runs, none timed: (batch 1, S), (batch 1, S/2) and
+(batch 2, S/2) (2S instead of S/2 for very short S). FLOPs come from the run at S (they are
+exactly proportional to the batch). The forward+backward peaks give the memory model of
+planner.py: the two batch-1 runs the slope in S, the batch-2 run the split between the
+per-utterance part and the batch-independent part (weights, AdamW state and whatever
+gradients are alive at the peak, which depends on where in backward the peak falls).
+``benchmarks/prediction_error.py`` checks the extrapolation to other batches and lengths.
 """
 
 from __future__ import annotations
@@ -31,25 +33,23 @@ def second_length(seconds: float) -> float:
 
 
 def workload_from_measurements(
-    at_length: StepMeasurement, at_other_length: StepMeasurement, batch: int, savers: Savers
+    at_length: StepMeasurement, at_other_length: StepMeasurement, doubled: StepMeasurement, batch: int, savers: Savers
 ) -> Workload:
-    """Fit the per-utterance memory line through the forward+backward peaks of two batch-1
-    measurements; the optimizer step's peak is kept as a floor (see planner.py)."""
-    if at_length.batch != 1 or at_other_length.batch != 1:
-        raise ValueError("workload measurements must be taken at batch 1")
-    if at_length.seconds == at_other_length.seconds:
-        raise ValueError("workload measurements need two different lengths")
-    # weights and AdamW state live through forward + backward; gradients appear during backward
-    # and are part of the fitted per-utterance line's intercept
-    static = float(at_length.static_bytes["params"] + at_length.static_bytes["optimizer_state"])
-    fb_long = at_length.peak_by_phase["forward_backward"]
-    fb_short = at_other_length.peak_by_phase["forward_backward"]
-    slope = (fb_long - fb_short) / (at_length.seconds - at_other_length.seconds)
-    intercept = fb_long - static - slope * at_length.seconds
+    """Fit the memory model of planner.py: the lines through the forward+backward and the
+    end-of-forward peaks of (1, S), (1, S') and (2, S'), the backward's extra, and the
+    optimizer step's peak."""
+    if (at_length.batch, at_other_length.batch, doubled.batch) != (1, 1, 2):
+        raise ValueError("workload measurements must be at batch 1, 1 and 2")
+    if at_length.seconds == at_other_length.seconds or doubled.seconds != at_other_length.seconds:
+        raise ValueError("workload measurements need lengths S, S' and S' (S != S')")
+    fixed, intercept, slope = _fit_line("forward_backward", at_length, at_other_length, doubled)
+    forward_fixed, forward_intercept, forward_slope = _fit_line("forward", at_length, at_other_length, doubled)
+    runs = (at_other_length, doubled, at_length)
+    backward_extra = max(0.0, min(m.peak_by_phase["forward_backward"] - m.peak_by_phase["forward"] for m in runs))
     points = tuple(
         {"seconds": m.seconds, "batch": m.batch, "peak_bytes": m.peak_bytes, "peak_by_phase": m.peak_by_phase,
-         "train_flops": m.train_flops}
-        for m in (at_other_length, at_length)
+         "train_flops": m.train_flops, "static_bytes": m.static_bytes}
+        for m in runs
     )
     return Workload(
         model=at_length.model,
@@ -58,13 +58,25 @@ def workload_from_measurements(
         precision=at_length.precision,
         savers=tuple(savers.tokens()),
         train_flops_per_utterance=float(at_length.train_flops),
-        static_bytes=static,
+        fixed_bytes=fixed,
         utterance_bytes_intercept=intercept,
         utterance_bytes_per_second=slope,
-        optimizer_peak_bytes=float(max(m.peak_by_phase["optimizer"] for m in (at_length, at_other_length))),
+        optimizer_peak_bytes=float(max(m.peak_by_phase["optimizer"] for m in runs)),
+        forward_fixed_bytes=forward_fixed,
+        forward_bytes_intercept=forward_intercept,
+        forward_bytes_per_second=forward_slope,
+        backward_extra_bytes=float(backward_extra),
         model_bytes=float(at_length.static_bytes["params"]),
         measured=points,
     )
+
+
+def _fit_line(phase: str, at_length: StepMeasurement, at_other_length: StepMeasurement, doubled: StepMeasurement) -> tuple[float, float, float]:
+    """(fixed, per-utterance intercept, per-utterance bytes per second) of one phase's peak."""
+    peak = lambda m: float(m.peak_by_phase[phase])  # noqa: E731
+    slope = (peak(at_length) - peak(at_other_length)) / (at_length.seconds - at_other_length.seconds)
+    per_utterance_short = peak(doubled) - peak(at_other_length)
+    return peak(at_other_length) - per_utterance_short, per_utterance_short - slope * at_other_length.seconds, slope
 
 
 def measure_workload(
@@ -76,15 +88,15 @@ def measure_workload(
     template: nn.Module | None = None,
     device_type: str = "cpu",
 ) -> Workload:
-    """Measure FLOPs and the memory line of a workload (two short batch-1 runs, no timing)."""
+    """Measure FLOPs and the memory model of a workload (three short runs, no timing)."""
     template = template if template is not None else build_model(model)
     effective = savers.effective_seconds(seconds)
-    runs = [
-        measure_step(template, model, length, 1, precision, savers, device_type, repeats=0, with_layers=False)
-        for length in (effective, second_length(effective))
-    ]
-    # crop is already applied to the lengths above; keep it out of the re-measured savers
-    return workload_from_measurements(runs[0], runs[1], batch, savers)
+    other = second_length(effective)
+
+    def run(length: float, batch_size: int) -> StepMeasurement:
+        return measure_step(template, model, length, batch_size, precision, savers, device_type, repeats=0, with_layers=False)
+
+    return workload_from_measurements(run(effective, 1), run(other, 1), run(other, 2), batch, savers)
 
 
 def cpu_has_native_bf16() -> bool:
