@@ -29,3 +29,21 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def speaker_partition(small_corpus, tmp_path_factory):
+    """``speaker_partition(n)``: path of a saved speaker partition of ``small_corpus`` into
+    ``n`` clients (made once per ``n``)."""
+    from fedspeech.data.manifest import read_manifest
+    from fedspeech.data.partition import make_partition
+
+    made: dict[int, Path] = {}
+
+    def partition(num_clients: int) -> Path:
+        if num_clients not in made:
+            part = make_partition(read_manifest(small_corpus), "speaker", num_clients, seed=0, manifest=str(small_corpus))
+            made[num_clients] = part.save(tmp_path_factory.mktemp(f"partition{num_clients}") / "partition.json")
+        return made[num_clients]
+
+    return partition

@@ -23,15 +23,6 @@ GB = 1e9
 COSTS = [DepthCost(d, train_flops=d / 2 * 1e12, peak_bytes=d / 2 * GB) for d in (2, 4, 6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def device(memory_gb=8.0, tflops=1.0, headroom=0.2, **kwargs) -> Device:
     return Device("test", memory_gb * GB, tflops * 1e12, headroom, **kwargs)
 

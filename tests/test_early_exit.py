@@ -41,15 +41,6 @@ TINY = dict(
 SAMPLES = 4000  # 0.25 s -> 12 frames
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_backbone(family: str = "wav2vec2", stable: bool = False, **overrides):
     config_type, model_type = FAMILIES[family]
     torch.manual_seed(0)

@@ -11,8 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedspeech.data.manifest import read_manifest
-from fedspeech.data.partition import make_partition
 from fedspeech.federated import earlyexit_app as app
 from fedspeech.federated.checkpoints import round_dir
 from fedspeech.federated.earlyexit_plan import (
@@ -30,9 +28,8 @@ NUM_LAYERS = 6  # exits at 2, 4, 6
 
 
 @pytest.fixture(scope="module")
-def partition(small_corpus: Path, tmp_path_factory) -> Path:
-    part = make_partition(read_manifest(small_corpus), "speaker", 3, seed=0, manifest=str(small_corpus))
-    return part.save(tmp_path_factory.mktemp("ee-part") / "partition.json")
+def partition(speaker_partition) -> Path:
+    return speaker_partition(3)
 
 
 def make_settings(small_corpus: Path, partition: Path, out: Path, **kw) -> EarlyExitSettings:

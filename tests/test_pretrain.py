@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from transformers import Wav2Vec2Model
 
 from fedspeech.data.manifest import read_manifest
-from fedspeech.data.partition import make_partition
 from fedspeech.federated.checkpoints import completed_rounds, round_dir
 from fedspeech.federated.roundlog import read_rounds
 from fedspeech.federated.runners import run_centralised, run_pretraining
@@ -19,10 +18,8 @@ from fedspeech.federated.settings import PretrainSettings
 
 
 @pytest.fixture(scope="module")
-def partition(small_corpus: Path, tmp_path_factory) -> Path:
-    utts = read_manifest(small_corpus)
-    part = make_partition(utts, "speaker", 2, seed=0, manifest=str(small_corpus))
-    return part.save(tmp_path_factory.mktemp("part") / "partition.json")
+def partition(speaker_partition) -> Path:
+    return speaker_partition(2)
 
 
 def settings(small_corpus: Path, partition: Path, out: Path, **kw) -> PretrainSettings:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedspeech.downstream.tasks import task_data
+from fedspeech.figures import save_figure
 
 # The headline metric per task and whether higher is better.
 METRICS = {"kws": ("accuracy", True), "speaker": ("accuracy", True), "asr": ("cer", False)}
@@ -99,12 +100,7 @@ def plot_comparison(rows: Sequence[dict], out: str | Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         metric, higher = METRICS[task]
         ax.set_title(f"{task}: {metric} ({'higher' if higher else 'lower'} is better)", fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def run_compare(args) -> int:

@@ -13,7 +13,7 @@ PRESETS = {
     "gao10": {"clients": 10, "clients_per_round": 0, "local_epochs": 1, "batch_size": 4},
     "gao100": {"clients": 100, "clients_per_round": 20, "local_epochs": 1, "batch_size": 4},
 }
-RUNNERS = ("inprocess", "simulation")
+RUNNERS = ("inprocess", "simulation", "deployment")  # as runners.RUNNERS, import-free for --help
 
 
 def _flag(name: str) -> str:
@@ -100,7 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="reference-study settings: gao10 = 10 clients all per round; gao100 = 20 of 100 "
                              "per round (partition with that many clients); 1 local epoch, batch 4")
     parser.add_argument("--runner", choices=RUNNERS, default="inprocess",
-                        help="inprocess (default, no Ray) or Flower's Simulation Engine")
+                        help="inprocess (default, no Ray), Flower's Simulation Engine, or Flower's Deployment Engine "
+                             "on this machine (SuperLink + one SuperNode per client on loopback, TLS, "
+                             "SuperNode authentication)")
     parser.add_argument("--centralised", action="store_true",
                         help="centralised baseline: same model and objective on the pooled training data, "
                              "same number of examples per round as the federated run")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedspeech.federated.roundlog import read_rounds
+from fedspeech.figures import save_figure
 
 
 def plot_validation_curves(runs: Sequence[str | Path], out: str | Path,
@@ -28,9 +29,4 @@ def plot_validation_curves(runs: Sequence[str | Path], out: str | Path,
     ax.set_ylabel("validation loss (held-out speakers)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -1,8 +1,12 @@
 """Run federated pretraining with a chosen runner, and the centralised baseline.
 
 ``run_pretraining(settings, runner="inprocess")`` is the Python entry point behind
-``fedspeech pretrain``; the Deployment Engine is started by the user (docs/deployment.md)
-and runs the same ``pretrain_app``.
+``fedspeech pretrain``. Runners: ``inprocess`` (Flower's Grid driven inside this process),
+``simulation`` (Flower's Simulation Engine) and ``deployment`` (Flower's Deployment Engine on
+this machine: a SuperLink and one SuperNode per client on loopback, TLS and SuperNode
+authentication, each SuperNode given its partition through ``--node-config``). Across real
+machines the user starts the same processes by hand (docs/deployment.md); the app is the
+same ``pretrain_app`` in every case.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from fedspeech.federated.settings import PretrainSettings
 log = logging.getLogger(__name__)
 
 
+RUNNERS = ("inprocess", "simulation", "deployment")
+
+
 def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeout: float = 24 * 3600) -> list[dict]:
     """Run the federated pretraining app; returns the round log."""
     from fedspeech.federated import pretrain_app
@@ -41,8 +48,16 @@ def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeo
 
         run_simulation(project_app_dir(), run_config, num_clients, flwr_home=Path(settings.out_dir) / "flwr-home",
                        timeout=timeout)
+    elif runner == "deployment":
+        from fedspeech.federated.engines import DeploymentCluster, project_app_dir
+
+        # Each SuperNode reads its own partition from its node config, as on real machines.
+        node_configs = [{"manifest": settings.manifest, "partition": settings.partition} for _ in range(num_clients)]
+        with DeploymentCluster(Path(settings.out_dir) / "deployment", num_clients, node_configs=node_configs,
+                               tls=True, supernode_auth=True, startup_timeout=300) as cluster:
+            cluster.run(project_app_dir(), run_config, timeout=timeout)
     else:
-        raise ValueError(f"runner: unknown {runner!r} (inprocess, simulation)")
+        raise ValueError(f"runner: unknown {runner!r} ({', '.join(RUNNERS)})")
     return roundlog.read_rounds(settings.out_dir)
 
 
