@@ -1,9 +1,12 @@
-"""``fedspeech finetune asr|kws|speaker``: centralised fine-tuning of a backbone.
+"""``fedspeech finetune asr|kws|speaker``: fine-tuning of a backbone, centralised or
+(``--federated``) on Flower with the same runners as pretraining.
 
 Data come from one manifest: train split to train, test split to report, dev split (when
-present) to pick the best epoch. Speaker ID instead divides every speaker's utterances
-between train and test (see ``fedspeech.downstream.tasks``). Heavy modules load inside the
-command, so ``--help`` stays fast.
+present) to pick the best epoch (federated: the best round). Speaker ID instead divides
+every speaker's utterances between train and test (see ``fedspeech.downstream.tasks``).
+Federated clients are a speaker partition of the training utterances
+(``fedspeech.federated.finetune_app``). Heavy modules load inside the command, so
+``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -13,19 +16,23 @@ import json
 from pathlib import Path
 
 TASK_CHOICES = ("asr", "kws", "speaker")
+RUNNERS = ("inprocess", "simulation")  # as finetune_app.RUNNERS, import-free for --help
+FED_STRATEGIES = ("fedavg", "loss", "mixed", "ldawa")  # as finetune_settings.STRATEGIES
+_FEDERATED_ONLY = ("clients", "clients_per_round", "rounds", "local_epochs", "runner", "out", "partition", "strategy")
 _MAX_MATRIX_LABELS = 20  # a larger confusion matrix does not fit a terminal
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``finetune`` and ``compare``."""
-    parser = subparsers.add_parser("finetune", help="fine-tune a backbone on a downstream task (centralised)")
+    parser = subparsers.add_parser("finetune", help="fine-tune a backbone on a downstream task "
+                                                     "(centralised, or federated with --federated)")
     parser.add_argument("task", choices=TASK_CHOICES,
                         help="asr (character CTC), kws (keywords) or speaker (speaker ID)")
     parser.add_argument("--manifest", required=True, type=Path, metavar="M", help="manifest TSV")
     parser.add_argument("--backbone", default="tiny", metavar="tiny|base|large|FOLDER",
                         help="model preset (random init) or local HF checkpoint folder (default tiny)")
-    parser.add_argument("--epochs", type=_positive_int, default=10, metavar="E", help="passes over train (default 10)")
-    parser.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N updates")
+    parser.add_argument("--epochs", type=_positive_int, metavar="E", help="centralised: passes over train (default 10)")
+    parser.add_argument("--max-steps", type=_positive_int, metavar="N", help="centralised: stop after N updates")
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="default 8")
     parser.add_argument("--lr-backbone", type=_positive_float, default=5e-5, metavar="LR", help="default 5e-5")
     parser.add_argument("--lr-head", type=_positive_float, default=1e-3, metavar="LR", help="default 1e-3")
@@ -39,6 +46,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-dev", action="store_true", help="ignore the dev split; evaluate the last epoch")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the full result as JSON")
+    federated = parser.add_argument_group("federated fine-tuning (--federated)")
+    federated.add_argument("--federated", action="store_true",
+                           help="fine-tune on Flower: clients are speaker partitions of the training data")
+    federated.add_argument("--clients", type=_positive_int, metavar="N",
+                           help="clients (speaker-disjoint partition of the training data; default 2)")
+    federated.add_argument("--partition", type=Path, metavar="FILE",
+                           help="use this partition JSON (fedspeech partition) instead of making one")
+    federated.add_argument("--clients-per-round", type=_positive_int, metavar="K", help="default: all clients")
+    federated.add_argument("--rounds", type=_positive_int, metavar="R", help="default 10")
+    federated.add_argument("--local-epochs", type=_positive_int, metavar="E", help="per client and round (default 1)")
+    federated.add_argument("--strategy", choices=FED_STRATEGIES, help="aggregation rule (default fedavg)")
+    federated.add_argument("--runner", choices=RUNNERS,
+                           help="inprocess (default, no Ray) or Flower's Simulation Engine")
+    federated.add_argument("--out", type=Path, metavar="DIR",
+                           help="run folder: rounds.jsonl, result.json, best checkpoint (default runs/finetune)")
     parser.set_defaults(func=_run_finetune)
 
     from fedspeech.downstream.compare import register as register_compare
@@ -67,6 +89,11 @@ def _positive_float(text: str) -> float:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
+    if args.federated:
+        return _run_federated(args)
+    given = [name for name in _FEDERATED_ONLY if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to --federated fine-tuning only")
     from fedspeech.data.manifest import read_manifest
     from fedspeech.downstream.finetune import finetune_asr, finetune_classifier
     from fedspeech.downstream.heads import is_preset
@@ -77,7 +104,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     data = task_data(read_manifest(args.manifest), args.task, seed=args.seed)
     common = dict(
         dev_utts=None if args.no_dev else data.dev,
-        epochs=args.epochs,
+        epochs=args.epochs or 10,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr_backbone=args.lr_backbone,
@@ -96,11 +123,42 @@ def _run_finetune(args: argparse.Namespace) -> int:
                                      layer_weighted=args.layer_weighted, **common)
     result["manifest"] = str(args.manifest)
     print_result(result)
+    _write_json(args, result)
+    return 0
+
+
+def _run_federated(args: argparse.Namespace) -> int:
+    from fedspeech.federated.finetune_app import run_federated_finetune
+    from fedspeech.federated.finetune_settings import FinetuneSettings
+
+    for name in ("epochs", "max_steps"):
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag}: federated fine-tuning counts --rounds and --local-epochs instead")
+    given = {"clients": args.clients, "clients_per_round": args.clients_per_round, "rounds": args.rounds,
+             "local_epochs": args.local_epochs, "strategy": args.strategy,
+             "out_dir": str(args.out) if args.out else None,
+             "partition": str(args.partition) if args.partition else None}
+    settings = FinetuneSettings(
+        task=args.task, manifest=str(args.manifest), backbone=str(args.backbone), batch_size=args.batch_size,
+        lr_backbone=args.lr_backbone, lr_head=args.lr_head, freeze_cnn=args.freeze_cnn,
+        freeze_backbone=args.freeze_backbone, layer_weighted=args.layer_weighted,
+        max_seconds=args.max_seconds or 0.0, use_dev=not args.no_dev, seed=args.seed,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    result = run_federated_finetune(settings, runner=args.runner or "inprocess")
+    result["manifest"] = str(args.manifest)
+    print_result(result)
+    print(f"run folder: {result['out_dir']} (rounds.jsonl, result.json, best round's checkpoint)")
+    _write_json(args, result)
+    return 0
+
+
+def _write_json(args: argparse.Namespace, result: dict) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
-    return 0
 
 
 def print_result(result: dict) -> None:
@@ -109,16 +167,19 @@ def print_result(result: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{result['task']} fine-tuning of {result['backbone']} (seed {result['seed']})")
+    federated = result.get("federated", False)
+    how = f"federated ({result['num_clients']} clients, {result['rounds']} rounds) " if federated else ""
+    table = Table(title=f"{result['task']} {how}fine-tuning of {result['backbone']} (seed {result['seed']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     metrics = ("wer", "cer", "loss") if result["task"] == "asr" else ("accuracy", "macro_accuracy", "loss")
     for name in metrics:
         table.add_row(f"test {name}", f"{result[name]:.4f}")
-    for name in ("num_train", "num_dev", "num_eval", "steps", "best_epoch", "selected_on", "trainable_parameters",
+    best, losses = ("best_round", "round_losses") if federated else ("best_epoch", "epoch_losses")
+    for name in ("num_train", "num_dev", "num_eval", "steps", best, "selected_on", "trainable_parameters",
                  "train_seconds"):
         table.add_row(name, str(result[name]))
-    table.add_row("epoch losses", " ".join(f"{loss:.3f}" for loss in result["epoch_losses"]))
+    table.add_row(losses.replace("_", " "), " ".join(f"{loss:.3f}" for loss in result[losses]))
     console.print(table)
 
     if result["task"] == "asr":

@@ -2,8 +2,10 @@
 
 The pieces a federated client needs are separate functions over a model, a DataLoader
 and an optimiser — ``train_epochs``, ``evaluate_asr``, ``evaluate_classifier`` (plus
-``fedspeech.downstream.state`` for the weights) — and ``finetune_asr`` /
-``finetune_classifier`` are the centralised runs built from them.
+``fedspeech.downstream.state`` for the weights, ``training_dataset`` /
+``evaluation_dataset`` for the audio, ``selection_key`` and ``lr_factor``) — and
+``finetune_asr`` / ``finetune_classifier`` are the centralised runs built from them;
+``fedspeech.federated.finetune_app`` builds the federated runs from the same pieces.
 
 Determinism: a run draws every random number (head init, dropout, HF's SpecAugment masks,
 shuffling, crops) from generators seeded by ``seed``; torch's and numpy's global RNG
@@ -187,19 +189,22 @@ def seeded(seed: int) -> Iterator[None]:
 
 def warmup_linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.1):
     """Linear warm-up then linear decay to zero (the usual fine-tuning schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_fraction))
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float = 0.1) -> float:
+    """The learning-rate multiplier of ``warmup_linear_decay`` at ``step`` (0-based); federated
+    fine-tuning applies it per round instead of per step."""
     warmup = max(1, int(total_steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
-def _datasets(train, evaluation, dev, *, max_seconds, seed, crop_training: bool):
-    # Classification may crop to max_seconds; CTC may not (a crop would cut the
-    # transcript), so for ASR max_seconds drops longer training utterances instead.
+def training_dataset(train: Sequence[Utterance], *, max_seconds: float | None, seed: int,
+                     crop_training: bool) -> AudioDataset:
+    """Training audio: classification may crop to ``max_seconds`` (at random); CTC may not
+    (a crop would cut the transcript), so for ASR ``max_seconds`` drops longer utterances."""
     if not crop_training and max_seconds is not None:
         kept = [u for u in train if u.duration <= max_seconds]
         if len(kept) < len(train):
@@ -207,17 +212,28 @@ def _datasets(train, evaluation, dev, *, max_seconds, seed, crop_training: bool)
         if not kept:
             raise ValueError(f"no training utterance is at most --max-seconds {max_seconds} long")
         train = kept
-    crop = max_seconds if crop_training else None
-    train_set = AudioDataset(train, max_seconds=crop, seed=seed)
-    eval_set = AudioDataset(evaluation, max_seconds=crop, seed=seed, crop="center")
-    dev_set = AudioDataset(dev, max_seconds=crop, seed=seed, crop="center") if dev else None
+    return AudioDataset(list(train), max_seconds=max_seconds if crop_training else None, seed=seed)
+
+
+def evaluation_dataset(utterances: Sequence[Utterance], *, max_seconds: float | None, seed: int,
+                       crop_training: bool) -> AudioDataset:
+    """Evaluation audio: the centre crop when training crops, else whole utterances."""
+    return AudioDataset(list(utterances), max_seconds=max_seconds if crop_training else None, seed=seed,
+                        crop="center")
+
+
+def _datasets(train, evaluation, dev, *, max_seconds, seed, crop_training: bool):
+    options = dict(max_seconds=max_seconds, seed=seed, crop_training=crop_training)
+    train_set = training_dataset(train, **options)
+    eval_set = evaluation_dataset(evaluation, **options)
+    dev_set = evaluation_dataset(dev, **options) if dev else None
     return train_set, eval_set, dev_set
 
 
-_DEV_KEYS = ("wer", "cer", "accuracy", "loss")
+DEV_KEYS = ("wer", "cer", "accuracy", "loss")  # what a dev evaluation keeps
 
 
-def _dev_key(metrics: dict[str, float]) -> tuple[float, ...]:
+def selection_key(metrics: dict[str, float]) -> tuple[float, ...]:
     """Larger is better: the main metric first (accuracy, or -WER then -CER), then the
     negated dev loss, which breaks the frequent accuracy ties on a small dev set."""
     def neg(name: str) -> float:
@@ -264,8 +280,8 @@ def _fit(
         steps += stats.steps
         entry = {"epoch": epoch + 1, "loss": stats.last_loss, "steps": steps}
         if dev_loader is not None:
-            entry["dev"] = {k: v for k, v in evaluate(dev_loader).items() if k in _DEV_KEYS}
-            key = _dev_key(entry["dev"])
+            entry["dev"] = {k: v for k, v in evaluate(dev_loader).items() if k in DEV_KEYS}
+            key = selection_key(entry["dev"])
             if best_key is None or key > best_key:  # ties keep the earlier epoch
                 best_key, best_state, best_epoch = key, trainable_state(model), epoch + 1
         history.append(entry)
