@@ -2,9 +2,11 @@
 one ``ServerApp`` and one ``ClientApp``, run unchanged by the in-process runner and by
 Flower's engines (see :mod:`fedspeech.federated.earlyexit_runner`).
 
-Task: keyword spotting (the keyword labels of the manifest) with a classification head
-after every ``exit-every`` Transformer layers of an HF SSL backbone
-(:class:`~fedspeech.models.early_exit.EarlyExitModel`). CTC (ASR) exits are not wired in.
+Task (``task`` setting): keyword spotting (``kws``: the keyword labels of the manifest, a
+classification head per exit, accuracy) or speech recognition (``asr``: character CTC on
+the sentence utterances, a CTC head per exit, WER and CER by greedy decoding), with a
+head after every ``exit-every`` Transformer layers of an HF SSL backbone
+(:class:`~fedspeech.models.early_exit.EarlyExitModel`).
 
 Start: the server queries every client once; each client plans its own depth from its
 device (fleet or ``device`` node config), its data and the round deadline, and replies with
@@ -16,10 +18,10 @@ layers and heads <= its depth), trains layers and heads <= its depth on the loss
 exits (optionally with self-distillation), and sends back only what it trained, with the
 training FLOPs it spent and their predicted time on its device. The server aggregates
 depth-aware (:class:`~fedspeech.federated.strategies.DepthAwarePartial`), measures the
-accuracy at every exit on held-out speakers, writes an HF checkpoint (backbone; heads in
-``extra.safetensors``) and one JSON line: per-client depth, FLOPs, upload bytes and device
-time, FLOPs and bytes per device tier, and the simulated round wall-clock (the slowest
-sampled client's predicted device time).
+accuracy (kws) or WER and CER (asr) at every exit on held-out speakers, writes an HF
+checkpoint (backbone; heads in ``extra.safetensors``) and one JSON line: per-client depth,
+FLOPs, upload bytes and device time, FLOPs and bytes per device tier, and the simulated
+round wall-clock (the slowest sampled client's predicted device time).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from safetensors.torch import load_file
 from fedspeech.data.audio import TARGET_SAMPLE_RATE, AudioDataset, make_loader
 from fedspeech.data.manifest import Utterance, read_manifest
 from fedspeech.data.partition import Partition, client_utterances
+from fedspeech.downstream.metrics import cer, wer
+from fedspeech.downstream.tasks import asr_utterances
+from fedspeech.downstream.text import CharVocab, ctc_greedy_decode, normalize_transcript, pad_targets
 from fedspeech.federated import checkpoints, roundlog
 from fedspeech.federated.earlyexit_plan import (
     ClientPlan,
@@ -79,17 +84,32 @@ EVAL_BATCH = 32
 
 def _model_key(settings: EarlyExitSettings) -> tuple:
     """The settings that decide the model's architecture and initial weights."""
+    outputs = settings.label_names if settings.task == "kws" else tuple(run_vocab(settings).tokens)
     return (settings.model, settings.num_layers, settings.model_overrides, settings.exit_every, settings.exits,
-            settings.label_names, settings.freeze_feature_encoder, settings.head_dropout, settings.seed)
+            settings.task, outputs, settings.freeze_feature_encoder, settings.head_dropout, settings.seed)
+
+
+def run_vocab(settings: EarlyExitSettings) -> CharVocab:
+    """The asr character vocabulary: fixed by the settings (not read from data), so the
+    server and every client, whatever manifest it holds, agree on the CTC outputs."""
+    return CharVocab(settings.letter_set) if settings.letter_set else CharVocab()
+
+
+def model_head(settings: EarlyExitSettings) -> tuple[str, int]:
+    """(model task, outputs per exit) of the run's task."""
+    if settings.task == "asr":
+        return "ctc", len(run_vocab(settings))
+    return "classify", len(settings.label_names)
 
 
 def build_model(settings: EarlyExitSettings) -> EarlyExitModel:
     """The early-exit model of a run; presets are initialised from ``seed`` (same weights
     on the server and in every process)."""
+    task, outputs = model_head(settings)
     with torch.random.fork_rng():
         torch.manual_seed(settings.seed)
         return EarlyExitModel.build(
-            settings.model, "classify", len(settings.label_names), exits=settings.exit_list,
+            settings.model, task, outputs, exits=settings.exit_list,
             every=None if settings.exit_list else settings.exit_every,
             config_overrides=settings.config_overrides,
             freeze_feature_encoder=settings.freeze_feature_encoder, head_dropout=settings.head_dropout,
@@ -110,16 +130,38 @@ def client_model(settings: EarlyExitSettings) -> EarlyExitModel:
     return _MODELS[key]
 
 
-def depth_costs(settings: EarlyExitSettings, precision: str = "fp32") -> dict[int, DepthCostModel]:
-    """FLOPs and memory per depth, measured once per process on the run's model at half and
-    all of ``max_seconds`` and fitted linearly in audio length (``measure_depth_costs``)."""
-    key = (_model_key(settings), settings.max_seconds, precision)
+def depth_costs(settings: EarlyExitSettings, precision: str = "fp32",
+                lengths: tuple[float, float] | None = None) -> dict[int, DepthCostModel]:
+    """FLOPs and memory per depth, measured once per process on the run's model at two audio
+    lengths (default: half and all of ``train_seconds``) and fitted linearly in audio length
+    (``measure_depth_costs``)."""
+    lengths = lengths or (settings.train_seconds / 2, settings.train_seconds)
+    key = (_model_key(settings), lengths, precision)
     if key not in _COSTS:
         model = client_model(settings)
         model.freeze_beyond(None)  # every layer trainable; layers deeper than d simply do not run
-        lengths = (settings.max_seconds / 2, settings.max_seconds)
         _COSTS[key] = {c.depth: c for c in measure_depth_costs(model, lengths=lengths, precision=precision)}
     return _COSTS[key]
+
+
+def cost_lengths(settings: EarlyExitSettings, dataset: AudioDataset) -> tuple[float, float]:
+    """Where a client's cost lines are measured. kws: half and all of the crop (every batch
+    is padded to at most the crop). asr: the client's own shortest (at most half its longest)
+    and longest sentence. Why not the ``asr_max_seconds`` cap: self-attention grows
+    quadratically with length, so a line fitted at 8 and 16 s badly mispredicts 3 s sentences
+    (for a tiny model even to shrinking cost with depth)."""
+    if settings.task == "kws":
+        return settings.max_seconds / 2, settings.max_seconds
+    durations = [u.duration for u in dataset.utterances]
+    longest = max(durations)
+    return min(min(durations), longest / 2), longest
+
+
+def client_costs(settings: EarlyExitSettings, client_id: int, manifest: str, partition: str,
+                 precision: str = "fp32") -> dict[int, DepthCostModel]:
+    """:func:`depth_costs` measured at the lengths of this client's training data."""
+    dataset = _task_dataset(settings, manifest, partition, client_id)
+    return depth_costs(settings, precision, cost_lengths(settings, dataset))
 
 
 def load_early_exit(folder: str | Path) -> EarlyExitModel:
@@ -127,10 +169,19 @@ def load_early_exit(folder: str | Path) -> EarlyExitModel:
     folder = Path(folder)
     state = checkpoints.load_state(folder)
     settings = EarlyExitSettings.from_run_config(state["settings"])
-    model = EarlyExitModel.build(folder, "classify", len(state["labels"]), exits=state["exits"],
+    outputs = len(state["vocab"]) if settings.task == "asr" else len(state["labels"])
+    model = EarlyExitModel.build(folder, model_head(settings)[0], outputs, exits=state["exits"],
                                  freeze_feature_encoder=settings.freeze_feature_encoder)
     _restore_heads(model, folder)
     return model
+
+
+def load_vocab(folder: str | Path) -> CharVocab:
+    """The character vocabulary of an asr round checkpoint (to decode its CTC exits)."""
+    state = checkpoints.load_state(Path(folder))
+    if "vocab" not in state:
+        raise ValueError(f"{folder}: not an asr checkpoint (it has no character vocabulary)")
+    return CharVocab.from_dict({"tokens": state["vocab"]})
 
 
 def _restore_heads(model: EarlyExitModel, folder: Path) -> None:
@@ -148,24 +199,48 @@ def _keyword_utterances(utterances: list[Utterance]) -> list[Utterance]:
     return [u for u in utterances if u.label]
 
 
+# What each task trains and evaluates on: keyword clips, or sentences (as downstream ASR).
+_TASK_UTTERANCES = {"kws": (_keyword_utterances, "keyword"), "asr": (asr_utterances, "transcribed sentence")}
+
+
 @lru_cache(maxsize=256)
-def _client_dataset(manifest: str, partition: str, client_id: int, max_seconds: float, seed: int) -> AudioDataset:
-    """A client's keyword utterances, decoded once per process."""
-    utterances = _keyword_utterances(client_utterances(Partition.load(partition), read_manifest(manifest), client_id))
+def _client_dataset(manifest: str, partition: str, client_id: int, max_seconds: float, seed: int,
+                    task: str = "kws") -> AudioDataset:
+    """A client's utterances of the task, decoded once per process. kws crops them to
+    ``max_seconds`` at random; asr drops longer sentences instead (a crop would cut the
+    transcript)."""
+    pick, what = _TASK_UTTERANCES[task]
+    utterances = pick(client_utterances(Partition.load(partition), read_manifest(manifest), client_id))
     if not utterances:
-        raise ValueError(f"client {client_id} of {partition} holds no keyword utterances in {manifest}")
-    return AudioDataset(utterances, max_seconds=max_seconds, seed=seed + client_id)
+        raise ValueError(f"client {client_id} of {partition} holds no {what} utterances in {manifest}")
+    if task == "kws":
+        return AudioDataset(utterances, max_seconds=max_seconds, seed=seed + client_id)
+    kept = [u for u in utterances if u.duration <= max_seconds]
+    if not kept:
+        raise ValueError(f"client {client_id} of {partition}: all {len(utterances)} sentences are longer than "
+                         f"--asr-max-seconds {max_seconds}")
+    if len(kept) < len(utterances):
+        log.info("client %d: dropped %d sentence(s) longer than %.1f s", client_id, len(utterances) - len(kept),
+                 max_seconds)
+    return AudioDataset(kept, max_seconds=None, seed=seed + client_id)
 
 
 @lru_cache(maxsize=4)
-def _eval_dataset(manifest: str, splits: tuple[str, ...], max_utterances: int, max_seconds: float) -> AudioDataset:
-    """Keyword utterances of held-out speakers (``splits``), a fixed subset so rounds compare."""
-    chosen = sorted((u for u in _keyword_utterances(read_manifest(manifest)) if u.split in splits), key=lambda u: u.id)
+def _eval_dataset(manifest: str, splits: tuple[str, ...], max_utterances: int, max_seconds: float,
+                  task: str = "kws") -> AudioDataset:
+    """The task's utterances of held-out speakers (``splits``), a fixed subset so rounds
+    compare; keywords centre-cropped to ``max_seconds``, sentences whole."""
+    pick, what = _TASK_UTTERANCES[task]
+    chosen = sorted((u for u in pick(read_manifest(manifest)) if u.split in splits), key=lambda u: u.id)
     if not chosen:
-        raise ValueError(f"{manifest}: no keyword utterances in split(s) {', '.join(splits)} to evaluate on")
+        raise ValueError(f"{manifest}: no {what} utterances in split(s) {', '.join(splits)} to evaluate on")
     if max_utterances:
         chosen = chosen[:max_utterances]
-    return AudioDataset(chosen, max_seconds=max_seconds, seed=0, crop="center")
+    return AudioDataset(chosen, max_seconds=max_seconds if task == "kws" else None, seed=0, crop="center")
+
+
+def _task_dataset(settings: EarlyExitSettings, manifest: str, partition: str, client_id: int) -> AudioDataset:
+    return _client_dataset(manifest, partition, client_id, settings.train_seconds, settings.seed, settings.task)
 
 
 def label_targets(utterances: list[Utterance], labels: tuple[str, ...]) -> torch.Tensor:
@@ -175,6 +250,17 @@ def label_targets(utterances: list[Utterance], labels: tuple[str, ...]) -> torch
     except KeyError as missing:
         raise ValueError(f"utterance label {missing} is not a class of this run ({', '.join(labels)}); "
                          "set --labels") from None
+
+
+def transcript_targets(utterances: list[Utterance], vocab: CharVocab) -> torch.Tensor:
+    """CTC targets (padded with -100) of the normalised transcripts."""
+    sequences = []
+    for utterance in utterances:
+        try:
+            sequences.append(vocab.encode(utterance.transcript))
+        except ValueError as error:
+            raise ValueError(f"utterance {utterance.id}: {error}; set --letters") from None
+    return pad_targets(sequences)
 
 
 # ----------------------------------------------------------------------------- client
@@ -188,11 +274,12 @@ class _StepOutput:
 
 class EarlyExitObjective:
     """Loss of one batch over the client's exits (``train_local`` objective), counting the
-    training FLOPs of every batch it runs from the depth's measured cost line."""
+    training FLOPs of every batch it runs from the depth's measured cost line. With a
+    ``vocab`` the exits are CTC heads trained on the transcripts, else classifiers of ``labels``."""
 
     def __init__(self, depth: int, labels: tuple[str, ...], cost: DepthCostModel, *, distill_lambda: float,
-                 temperature: float, mixed: bool) -> None:
-        self.depth, self.labels, self.cost = depth, labels, cost
+                 temperature: float, mixed: bool, vocab: CharVocab | None = None) -> None:
+        self.depth, self.labels, self.cost, self.vocab = depth, labels, cost, vocab
         self.distill_lambda, self.temperature, self.mixed = distill_lambda, temperature, mixed
         self.flops = 0.0
         self.longest_seconds = 0.0
@@ -204,11 +291,17 @@ class EarlyExitObjective:
         self.flops += self.cost.at(seconds, audio.shape[0]).train_flops
         self.longest_seconds = max(self.longest_seconds, seconds)
         self.largest_batch = max(self.largest_batch, audio.shape[0])
-        targets = label_targets(batch["utterances"], self.labels).to(audio.device)
         with torch.autocast(audio.device.type, dtype=torch.bfloat16, enabled=self.mixed):
             out = model(audio, batch.get("attention_mask"), depth=self.depth)
-        loss = early_exit_loss(out.logits, targets, "classify", distill_lambda=self.distill_lambda,
-                               temperature=self.temperature)
+        if self.vocab is None:
+            targets = label_targets(batch["utterances"], self.labels).to(audio.device)
+            loss = early_exit_loss(out.logits, targets, "classify", distill_lambda=self.distill_lambda,
+                                   temperature=self.temperature)
+        else:
+            targets = transcript_targets(batch["utterances"], self.vocab).to(audio.device)
+            loss = early_exit_loss(out.logits, targets, "ctc", distill_lambda=self.distill_lambda,
+                                   temperature=self.temperature, output_lengths=out.output_lengths,
+                                   blank=self.vocab.blank_id)
         return _StepOutput(loss, int(audio.shape[0]))
 
 
@@ -243,10 +336,10 @@ class Workload:
 
 
 def client_workload(settings: EarlyExitSettings, client_id: int, manifest: str, partition: str) -> Workload:
-    dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
+    dataset = _task_dataset(settings, manifest, partition, client_id)
     return Workload(steps=steps_per_round(len(dataset), settings.batch_size, settings.local_epochs),
                     batch=min(settings.batch_size, len(dataset)),
-                    seconds=min(settings.max_seconds, max(u.duration for u in dataset.utterances)))
+                    seconds=min(settings.train_seconds, max(u.duration for u in dataset.utterances)))
 
 
 @client_app.query()
@@ -260,7 +353,8 @@ def client_plan(msg: Message, context: Context) -> Message:
     work = client_workload(settings, client_id, manifest, partition)
     cap = context.node_config.get("max-depth")
     plan = plan_client(
-        client_id, device, list(depth_costs(settings, precision).values()), deadline=settings.deadline or math.inf,
+        client_id, device, list(client_costs(settings, client_id, manifest, partition, precision).values()),
+        deadline=settings.deadline or math.inf,
         steps=work.steps, batch=work.batch, seconds=work.seconds, precision=precision,
         max_depth=int(cap) if cap not in (None, "") else None,
     )
@@ -289,12 +383,13 @@ def client_train(msg: Message, context: Context) -> Message:
     model.freeze_beyond(depth)
 
     torch.manual_seed(hash((settings.seed, server_round, client_id)) % 2**63)  # dropout
-    dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
+    dataset = _task_dataset(settings, manifest, partition, client_id)
     dataset.set_epoch(server_round)
     loader = make_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 100_003 + server_round)
-    cost = depth_costs(settings, precision)[depth]
+    cost = client_costs(settings, client_id, manifest, partition, precision)[depth]
     objective = EarlyExitObjective(depth, settings.label_names, cost, distill_lambda=settings.distill_lambda,
-                                   temperature=settings.distill_temperature, mixed=precision == "mixed")
+                                   temperature=settings.distill_temperature, mixed=precision == "mixed",
+                                   vocab=run_vocab(settings) if settings.task == "asr" else None)
     result = train_local(model, objective, loader, epochs=settings.local_epochs, lr=float(config["lr"]),
                          lr_schedule=CONSTANT_LR, max_grad_norm=settings.max_grad_norm,
                          rng=np.random.default_rng([settings.seed, server_round, client_id]))
@@ -348,6 +443,52 @@ def evaluate_exits(model: EarlyExitModel, dataset: AudioDataset, labels: tuple[s
                             "mean_exit_layer": exit_sum / total},
         "eval_utterances": total,
     }
+
+
+@torch.no_grad()
+def evaluate_ctc_exits(model: EarlyExitModel, dataset: AudioDataset, vocab: CharVocab, threshold: float) -> dict:
+    """Corpus WER and CER at every exit (greedy CTC decoding of the normalised transcripts),
+    and of the confidence-exit policy (with its mean exit layer)."""
+    was_training = model.training
+    model.eval()
+    policy = ConfidenceExit(threshold)
+    hypotheses: dict[int, list[str]] = {e: [] for e in model.exits}
+    policy_hypotheses, references, exit_sum = [], [], 0.0
+
+    def decode(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        return [vocab.decode(tokens) for tokens in ctc_greedy_decode(logits, lengths, vocab.blank_id)]
+
+    try:
+        for batch in make_loader(dataset, EVAL_BATCH, shuffle=False):
+            references += [normalize_transcript(u.transcript) for u in batch["utterances"]]
+            out = model(batch["input_values"], batch["attention_mask"])
+            for layer, logits in out.logits.items():
+                hypotheses[layer] += decode(logits, out.output_lengths)
+            chosen_exit, chosen_logits = policy.select(out.logits, out.output_lengths)
+            policy_hypotheses += decode(chosen_logits, out.output_lengths)
+            exit_sum += float(chosen_exit.float().sum())
+    finally:
+        model.train(was_training)
+    return {
+        "wer": {str(e): wer(references, h) for e, h in hypotheses.items()},
+        "cer": {str(e): cer(references, h) for e, h in hypotheses.items()},
+        "confidence_exit": {"threshold": threshold, "wer": wer(references, policy_hypotheses),
+                            "cer": cer(references, policy_hypotheses),
+                            "mean_exit_layer": exit_sum / len(references)},
+        "eval_utterances": len(references),
+        # one example per exit, so a round log shows what the numbers mean
+        "example": {"reference": references[0], **{str(e): h[0] for e, h in hypotheses.items()}},
+    }
+
+
+def _evaluate(settings: EarlyExitSettings, model: EarlyExitModel, dataset: AudioDataset) -> dict:
+    """The task's per-exit scores, plus ``<score>_deepest`` for the deepest exit."""
+    deepest = str(model.exits[-1])
+    if settings.task == "asr":
+        scores = evaluate_ctc_exits(model, dataset, run_vocab(settings), settings.confidence_threshold)
+        return {**scores, "wer_deepest": scores["wer"][deepest], "cer_deepest": scores["cer"][deepest]}
+    scores = evaluate_exits(model, dataset, settings.label_names, settings.confidence_threshold)
+    return {**scores, "accuracy_deepest": scores["accuracy"][deepest]}
 
 
 # ----------------------------------------------------------------------------- server
@@ -454,7 +595,7 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
                              fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
     arrays = ArrayRecord(model.state_dict())
     eval_set = _eval_dataset(settings.manifest, settings.split_names, settings.eval_max_utterances,
-                             settings.max_seconds)
+                             settings.max_seconds, settings.task)
     participants = sorted(depths)
     cumulative_flops = sum(r["client_flops"] for r in roundlog.read_rounds(out)) if first_round > 1 else 0.0
     records = []
@@ -476,28 +617,28 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
             model.load_state_dict(arrays.to_torch_state_dict())
             clients = _client_rows(replies, client_of)
             ok = [c for c in clients if "error" not in c]
-            evaluation = evaluate_exits(model, eval_set, settings.label_names, settings.confidence_threshold)
+            evaluation = _evaluate(settings, model, eval_set)
             checkpoints.save_checkpoint(
                 out, server_round, model.backbone,
                 {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)},
                 state={"settings": settings.to_run_config(), "exits": list(model.exits),
-                       "labels": list(settings.label_names)})
+                       **({"vocab": run_vocab(settings).tokens} if settings.task == "asr"
+                          else {"labels": list(settings.label_names)})})
             checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
             timed = [c["device_seconds"] for c in ok if c["device_seconds"] is not None]
             round_flops = sum(c["train_flops"] for c in ok)
             cumulative_flops += round_flops
             report = strategy.last_report
-            accuracy = evaluation["accuracy"]
             record = {
                 "round": server_round,
                 "mode": settings.mode,
+                "task": settings.task,
                 "sampled": sorted(c["client"] for c in ok),
                 "failed": [c for c in clients if "error" in c],
                 "refused": {str(client_of.get(k, k)): v for k, v in (report.refused if report else {}).items()},
                 "clients": ok,
                 "train_loss": sum(c["train_loss"] * c["examples"] for c in ok) / max(1, sum(c["examples"] for c in ok)),
                 **evaluation,
-                "accuracy_deepest": accuracy[str(model.exits[-1])],
                 "layers_not_trained": _layers_not_trained(model, ok),
                 "client_flops": round_flops,
                 "client_flops_by_device": _by_device(ok, "train_flops"),
@@ -512,8 +653,9 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
             }
             roundlog.append_round(out, record)
             records.append(record)
-            log.info("round %d (%s): train loss %.4f, accuracy by exit %s, simulated %.3g s", server_round,
-                     settings.mode, record["train_loss"], {k: round(v, 3) for k, v in accuracy.items()},
+            score = "wer" if settings.task == "asr" else "accuracy"
+            log.info("round %d (%s): train loss %.4f, %s by exit %s, simulated %.3g s", server_round,
+                     settings.mode, record["train_loss"], score, {k: round(v, 3) for k, v in record[score].items()},
                      record["simulated_round_seconds"] or math.nan)
             progress.advance(task)
     return records

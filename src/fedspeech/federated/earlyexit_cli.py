@@ -1,5 +1,6 @@
 """``fedspeech early-exit``: federated early-exit fine-tuning on a heterogeneous fleet, the
-method and its baselines, with a side-by-side table and plots."""
+method and its baselines, with a side-by-side table and plots; keyword spotting
+(``--task kws``) or character CTC speech recognition (``--task asr``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import dataclasses
 import json
 from pathlib import Path
 
-from fedspeech.federated.earlyexit_settings import DEFAULT_FLEET, MODES, PRECISIONS, EarlyExitSettings
+from fedspeech.federated.earlyexit_settings import DEFAULT_FLEET, MODES, PRECISIONS, TASKS, EarlyExitSettings
 
 RUNNERS = ("inprocess", "simulation")  # same as earlyexit_runner.RUNNERS, kept import-free for --help
-_CHOICES = {"precision": PRECISIONS}
+_CHOICES = {"precision": PRECISIONS, "task": TASKS}
 # Set by --modes (one run folder per mode under --out), so not flags of their own.
 _NOT_FLAGS = {"mode", "out_dir"}
 _HELPS = {
-    "manifest": "corpus manifest (TSV) with keyword labels",
+    "manifest": "corpus manifest (TSV) with keyword labels (kws) or sentence transcripts (asr)",
+    "task": "kws: a keyword classifier per exit, accuracy; asr: a character CTC head per exit, WER and CER "
+            "(greedy decoding) on the sentence utterances",
+    "letters": "asr: letters of the character vocabulary besides the word break and \"'\" ('' = a-z)",
+    "max_seconds": "kws: random crop length for training",
+    "asr_max_seconds": "asr: training sentences longer than this are dropped, never cropped",
     "partition": "client partition JSON (fedspeech partition)",
     "model": "tiny, base, large or a local HF checkpoint folder (e.g. from `fedspeech pretrain`)",
     "num_layers": "Transformer layers (0 = the model's own)",
@@ -27,7 +33,7 @@ _HELPS = {
     "catalogue": "extra device catalogue JSON",
     "deadline": "simulated device seconds per round (0 = the tightest deadline that leaves nobody out)",
     "precision": f"{', '.join(PRECISIONS)}: mixed precision only where the device has it",
-    "labels": "comma-separated classes (default: the 10 keywords + _unknown_)",
+    "labels": "kws: comma-separated classes (default: the 10 keywords + _unknown_)",
     "clients_per_round": "clients sampled per round (0 = all taking part)",
     "distill_lambda": "self-distillation weight between exits (DepthFL)",
     "eval_splits": "held-out manifest splits to evaluate on, comma-separated",
@@ -58,21 +64,25 @@ def settings_from_args(args: argparse.Namespace) -> EarlyExitSettings:
 
 
 def write_report(runs: dict[str, list[dict]], out: Path) -> tuple[str, list[Path]]:
-    """Summary JSON, Markdown table and plots of the runs under ``out``."""
+    """Summary JSON, Markdown table and plots of the runs under ``out``: ``accuracy_vs_*.png``
+    for kws, ``wer_vs_*.png`` for asr."""
     from fedspeech.federated.earlyexit_report import (
         comparison_table,
         plot_accuracy_vs_compute,
         plot_accuracy_vs_exit,
+        plot_file_stem,
         summarize,
+        summary_task,
     )
 
     summaries = {mode: summarize(records) for mode, records in runs.items()}
     table = comparison_table(summaries)
+    stem = plot_file_stem(summary_task(summaries))
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
     (out / "summary.md").write_text(table + "\n")
-    plots = [plot_accuracy_vs_exit(runs, out / "accuracy_vs_exit.png"),
-             plot_accuracy_vs_compute(runs, out / "accuracy_vs_compute.png")]
+    plots = [plot_accuracy_vs_exit(runs, out / f"{stem}_vs_exit.png"),
+             plot_accuracy_vs_compute(runs, out / f"{stem}_vs_compute.png")]
     return table, plots
 
 
@@ -107,10 +117,12 @@ def _report(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "early-exit", help="federated early-exit fine-tuning on heterogeneous devices (method + baselines)",
-        description="Keyword spotting with an exit every few layers of an SSL backbone. Each client trains the "
+        description="Keyword spotting (--task kws) or character CTC speech recognition (--task asr) with an "
+                    "exit every few layers of an SSL backbone. Each client trains the "
                     "depth its device affords within the round deadline and uploads only that; the server "
                     "aggregates per tensor over the clients that trained it. Runs each --modes into OUT/<mode> and "
-                    "writes OUT/summary.md, OUT/accuracy_vs_exit.png and OUT/accuracy_vs_compute.png. Every "
+                    "writes OUT/summary.md, OUT/accuracy_vs_exit.png and OUT/accuracy_vs_compute.png (asr: "
+                    "OUT/wer_vs_exit.png and OUT/wer_vs_compute.png; WER/CER, lower is better). Every "
                     "setting is also a Flower run-config key (kebab-case).",
     )
     parser.add_argument("--out", default="runs/early-exit", help="folder of the runs, table and plots")

@@ -1,5 +1,10 @@
 """Summaries, the side-by-side table and the plots of early-exit runs (method vs baselines),
-from their round logs."""
+from their round logs.
+
+The score per exit is the task's: keyword accuracy (kws, higher is better) or word error
+rate (asr, lower is better; character error rate alongside). Every table row and plot axis
+names its score and, for error rates, says that lower is better.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,26 @@ from collections.abc import Mapping
 from pathlib import Path
 
 REFERENCE_MODE = "full"
+# task -> (headline score of the plots, every score of the table); round logs without a
+# task are keyword spotting (written before asr existed).
+SCORES = {"kws": ("accuracy", ("accuracy",)), "asr": ("wer", ("wer", "cer"))}
+SCORE_LABELS = {"accuracy": "accuracy", "wer": "WER", "cer": "CER"}
+
+
+def run_task(records: list[dict]) -> str:
+    return records[-1].get("task", "kws") if records else "kws"
+
+
+def _lower_is_better(score: str) -> bool:
+    return score != "accuracy"
+
+
+def score_axis_label(score: str, plot: str) -> str:
+    """The y label of the ``exit`` or ``compute`` plot; error rates say that lower is better."""
+    if score == "accuracy":
+        return "keyword accuracy %, held-out speakers" if plot == "exit" else "accuracy % at deepest trained exit"
+    where = "held-out speakers" if plot == "exit" else "at deepest trained exit"
+    return f"{SCORE_LABELS[score]} %, {where} (lower is better)"
 
 
 def _merge(records: list[dict], field: str) -> dict[str, float]:
@@ -24,13 +49,14 @@ def deepest_trained_exit(records: list[dict]) -> int:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Totals over the rounds and the last round's accuracies of one run."""
+    """Totals over the rounds and the last round's scores (accuracy, or WER and CER) of one run."""
     if not records:
         raise ValueError("no rounds to summarize")
     last = records[-1]
     timed = [r["simulated_round_seconds"] for r in records if r.get("simulated_round_seconds") is not None]
     trained = deepest_trained_exit(records)
-    return {
+    task = run_task(records)
+    summary = {
         "mode": last["mode"],
         "rounds": len(records),
         "clients_taking_part": len({c for r in records for c in r["sampled"]}),
@@ -40,12 +66,25 @@ def summarize(records: list[dict]) -> dict:
         "upload_bytes": sum(r["upload_bytes"] for r in records),
         "upload_bytes_by_device": _merge(records, "upload_bytes_by_device"),
         "mean_simulated_round_seconds": sum(timed) / len(timed) if timed else None,
-        "accuracy": dict(last["accuracy"]),
-        "accuracy_deepest": last["accuracy_deepest"],
-        "deepest_trained_exit": trained,
-        "accuracy_deepest_trained": last["accuracy"].get(str(trained)),
-        "confidence_exit": dict(last["confidence_exit"]),
     }
+    for score in SCORES[task][1]:
+        summary[score] = dict(last[score])
+        summary[f"{score}_deepest"] = last[f"{score}_deepest"]
+    summary["deepest_trained_exit"] = trained
+    for score in SCORES[task][1]:
+        summary[f"{score}_deepest_trained"] = last[score].get(str(trained))
+    summary["confidence_exit"] = dict(last["confidence_exit"])
+    if task != "kws":
+        summary["task"] = task
+    return summary
+
+
+def summary_task(summaries: Mapping[str, dict]) -> str:
+    """The one task of the summaries (a table compares runs of one task only)."""
+    tasks = {s.get("task", "kws") for s in summaries.values()}
+    if len(tasks) != 1:
+        raise ValueError(f"cannot compare runs of different tasks in one table: {sorted(tasks)}")
+    return tasks.pop()
 
 
 def _ratio(value: float | None, reference: float | None) -> str:
@@ -67,23 +106,25 @@ def comparison_table(summaries: Mapping[str, dict], reference: str = REFERENCE_M
         return [fmt.format(s[field] / scale if s[field] is not None else float("nan"))
                 + _ratio(s[field], ref[field] if ref else None) for s in summaries.values()]
 
-    exits = sorted({int(k) for s in summaries.values() for k in s["accuracy"]})
+    task = summary_task(summaries)
+    headline, scores = SCORES[task]
+    exits = sorted({int(k) for s in summaries.values() for k in s[headline]})
     rows = [
         ["clients taking part"] + [str(s["clients_taking_part"]) for s in summaries.values()],
         ["client training GFLOPs (total)"] + totals("client_flops", 1e9, "{:,.0f}"),
         ["upload MB (total)"] + totals("upload_bytes", 1e6, "{:,.1f}"),
         ["simulated round s (mean)"] + totals("mean_simulated_round_seconds", 1.0, "{:.3f}"),
     ]
-    rows += [[f"accuracy % at exit {e}"] + [_pct(s["accuracy"].get(str(e))) for s in summaries.values()]
-             for e in exits]
-    rows += [
-        ["deepest trained exit"] + [str(s["deepest_trained_exit"]) for s in summaries.values()],
-        ["accuracy % at deepest trained exit"] + [_pct(s["accuracy_deepest_trained"]) for s in summaries.values()],
-        ["confidence exit: accuracy % / mean exit"]
-        + [f"{_pct(s['confidence_exit']['accuracy'])} / {s['confidence_exit']['mean_exit_layer']:.1f}"
-           for s in summaries.values()],
-    ]
-    lines = ["| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
+    rows += [[f"{SCORE_LABELS[score]} % at exit {e}"] + [_pct(s[score].get(str(e))) for s in summaries.values()]
+             for score in scores for e in exits]
+    rows.append(["deepest trained exit"] + [str(s["deepest_trained_exit"]) for s in summaries.values()])
+    rows += [[f"{SCORE_LABELS[score]} % at deepest trained exit"]
+             + [_pct(s[f"{score}_deepest_trained"]) for s in summaries.values()] for score in scores]
+    rows.append([f"confidence exit: {SCORE_LABELS[headline]} % / mean exit"]
+                + [f"{_pct(s['confidence_exit'][headline])} / {s['confidence_exit']['mean_exit_layer']:.1f}"
+                   for s in summaries.values()])
+    corner = f" {' / '.join(SCORE_LABELS[s] for s in scores)}: lower is better " if _lower_is_better(headline) else " "
+    lines = [f"|{corner}| " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -106,36 +147,52 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
+def _runs_score(runs: Mapping[str, list[dict]]) -> str:
+    tasks = {run_task(records) for records in runs.values()}
+    if len(tasks) != 1:
+        raise ValueError(f"cannot plot runs of different tasks together: {sorted(tasks)}")
+    return SCORES[tasks.pop()][0]
+
+
+def plot_file_stem(task: str) -> str:
+    """``accuracy`` (kws) or ``wer`` (asr): plots are named ``<stem>_vs_exit.png`` and ``<stem>_vs_compute.png``."""
+    return SCORES[task][0]
+
+
 def plot_accuracy_vs_exit(runs: Mapping[str, list[dict]], out: str | Path) -> Path:
-    """Last-round accuracy at every exit, one line per mode."""
+    """Last-round score at every exit, one line per mode: accuracy (kws) or WER (asr, lower
+    is better)."""
     plt = _pyplot()
+    score = _runs_score(runs)
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, records in runs.items():
-        accuracy = records[-1]["accuracy"]
-        exits = sorted(int(k) for k in accuracy)
+        scores = records[-1][score]
+        exits = sorted(int(k) for k in scores)
         trained = [e for e in exits if e <= deepest_trained_exit(records)]
-        (line,) = ax.plot(trained, [100 * accuracy[str(e)] for e in trained], marker="o", label=mode)
+        (line,) = ax.plot(trained, [100 * scores[str(e)] for e in trained], marker="o", label=mode)
         untrained = [e for e in exits if e >= trained[-1]] if trained else exits
         if len(untrained) > 1:  # heads no client trained: still at their initial weights
-            ax.plot(untrained, [100 * accuracy[str(e)] for e in untrained], ls=":", marker=".", alpha=0.5,
+            ax.plot(untrained, [100 * scores[str(e)] for e in untrained], ls=":", marker=".", alpha=0.5,
                     color=line.get_color(), label=f"{mode}, untrained exits")
     ax.set_xlabel("exit (Transformer layer)")
-    ax.set_ylabel("keyword accuracy %, held-out speakers")
+    ax.set_ylabel(score_axis_label(score, "exit"))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out)
 
 
 def plot_accuracy_vs_compute(runs: Mapping[str, list[dict]], out: str | Path) -> Path:
-    """Accuracy at each run's deepest trained exit vs cumulative client training FLOPs."""
+    """Score (accuracy, or WER for asr) at each run's deepest trained exit vs cumulative
+    client training FLOPs."""
     plt = _pyplot()
+    score = _runs_score(runs)
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, records in runs.items():
         exit_ = str(deepest_trained_exit(records))
         ax.plot([r["cumulative_client_flops"] / 1e12 for r in records],
-                [100 * r["accuracy"][exit_] for r in records], marker="o", label=f"{mode} (exit {exit_})")
+                [100 * r[score][exit_] for r in records], marker="o", label=f"{mode} (exit {exit_})")
     ax.set_xlabel("total client training TFLOPs so far")
-    ax.set_ylabel("accuracy % at deepest trained exit")
+    ax.set_ylabel(score_axis_label(score, "compute"))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out)

@@ -11,6 +11,10 @@ through Flower's run config exactly like :class:`~fedspeech.federated.settings.P
 - ``exclusion``: only the clients whose plan allows full depth take part;
 - ``smallest``: every client trains the smallest depth any client can afford.
 
+``task`` is ``kws`` (keyword spotting: a classification head per exit, accuracy) or ``asr``
+(character CTC on the sentence utterances: a CTC head per exit, WER and CER with greedy
+decoding). Everything else (planning, partial upload, depth-aware aggregation) is the same.
+
 ``deadline = 0`` (auto) sets the round deadline to the tightest one that still lets every
 client train the shallowest exit: no device is left out, and slower devices go shallower.
 """
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from fedspeech.federated.settings import PretrainSettings
 
 MODES = ("adaptive", "full", "exclusion", "smallest")
+TASKS = ("kws", "asr")
 PRECISIONS = ("fp32", "mixed")
 # The catalogue devices of the benchmark's mixed fleet (DEVICES.md calibration points).
 DEFAULT_FLEET = "raspberry-pi-4:0.4,jetson-xavier-nx:0.3,macbook-pro-2019:0.3"
@@ -44,12 +49,15 @@ class EarlyExitSettings:
     catalogue: str = ""  # extra device catalogue JSON (profiling format) over the packaged one
     deadline: float = 0.0  # simulated device seconds a client may train per round; 0 = auto (see below)
     precision: str = "fp32"  # "mixed": plan and train in mixed precision where the device has it
-    labels: str = ""  # comma-separated classes; "" = the 10 keywords + "_unknown_"
+    task: str = "kws"  # kws (keyword classification per exit) or asr (character CTC per exit)
+    labels: str = ""  # kws: comma-separated classes; "" = the 10 keywords + "_unknown_"
+    letters: str = ""  # asr: the vocabulary's letters besides the word break and "'"; "" = a-z
     rounds: int = 10
     clients_per_round: int = 0  # 0 = every taking-part client, every round
     local_epochs: int = 1
     batch_size: int = 8
-    max_seconds: float = 1.0  # random crop length for training (keywords are shorter)
+    max_seconds: float = 1.0  # kws: random crop length for training (keywords are shorter)
+    asr_max_seconds: float = 16.0  # asr: longer training sentences are dropped, never cropped (that cuts the text)
     lr: float = 1e-3
     warmup_rounds: int = 1  # linear warm-up of the learning rate, then cosine decay over rounds
     min_lr_ratio: float = 0.1
@@ -68,6 +76,8 @@ class EarlyExitSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("rounds", "local_epochs", "batch_size", "exit_every"):
@@ -80,7 +90,8 @@ class EarlyExitSettings:
             raise ValueError(f"deadline: must be >= 0 (0 = auto), got {self.deadline}")
         self.config_overrides  # noqa: B018 - fail now on bad JSON or exits, not in every client
         self.exit_list  # noqa: B018
-        for name in ("max_seconds", "lr", "distill_temperature"):
+        self.letter_set  # noqa: B018
+        for name in ("max_seconds", "asr_max_seconds", "lr", "distill_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.distill_lambda < 0:
@@ -93,6 +104,21 @@ class EarlyExitSettings:
     @property
     def split_names(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.eval_splits.split(",") if s.strip())
+
+    @property
+    def train_seconds(self) -> float:
+        """The longest training utterance a batch may hold: the crop (kws) or the longest
+        sentence kept (asr)."""
+        return self.asr_max_seconds if self.task == "asr" else self.max_seconds
+
+    @property
+    def letter_set(self) -> str:
+        """The asr vocabulary's letters, sorted ("" = a-z, chosen by ``CharVocab``)."""
+        letters = "".join(self.letters.split())
+        bad = sorted({ch for ch in letters if not ch.isalpha()} - {"'"})
+        if bad:
+            raise ValueError(f"letters: only letters belong here (the word break and \"'\" are always in), got {bad}")
+        return "".join(sorted(set(letters) - {"'"}))
 
     @property
     def label_names(self) -> tuple[str, ...]:
