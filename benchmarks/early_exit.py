@@ -18,6 +18,12 @@ still train the shallowest exit (so the Raspberry Pis cannot do full depth).
 
     .venv/bin/python benchmarks/early_exit.py            # ~20 min on 2 cores
     .venv/bin/python benchmarks/early_exit.py --rounds 2 --speakers 12   # quick look
+
+One seed's accuracy difference is noisy (a few hundred held-out clips), so the accuracy
+target is judged over seeds: run once per seed into its own folder, then summarise:
+
+    for s in 0 1 2; do .venv/bin/python benchmarks/early_exit.py --seed $s --work runs/ee-seed$s; done
+    .venv/bin/python benchmarks/early_exit.py --summarize runs/ee-seed0 runs/ee-seed1 runs/ee-seed2
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: tiny models gain nothing from more, and lose a lot on shared cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="corpus voices, partition, fleet, init and training")
+    parser.add_argument("--summarize", nargs="+", metavar="WORK", help="only summarise finished runs over seeds")
     return parser.parse_args()
 
 
@@ -119,8 +126,36 @@ def depths_by_device(run_dir: Path) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in sorted(result.items())}
 
 
+def summarize_seeds(folders: list[str]) -> None:
+    """Mean and spread over seeds of each target's measured quantity, from results.json."""
+    import statistics
+
+    results = [json.loads((Path(f) / "results.json").read_text()) for f in folders]
+    quantities = {
+        "client FLOPs saved vs full (%)": lambda a, f, e: 100 * (1 - a["client_flops"] / f["client_flops"]),
+        "upload saved vs full (%)": lambda a, f, e: 100 * (1 - a["upload_bytes"] / f["upload_bytes"]),
+        "round time speed-up vs full (x)": lambda a, f, e: f["mean_simulated_round_seconds"] / a["mean_simulated_round_seconds"],
+        "deepest-exit accuracy, adaptive minus full (points)": lambda a, f, e: 100 * (a["accuracy_deepest"] - f["accuracy_deepest"]),
+        "deepest-exit accuracy, adaptive minus exclusion (points)":
+            lambda a, f, e: None if e is None else 100 * (a["accuracy_deepest"] - e["accuracy_deepest"]),
+    }
+    print(f"{'quantity':58s} {'per seed':>28s} {'mean':>7s} {'sd':>6s}")
+    for name, value in quantities.items():
+        values = [value(r["summaries"]["adaptive"], r["summaries"]["full"], r["summaries"].get("exclusion")) for r in results]
+        values = [v for v in values if v is not None]
+        if not values:
+            continue
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        print(f"{name:58s} {' '.join(f'{v:7.2f}' for v in values):>28s} {statistics.mean(values):7.2f} {spread:6.2f}")
+    seeds = [r["args"]["seed"] for r in results]
+    print(f"seeds {seeds}; each: {results[0]['args']['rounds']} rounds, {results[0]['args']['speakers']} speakers")
+
+
 def main() -> int:
     args = parse_args()
+    if args.summarize:
+        summarize_seeds(args.summarize)
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedspeech.federated.earlyexit_app").setLevel(logging.INFO)
     logging.getLogger("flwr").setLevel(logging.ERROR)  # one "Sampled N nodes" line per round otherwise
