@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,13 +29,27 @@ def round_dir(out_dir: Path, server_round: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"round_{server_round:04d}"
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(out_dir: Path, server_round: int, hf_model, extra: dict[str, torch.Tensor],
                     state: dict) -> Path:
     """Write the round's checkpoint atomically and return its folder."""
     final = round_dir(out_dir, server_round)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_model.save_pretrained(tmp, safe_serialization=True)
+    with _quiet_transformers():  # no "Writing model shards" bar per round in the user's console
+        hf_model.save_pretrained(tmp, safe_serialization=True)
     if extra:
         save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA_FILE))
     (tmp / STATE_FILE).write_text(json.dumps({"round": server_round, **state}, indent=2))
