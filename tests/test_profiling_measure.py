@@ -14,15 +14,6 @@ TINY_CONV_LAYERS = 7
 TINY_TRANSFORMER_LAYERS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine are many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -82,6 +73,17 @@ def test_train_flops_are_measured_forward_plus_backward(report):
     # the CNN's first layers dominate activation memory (DEVICES.md)
     biggest = max(layers, key=lambda l: l["activation_bytes"])
     assert biggest["group"] == "cnn_encoder"
+
+
+def test_inference_flops_of_a_transformer_layer_include_attention(tiny):
+    """24·T·d² for the projections and FFN plus 4·T²·d for Q·Kᵀ and A·V, whichever SDPA
+    kernel PyTorch picks (on CPU in eval: a fused kernel torch's counter has no formula for)."""
+    d, ffn = tiny.config.hidden_size, tiny.config.intermediate_size
+    for seconds in (1.0, 4.0):
+        layers, _ = inference_flops(tiny, seconds)
+        layer = next(l for l in layers if l.name == "encoder.layers.0")
+        t = int(tiny.wav2vec2._get_feat_extract_output_lengths(int(seconds * 16000)))
+        assert layer.forward_flops == 2 * t * (4 * d * d + 2 * d * ffn) + 4 * t * t * d, seconds
 
 
 def test_flops_and_memory_grow_about_linearly_with_seconds(tiny):

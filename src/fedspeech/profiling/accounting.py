@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -220,6 +220,29 @@ def grouped_conv_backward_flop(
     return flops
 
 
+def cpu_attention_flop(query_shape, key_shape, value_shape, *_args, **_kwargs) -> int:
+    """FLOPs of the fused CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``).
+
+    torch 2.13's counter has formulas for the CUDA flash/efficient/cuDNN kernels but none for
+    this CPU one, so on CPU, wherever PyTorch picks it (no dropout: eval, or dropout 0), the
+    Q·Kᵀ and A·V products silently count as 0. The work is the same as any SDPA kernel's.
+    """
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def cpu_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *_args, **_kwargs) -> int:
+    """Backward of :func:`cpu_attention_flop`, with torch's SDPA backward formula."""
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# Formulas torch 2.13's FlopCounterMode lacks or gets wrong (see each function).
+FLOP_FORMULAS = {
+    aten.convolution_backward: grouped_conv_backward_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flop,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flop,
+}
+
+
 class UnitFlopCounter(FlopCounterMode):
     """torch's FlopCounterMode, with counts also split by :class:`UnitAttribution` units.
 
@@ -228,7 +251,7 @@ class UnitFlopCounter(FlopCounterMode):
     """
 
     def __init__(self, attribution: UnitAttribution) -> None:
-        super().__init__(display=False, custom_mapping={aten.convolution_backward: grouped_conv_backward_flop})
+        super().__init__(display=False, custom_mapping=FLOP_FORMULAS)
         self.attribution = attribution
         self.unit_flops: dict[str, int] = defaultdict(int)
 

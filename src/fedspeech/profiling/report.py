@@ -267,14 +267,16 @@ def render(report: dict[str, Any]) -> str:
         )]
     if "sweep" in report:
         out += ["", "Sweep over input length", format_table(
-            ["seconds", "inference GFLOPs", "train GFLOPs", "activations MiB", "peak MiB", "s/step"],
-            [[f"{r['audio_seconds']:g}", f"{r['inference_gflops']:.2f}", f"{r['train_gflops']:.2f}", _mib(r["activation_bytes"]), _mib(r["peak_bytes"]), _sec(r["seconds"])]
+            ["seconds", "inference GFLOPs", "train GFLOPs", "activations MiB", "peak MiB", "s/step", "CPU s/step"],
+            [[f"{r['audio_seconds']:g}", f"{r['inference_gflops']:.2f}", f"{r['train_gflops']:.2f}", _mib(r["activation_bytes"]),
+              _mib(r["peak_bytes"]), _sec(r["seconds"]), _sec(r.get("cpu_seconds"))]
              for r in report["sweep"]],
         )]
     if "precision_comparison" in report:
         out += ["", "Precision comparison", format_table(
-            ["precision", "activations MiB", "peak MiB", "s/step", "train GFLOPs"],
-            [[r["precision"], _mib(r["activation_bytes"]), _mib(r["peak_bytes"]), _sec(r["seconds"]), f"{r['train_gflops']:.2f}"]
+            ["precision", "activations MiB", "peak MiB", "s/step", "CPU s/step", "train GFLOPs"],
+            [[r["precision"], _mib(r["activation_bytes"]), _mib(r["peak_bytes"]), _sec(r["seconds"]), _sec(r.get("cpu_seconds")),
+              f"{r['train_gflops']:.2f}"]
              for r in report["precision_comparison"]],
         )]
     return "\n".join(out)
