@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from fedspeech.federated.settings import METHODS, STRATEGIES, PretrainSettings
+from fedspeech.settings_flags import add_settings_flags, given_settings
 
 # Settings of the reference study (Gao et al., Interspeech 2022): 1 local epoch, batch 4.
 PRESETS = {
@@ -14,10 +14,6 @@ PRESETS = {
     "gao100": {"clients": 100, "clients_per_round": 20, "local_epochs": 1, "batch_size": 4},
 }
 RUNNERS = ("inprocess", "simulation", "deployment")  # as runners.RUNNERS, import-free for --help
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,19 +27,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         "clients_per_round": "clients sampled per round (0 = all)", "max_seconds": "random crop length for training",
         "resume": "continue the run in --out from its last completed round",
     }
-    for field in dataclasses.fields(PretrainSettings):
-        flag = "--out" if field.name == "out_dir" else _flag(field.name)
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, dest=field.name, action="store_true", default=None, help=helps.get(field.name))
-        else:
-            kind = type(field.default)
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, metavar=field.name.upper(),
-                                help=f"{helps.get(field.name, '')} (default: {field.default})".strip())
+    add_settings_flags(parser, PretrainSettings, helps, flag_names={"out_dir": "--out"})
 
 
 def settings_from_args(args: argparse.Namespace) -> PretrainSettings:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainSettings)
-              if getattr(args, f.name, None) is not None}
+    values = given_settings(args, PretrainSettings)
     if getattr(args, "preset", None):
         preset = {k: v for k, v in PRESETS[args.preset].items() if k != "clients"}
         values = {**preset, **values}

@@ -5,11 +5,11 @@ method and its baselines, with a side-by-side table and plots; keyword spotting
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 from fedspeech.federated.earlyexit_settings import DEFAULT_FLEET, MODES, PRECISIONS, TASKS, EarlyExitSettings
+from fedspeech.settings_flags import add_settings_flags, given_settings
 
 RUNNERS = ("inprocess", "simulation")  # same as earlyexit_runner.RUNNERS, kept import-free for --help
 _CHOICES = {"precision": PRECISIONS, "task": TASKS}
@@ -44,22 +44,11 @@ _HELPS = {
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ``EarlyExitSettings`` field, so the CLI and Flower's run config agree."""
-    for field in dataclasses.fields(EarlyExitSettings):
-        if field.name in _NOT_FLAGS:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):  # --flag / --no-flag, so a default of True can be turned off
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{_HELPS.get(field.name, '')} (default: {field.default})".strip())
-        else:
-            parser.add_argument(flag, dest=field.name, type=type(field.default), default=None,
-                                choices=_CHOICES.get(field.name), metavar=field.name.upper(),
-                                help=f"{_HELPS.get(field.name, '')} (default: {field.default})".strip())
+    add_settings_flags(parser, EarlyExitSettings, _HELPS, choices=_CHOICES, skip=_NOT_FLAGS)
 
 
 def settings_from_args(args: argparse.Namespace) -> EarlyExitSettings:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EarlyExitSettings)
-              if f.name not in _NOT_FLAGS and getattr(args, f.name, None) is not None}
+    values = {k: v for k, v in given_settings(args, EarlyExitSettings).items() if k not in _NOT_FLAGS}
     return EarlyExitSettings(out_dir=args.out, **values)
 
 

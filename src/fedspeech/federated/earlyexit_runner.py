@@ -28,19 +28,10 @@ APP_COMPONENTS = {"serverapp": "fedspeech.federated.earlyexit_app:server_app",
 def write_flower_app(folder: str | Path, settings: EarlyExitSettings) -> Path:
     """A Flower app folder whose components are this package's early-exit apps and whose
     ``[tool.flwr.app.config]`` holds ``settings`` (so ``flwr run FOLDER`` runs them)."""
-    import tomli_w
+    from fedspeech.federated.engines import write_app_folder
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    document = {
-        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {"name": "fedspeech-early-exit", "version": "0.1.0", "license": "Apache-2.0",
-                    "description": "fedspeech federated early-exit fine-tuning", "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": "fedspeech", "components": APP_COMPONENTS,
-                                  "config": settings.to_run_config()}}},
-    }
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(document))
-    return folder
+    return write_app_folder(Path(folder), "fedspeech-early-exit", "fedspeech federated early-exit fine-tuning",
+                            APP_COMPONENTS, settings.to_run_config())
 
 
 def _absolute(settings: EarlyExitSettings) -> EarlyExitSettings:

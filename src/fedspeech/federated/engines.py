@@ -134,6 +134,24 @@ def project_app_dir() -> Path:
     return root
 
 
+def write_app_folder(folder: Path, name: str, description: str, components: dict[str, str],
+                     run_config: dict[str, Any]) -> Path:
+    """A Flower app folder (a ``pyproject.toml`` only) whose components are importable
+    ``module:object`` names of this package and whose ``[tool.flwr.app.config]`` is
+    ``run_config``, so ``flwr run FOLDER`` runs a workload other than the checkout's own
+    app (the repository's ``pyproject.toml`` declares the pretraining app)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": name, "version": "0.1.0", "license": "Apache-2.0", "description": description,
+                    "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "fedspeech", "components": components, "config": run_config}}},
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(document))
+    return folder
+
+
 def write_run_config(path: Path, run_config: dict[str, Any], app_dir: Path) -> Path:
     """Write run-config overrides as the TOML file ``flwr run --run-config`` reads.
 

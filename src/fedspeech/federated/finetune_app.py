@@ -61,7 +61,7 @@ from fedspeech.downstream.tasks import TaskData, asr_utterances, in_split, kws_u
 from fedspeech.downstream.text import CharVocab
 from fedspeech.federated import checkpoints, roundlog
 from fedspeech.federated.finetune_settings import FinetuneSettings
-from fedspeech.federated.inprocess import message_bytes
+from fedspeech.federated.inprocess import client_rows, message_bytes
 from fedspeech.federated.sampling import SampledGrid, sampled_nodes, wait_for_nodes
 from fedspeech.federated.strategies import make_strategy
 
@@ -204,19 +204,6 @@ def client_train(msg: Message, context: Context) -> Message:
 # ----------------------------------------------------------------------------- server
 
 
-def _client_rows(replies: list[Message]) -> list[dict]:
-    rows = []
-    for reply in replies:
-        if reply.has_error():
-            rows.append({"node": reply.metadata.src_node_id, "error": reply.error.reason})
-            continue
-        m = reply.content["metrics"]
-        rows.append({"client": int(m["partition-id"]), "train_loss": float(m["train_loss"]),
-                     "examples": int(m["num-examples"]), "steps": int(m["steps"]),
-                     "seconds": round(float(m["seconds"]), 3), "bytes_sent": message_bytes(reply)})
-    return sorted(rows, key=lambda r: r.get("client", -1))
-
-
 def _save_best(out: Path, server_round: int, model: DownstreamModel, classes: list[str],
                settings: FinetuneSettings) -> Path:
     """The best round's model: an HF folder (the CTC model, or the classifier's backbone)
@@ -271,7 +258,7 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
         config = ConfigRecord({LR_SCALE_KEY: settings.lr_scale(server_round), CLASSES_KEY: list(classes)})
         messages = list(strategy.configure_train(server_round, arrays, config, SampledGrid(grid, chosen)))
         replies = list(grid.send_and_receive(messages))
-        clients = _client_rows(replies)
+        clients = client_rows(replies)
         ok = [c for c in clients if "error" not in c]
         if not ok:
             reasons = "; ".join(c["error"] for c in clients) or "no replies"
@@ -354,19 +341,10 @@ def write_flower_app(folder: str | Path, settings: FinetuneSettings) -> Path:
     """A Flower app folder whose components are this module's apps and whose
     ``[tool.flwr.app.config]`` holds ``settings`` (the repository's own pyproject.toml is the
     pretraining app), so ``flwr run FOLDER`` runs federated fine-tuning."""
-    import tomli_w
+    from fedspeech.federated.engines import write_app_folder
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    document = {
-        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {"name": "fedspeech-finetune", "version": "0.1.0", "license": "Apache-2.0",
-                    "description": "fedspeech federated downstream fine-tuning", "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": "fedspeech", "components": APP_COMPONENTS,
-                                  "config": settings.to_run_config()}}},
-    }
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(document))
-    return folder
+    return write_app_folder(Path(folder), "fedspeech-finetune", "fedspeech federated downstream fine-tuning",
+                            APP_COMPONENTS, settings.to_run_config())
 
 
 def prepare(settings: FinetuneSettings) -> FinetuneSettings:

@@ -41,6 +41,25 @@ def message_bytes(message: Message) -> int:
     return sum(record.count_bytes() for record in message.content.values())
 
 
+def client_rows(replies: list[Message], extra_metrics: tuple[str, ...] = ()) -> list[dict]:
+    """The round log's per-client rows of a training round: client, loss, examples, steps,
+    seconds and bytes sent, plus float metrics whose names start with ``extra_metrics``;
+    a failed reply becomes a row with its node and error."""
+    rows = []
+    for reply in replies:
+        if reply.has_error():
+            rows.append({"node": reply.metadata.src_node_id, "error": reply.error.reason})
+            continue
+        m = reply.content["metrics"]
+        rows.append({
+            "client": int(m["partition-id"]), "train_loss": float(m["train_loss"]),
+            "examples": int(m["num-examples"]), "steps": int(m["steps"]),
+            "seconds": round(float(m["seconds"]), 3), "bytes_sent": message_bytes(reply),
+            **{k: float(v) for k, v in m.items() if extra_metrics and k.startswith(extra_metrics)},
+        })
+    return sorted(rows, key=lambda r: r.get("client", -1))
+
+
 @dataclass
 class ClientCall:
     """Accounting of one ClientApp call, kept for the round log."""

@@ -30,7 +30,7 @@ from fedspeech.data.audio import AudioDataset, make_loader
 from fedspeech.data.manifest import read_manifest
 from fedspeech.data.partition import Partition, client_utterances
 from fedspeech.federated import checkpoints, roundlog
-from fedspeech.federated.inprocess import message_bytes
+from fedspeech.federated.inprocess import client_rows, message_bytes
 from fedspeech.federated.sampling import SampledGrid, sampled_nodes, wait_for_nodes
 from fedspeech.federated.settings import PretrainSettings
 from fedspeech.federated.strategies import make_strategy
@@ -152,22 +152,6 @@ def _resume_or_start(settings: PretrainSettings, method: SSLMethod, model: torch
     return int(state["round"]) + 1, float(state["global_step"])
 
 
-def _client_rows(replies: list[Message]) -> list[dict]:
-    rows = []
-    for reply in replies:
-        if reply.has_error():
-            rows.append({"node": reply.metadata.src_node_id, "error": reply.error.reason})
-            continue
-        m = reply.content["metrics"]
-        rows.append({
-            "client": int(m["partition-id"]), "train_loss": float(m["train_loss"]),
-            "examples": int(m["num-examples"]), "seconds": float(m["seconds"]), "steps": int(m["steps"]),
-            "bytes_sent": message_bytes(reply),
-            **{k: float(v) for k, v in m.items() if k.startswith("fedu-")},
-        })
-    return sorted(rows, key=lambda r: r.get("client", -1))
-
-
 def build_strategy(settings: PretrainSettings, method: SSLMethod):
     """The aggregation rule, exchanging exactly what the method transmits."""
     rule_options = {
@@ -226,7 +210,7 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
             if new_arrays is not None:  # the strategies return the full global record
                 arrays = new_arrays
             method.load_global(model, arrays.to_torch_state_dict(), {})
-            clients = _client_rows(replies)
+            clients = client_rows(replies, extra_metrics=("fedu-",))
             ok = [c for c in clients if "error" not in c]
             global_step += sum(c["steps"] for c in ok) / max(1, len(ok))
             val_loss = evaluate_loss(model, method.objective, val_loader) if val_loader else None
