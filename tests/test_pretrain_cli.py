@@ -1,0 +1,42 @@
+"""``fedspeech pretrain`` flags: generated from PretrainSettings, presets, runner choices."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from fedspeech.federated import cli as pretrain_cli
+from fedspeech.federated.runners import RUNNERS
+from fedspeech.federated.settings import PretrainSettings
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    pretrain_cli.register(parser.add_subparsers())
+    return parser.parse_args(["pretrain", *argv])
+
+
+def test_every_setting_is_a_flag_and_unset_flags_keep_the_defaults():
+    args = parse("--manifest", "m.tsv", "--out", "runs/x", "--rounds", "7", "--lr", "0.002", "--resume")
+    settings = pretrain_cli.settings_from_args(args)
+    assert (settings.manifest, settings.out_dir, settings.rounds, settings.lr, settings.resume) == ("m.tsv", "runs/x", 7, 0.002, True)
+    defaults = PretrainSettings()
+    untouched = {f.name for f in dataclasses.fields(PretrainSettings)} - {"manifest", "out_dir", "rounds", "lr", "resume"}
+    assert all(getattr(settings, name) == getattr(defaults, name) for name in untouched)
+
+
+def test_preset_fills_in_and_explicit_flags_win():
+    settings = pretrain_cli.settings_from_args(parse("--preset", "gao100", "--batch-size", "8"))
+    assert (settings.clients_per_round, settings.local_epochs, settings.batch_size) == (20, 1, 8)
+
+
+def test_runner_choices_match_the_runners_and_bad_values_are_refused(capsys):
+    assert pretrain_cli.RUNNERS == RUNNERS
+    assert parse("--runner", "deployment").runner == "deployment"
+    with pytest.raises(SystemExit):
+        parse("--runner", "ray")
+    with pytest.raises(SystemExit):
+        parse("--rounds", "many")
+    assert "--rounds" in capsys.readouterr().err
