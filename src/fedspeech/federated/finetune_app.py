@@ -274,7 +274,7 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
             "sampled": sorted(c["client"] for c in ok),
             "failed": [c for c in clients if "error" in c],
             "clients": ok,
-            "aggregation": _report(strategy),
+            "aggregation": strategy.last_report.log_record() if strategy.last_report else {},
             "train_loss": sum(c["train_loss"] * c["examples"] for c in ok) / max(1, examples),
             "lr_scale": config[LR_SCALE_KEY],
             "bytes_to_clients": sum(message_bytes(m) for m in messages),
@@ -318,15 +318,6 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
         result["vocab"] = classes
     (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
-
-
-def _report(strategy) -> dict:
-    """The strategy's account of the round: refused clients and the weights it used."""
-    report = strategy.last_report
-    if report is None:
-        return {}
-    return {"refused": {str(k): v for k, v in report.refused.items()},
-            "weights": {str(k): round(v, 6) for k, v in report.weights.items()}}
 
 
 @server_app.main()

@@ -167,15 +167,6 @@ def build_strategy(settings: PretrainSettings, method: SSLMethod):
                          fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, **rule_options)
 
 
-def _report(strategy) -> dict:
-    """The strategy's account of the round: accepted/refused clients and weights."""
-    report = strategy.last_report
-    if report is None:
-        return {}
-    return {"refused": {str(k): v for k, v in report.refused.items()},
-            "weights": {str(k): round(v, 6) for k, v in report.weights.items()}}
-
-
 def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
     """Run (or resume) the federated pretraining; returns the round records written."""
     from rich.progress import Progress
@@ -222,7 +213,7 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
                 "round": server_round,
                 "sampled": sorted(c["client"] for c in ok),
                 "failed": [c for c in clients if "error" in c],
-                "aggregation": _report(strategy),
+                "aggregation": strategy.last_report.log_record() if strategy.last_report else {},
                 "clients": ok,
                 "train_loss": sum(c["train_loss"] * c["examples"] for c in ok) / max(1, sum(c["examples"] for c in ok)),
                 "val_loss": val_loss,

@@ -76,6 +76,11 @@ class RoundReport:
     weights: dict[int, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
+    def log_record(self) -> dict[str, Any]:
+        """The round log's ``aggregation`` entry: refused clients and the weights used."""
+        return {"refused": {str(k): v for k, v in self.refused.items()},
+                "weights": {str(k): round(v, 6) for k, v in self.weights.items()}}
+
 
 @dataclass
 class ClientUpdate:
