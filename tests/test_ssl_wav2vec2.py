@@ -100,7 +100,7 @@ def test_collapsed_codebook_gives_zero_contrastive_loss(config):
 def test_loss_components_and_feature_penalty(config):
     model = new_model(config)
     batch = synthetic_batch([20_000, 16_000, 12_000], seed=5)
-    objective = Wav2Vec2Objective.from_config(config, seed=7)
+    objective = Wav2Vec2Objective.from_config(config, seed=7, feature_penalty_weight=10.0)  # the paper's weight
     model.train()
     out = objective(model, batch)
     for name in ("loss", "contrastive", "diversity", "feature_penalty", "perplexity"):
@@ -119,7 +119,7 @@ def test_loss_components_and_feature_penalty(config):
     assert out.feature_penalty.item() > 0
     # ... and it reaches the loss with weight 10 (same masks and negatives, eval mode).
     model.eval()
-    with_penalty = Wav2Vec2Objective.from_config(config, seed=8)(model, batch)
+    with_penalty = Wav2Vec2Objective.from_config(config, seed=8, feature_penalty_weight=10.0)(model, batch)
     without = Wav2Vec2Objective.from_config(config, seed=8, feature_penalty_weight=0.0)(model, batch)
     assert with_penalty.loss.item() - without.loss.item() == pytest.approx(
         10 * with_penalty.feature_penalty.item(), rel=1e-4

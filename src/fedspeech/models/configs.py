@@ -57,6 +57,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_conv_pos_embeddings": 32,
         "num_conv_pos_embedding_groups": 4,
         "num_codevectors_per_group": 64,
+        # The paper's feature penalty (weight 10) drives this small CNN's output towards zero
+        # within ~100 steps; the context network then predicts a constant and the contrastive
+        # loss stays at chance (weights 1 and 0.1 too). Measured in docs/evaluation.md
+        # ("Why it was stuck"); read by Wav2Vec2Objective.from_config. base/large keep 10.
+        "feature_penalty_weight": 0.0,
     },
     "base": dict(_BASE),
     # Baevski et al. 2020, LV-60k large: layer-norm feature extractor, pre-LN Transformer.

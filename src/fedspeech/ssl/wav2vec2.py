@@ -141,7 +141,15 @@ class Wav2Vec2Objective:
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> Wav2Vec2Objective:
         """Take masking/negative/loss settings from a ``Wav2Vec2Config`` (e.g. a preset from
-        ``fedspeech.models.configs``); ``overrides`` win."""
+        ``fedspeech.models.configs``); ``overrides`` win.
+
+        The feature-penalty weight is not a standard HF config field, but a run builds its
+        objective from the checkpoint's config alone, so without reading it here no run could
+        change it: an optional ``feature_penalty_weight`` attribute on the config (saved in
+        ``config.json``) sets it; absent, the paper's 10 applies. Tiny models need this: at
+        weight 10 (and 1) their group-norm CNN output is driven towards zero, the context
+        network collapses to a constant and the contrastive loss stays at chance.
+        """
         settings = dict(
             mask_prob=config.mask_time_prob,
             mask_length=config.mask_time_length,
@@ -150,6 +158,11 @@ class Wav2Vec2Objective:
             logit_temperature=config.contrastive_logits_temperature,
             diversity_weight=config.diversity_loss_weight,
         )
+        penalty = getattr(config, "feature_penalty_weight", None)
+        if penalty is not None:
+            if not (isinstance(penalty, (int, float)) and penalty >= 0):
+                raise ValueError(f"config.feature_penalty_weight must be a number >= 0, got {penalty!r}")
+            settings["feature_penalty_weight"] = float(penalty)
         settings.update(overrides)
         return cls(**settings)
 
