@@ -26,7 +26,7 @@ def test_compare_command_writes_table_and_plot(small_corpus, tmp_path, capsys):
     out = tmp_path / "cmp"
     code = main(["compare", "--manifest", str(small_corpus), "--backbone", "random=tiny",
                  "--backbone", "random2=tiny", "--tasks", "kws", "--epochs", "1", "--max-seconds", "1",
-                 "--out", str(out)])
+                 "--lr-backbone", "1e-4", "--lr-head", "3e-3", "--no-freeze-cnn", "--out", str(out)])
     assert code == 0
     import json
 

@@ -10,6 +10,7 @@ round.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,7 +45,7 @@ def resolve_backbone(source: str, task: str) -> str:
 def compare_backbones(backbones: Mapping[str, str], manifest: str | Path, tasks: Sequence[str], *,
                       epochs: int = 5, max_steps: int | None = None, batch_size: int = 8,
                       lr_backbone: float = 5e-5, lr_head: float = 1e-3, max_seconds: float | None = 2.0,
-                      seed: int = 0) -> list[dict[str, Any]]:
+                      freeze_cnn: bool = True, seed: int = 0) -> list[dict[str, Any]]:
     """Fine-tune every backbone on every task with one recipe; one row per (backbone, task)."""
     from fedspeech.data.manifest import read_manifest
     from fedspeech.downstream.finetune import finetune_asr, finetune_classifier
@@ -58,7 +59,8 @@ def compare_backbones(backbones: Mapping[str, str], manifest: str | Path, tasks:
         for name, source in backbones.items():
             path = resolve_backbone(source, task)
             common = dict(dev_utts=data.dev or None, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                          lr_backbone=lr_backbone, lr_head=lr_head, max_seconds=max_seconds, seed=seed)
+                          lr_backbone=lr_backbone, lr_head=lr_head, max_seconds=max_seconds, freeze_cnn=freeze_cnn,
+                          seed=seed)
             if task == "asr":
                 result = finetune_asr(path, data.train, data.test, **common)
             else:
@@ -114,7 +116,8 @@ def run_compare(args) -> int:
         backbones[name] = source
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     rows = compare_backbones(backbones, args.manifest, tasks, epochs=args.epochs, max_steps=args.max_steps,
-                             batch_size=args.batch_size, max_seconds=args.max_seconds, seed=args.seed)
+                             batch_size=args.batch_size, max_seconds=args.max_seconds, lr_backbone=args.lr_backbone,
+                             lr_head=args.lr_head, freeze_cnn=args.freeze_cnn, seed=args.seed)
     Console().print(comparison_table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +137,11 @@ def register(subparsers) -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=2.0)
+    parser.add_argument("--lr-backbone", type=float, default=5e-5)
+    parser.add_argument("--lr-head", type=float, default=1e-3)
+    parser.add_argument("--freeze-cnn", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the CNN frozen (--no-freeze-cnn when a random-init row is compared: "
+                             "a frozen random CNN would handicap it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for compare.json and compare.png")
     parser.set_defaults(func=run_compare)
