@@ -307,3 +307,23 @@ def test_build_from_preset_and_local_folder(tmp_path):
     )
     with pytest.raises(ValueError, match="config.json"):
         EarlyExitModel.build(tmp_path / "missing", "ctc", 8)
+
+
+def test_step_flops_count_grouped_conv_backward_correctly():
+    """torch 2.13's FlopCounterMode counts a grouped conv's weight gradient as if it were not
+    grouped; early-exit steps count with the profiler's corrected formula, so halving the
+    positional conv's work (twice the groups) removes 3x its forward FLOPs from a step."""
+    from fedspeech.profiling.accounting import flop_counter
+
+    def step_and_pos_conv(groups: int) -> tuple[int, float]:
+        model = EarlyExitModel(tiny_backbone(num_conv_pos_embedding_groups=groups), "classify", 3, every=1)
+        counter = flop_counter()
+        hidden = torch.zeros(1, 12, model.backbone.config.hidden_size)
+        with torch.no_grad(), counter:
+            model.backbone.encoder.pos_conv_embed(hidden)
+        return training_flops(model, 2, seconds=0.25, batch=1), counter.get_total_flops()
+
+    step_1, forward_1 = step_and_pos_conv(1)
+    step_2, forward_2 = step_and_pos_conv(2)
+    assert forward_2 == forward_1 / 2
+    assert step_1 - step_2 == 3 * (forward_1 - forward_2)

@@ -110,6 +110,17 @@ def test_adaptive_plans_train_and_upload_by_depth(adaptive_run):
     assert records[1]["cumulative_client_flops"] == pytest.approx(sum(r["client_flops"] for r in records))
 
 
+def test_clients_pay_for_their_cnn_features_once(adaptive_run):
+    """With the frozen CNN's features cached, a client's first round includes computing them
+    (counted in its FLOPs); its second round trains from the cache."""
+    _, records = adaptive_run
+    first, second = ({c["client"]: c for c in r["clients"]} for r in records[:2])
+    assert first.keys() == second.keys() == {0, 1, 2}
+    for k in first:
+        assert 0 < first[k]["cnn_cache_flops"] < first[k]["train_flops"]
+        assert second[k]["cnn_cache_flops"] == 0 < second[k]["train_flops"]
+
+
 def test_layers_nobody_trained_keep_their_global_value(adaptive_run):
     settings, _ = adaptive_run
     initial = app.build_model(settings)

@@ -66,6 +66,7 @@ from fedspeech.federated.sampling import SampledGrid, sampled_nodes, wait_for_no
 from fedspeech.federated.strategies import make_strategy
 from fedspeech.models.depth_planner import DepthCostModel, Device, measure_depth_costs
 from fedspeech.models.early_exit import ConfidenceExit, EarlyExitModel, early_exit_loss
+from fedspeech.models.feature_cache import FrozenFeatureCache
 from fedspeech.ssl.train import LRSchedule, train_local
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def build_model(settings: EarlyExitSettings) -> EarlyExitModel:
 # model, loaded with every array a call runs, and the measured cost lines per precision.
 _MODELS: dict[tuple, EarlyExitModel] = {}
 _COSTS: dict[tuple, dict[int, DepthCostModel]] = {}
+_FEATURE_CACHES: dict[tuple, FrozenFeatureCache] = {}
 
 
 def client_model(settings: EarlyExitSettings) -> EarlyExitModel:
@@ -136,12 +138,28 @@ def depth_costs(settings: EarlyExitSettings, precision: str = "fp32",
     lengths (default: half and all of ``train_seconds``) and fitted linearly in audio length
     (``measure_depth_costs``)."""
     lengths = lengths or (settings.train_seconds / 2, settings.train_seconds)
-    key = (_model_key(settings), lengths, precision)
+    key = (_model_key(settings), lengths, precision, settings.cached_cnn)
     if key not in _COSTS:
         model = client_model(settings)
         model.freeze_beyond(None)  # every layer trainable; layers deeper than d simply do not run
-        _COSTS[key] = {c.depth: c for c in measure_depth_costs(model, lengths=lengths, precision=precision)}
+        _COSTS[key] = {c.depth: c for c in measure_depth_costs(model, lengths=lengths, precision=precision,
+                                                               cached_cnn=settings.cached_cnn)}
     return _COSTS[key]
+
+
+def feature_cache(settings: EarlyExitSettings, owner: tuple) -> FrozenFeatureCache | None:
+    """This process's CNN feature cache of one client (or of the server's evaluation set),
+    or None when the CNN is trained or caching is off. One cache per owner and run, so every
+    client pays for filling its own in every run (the caches of other runs are dropped)."""
+    if not settings.cached_cnn:
+        return None
+    run = (_model_key(settings), settings.out_dir)
+    if any(key[:2] != run for key in _FEATURE_CACHES):
+        _FEATURE_CACHES.clear()
+    key = (*run, *owner)
+    if key not in _FEATURE_CACHES:
+        _FEATURE_CACHES[key] = FrozenFeatureCache()
+    return _FEATURE_CACHES[key]
 
 
 def cost_lengths(settings: EarlyExitSettings, dataset: AudioDataset) -> tuple[float, float]:
@@ -278,10 +296,12 @@ class EarlyExitObjective:
     ``vocab`` the exits are CTC heads trained on the transcripts, else classifiers of ``labels``."""
 
     def __init__(self, depth: int, labels: tuple[str, ...], cost: DepthCostModel, *, distill_lambda: float,
-                 temperature: float, mixed: bool, vocab: CharVocab | None = None) -> None:
-        self.depth, self.labels, self.cost, self.vocab = depth, labels, cost, vocab
+                 temperature: float, mixed: bool, vocab: CharVocab | None = None,
+                 cache: FrozenFeatureCache | None = None) -> None:
+        self.depth, self.labels, self.cost, self.vocab, self.cache = depth, labels, cost, vocab, cache
         self.distill_lambda, self.temperature, self.mixed = distill_lambda, temperature, mixed
         self.flops = 0.0
+        self.cache_flops = 0.0
         self.longest_seconds = 0.0
         self.largest_batch = 0
 
@@ -291,8 +311,16 @@ class EarlyExitObjective:
         self.flops += self.cost.at(seconds, audio.shape[0]).train_flops
         self.longest_seconds = max(self.longest_seconds, seconds)
         self.largest_batch = max(self.largest_batch, audio.shape[0])
+        if self.cache is not None:  # the cost line starts after the CNN; filling the cache is counted here
+            spent = self.cache.flops_spent
+            features, frame_lengths = self.cache.features(model, batch)
+            self.cache_flops += self.cache.flops_spent - spent
+            self.flops += self.cache.flops_spent - spent
+            inputs = {"features": features, "frame_lengths": frame_lengths}
+        else:
+            inputs = {"input_values": audio, "attention_mask": batch.get("attention_mask")}
         with torch.autocast(audio.device.type, dtype=torch.bfloat16, enabled=self.mixed):
-            out = model(audio, batch.get("attention_mask"), depth=self.depth)
+            out = model(**inputs, depth=self.depth)
         if self.vocab is None:
             targets = label_targets(batch["utterances"], self.labels).to(audio.device)
             loss = early_exit_loss(out.logits, targets, "classify", distill_lambda=self.distill_lambda,
@@ -389,7 +417,8 @@ def client_train(msg: Message, context: Context) -> Message:
     cost = client_costs(settings, client_id, manifest, partition, precision)[depth]
     objective = EarlyExitObjective(depth, settings.label_names, cost, distill_lambda=settings.distill_lambda,
                                    temperature=settings.distill_temperature, mixed=precision == "mixed",
-                                   vocab=run_vocab(settings) if settings.task == "asr" else None)
+                                   vocab=run_vocab(settings) if settings.task == "asr" else None,
+                                   cache=feature_cache(settings, ("client", manifest, partition, client_id)))
     result = train_local(model, objective, loader, epochs=settings.local_epochs, lr=float(config["lr"]),
                          lr_schedule=CONSTANT_LR, max_grad_norm=settings.max_grad_norm,
                          rng=np.random.default_rng([settings.seed, server_round, client_id]))
@@ -399,6 +428,7 @@ def client_train(msg: Message, context: Context) -> Message:
         "num-examples": result.num_examples, "train_loss": result.mean_loss_last_epoch,
         "partition-id": client_id, "depth": depth, "steps": result.steps,
         "skipped-batches": result.skipped_batches, "train-flops": objective.flops,
+        "cnn-cache-flops": objective.cache_flops,
         "predicted-peak-bytes": peak, "fits-memory": int(peak <= device.usable_bytes),
         "seconds": time.perf_counter() - start,
     }
@@ -417,8 +447,16 @@ def client_train(msg: Message, context: Context) -> Message:
 
 
 @torch.no_grad()
+def _eval_outputs(model: EarlyExitModel, batch: dict, cache: FrozenFeatureCache | None):
+    """All exits' outputs for an evaluation batch, from cached CNN features when there is a cache."""
+    if cache is None:
+        return model(batch["input_values"], batch["attention_mask"])
+    features, frame_lengths = cache.features(model, batch)
+    return model(features=features, frame_lengths=frame_lengths)
+
+
 def evaluate_exits(model: EarlyExitModel, dataset: AudioDataset, labels: tuple[str, ...],
-                   threshold: float) -> dict:
+                   threshold: float, cache: FrozenFeatureCache | None = None) -> dict:
     """Accuracy at every exit, and of the confidence-exit policy (with its mean exit layer)."""
     was_training = model.training
     model.eval()
@@ -428,7 +466,7 @@ def evaluate_exits(model: EarlyExitModel, dataset: AudioDataset, labels: tuple[s
     try:
         for batch in make_loader(dataset, EVAL_BATCH, shuffle=False):
             targets = label_targets(batch["utterances"], labels)
-            out = model(batch["input_values"], batch["attention_mask"])
+            out = _eval_outputs(model, batch, cache)
             for layer, logits in out.logits.items():
                 correct[layer] += int((logits.argmax(-1) == targets).sum())
             chosen_exit, chosen_logits = policy.select(out.logits)
@@ -446,7 +484,8 @@ def evaluate_exits(model: EarlyExitModel, dataset: AudioDataset, labels: tuple[s
 
 
 @torch.no_grad()
-def evaluate_ctc_exits(model: EarlyExitModel, dataset: AudioDataset, vocab: CharVocab, threshold: float) -> dict:
+def evaluate_ctc_exits(model: EarlyExitModel, dataset: AudioDataset, vocab: CharVocab, threshold: float,
+                       cache: FrozenFeatureCache | None = None) -> dict:
     """Corpus WER and CER at every exit (greedy CTC decoding of the normalised transcripts),
     and of the confidence-exit policy (with its mean exit layer)."""
     was_training = model.training
@@ -461,7 +500,7 @@ def evaluate_ctc_exits(model: EarlyExitModel, dataset: AudioDataset, vocab: Char
     try:
         for batch in make_loader(dataset, EVAL_BATCH, shuffle=False):
             references += [normalize_transcript(u.transcript) for u in batch["utterances"]]
-            out = model(batch["input_values"], batch["attention_mask"])
+            out = _eval_outputs(model, batch, cache)
             for layer, logits in out.logits.items():
                 hypotheses[layer] += decode(logits, out.output_lengths)
             chosen_exit, chosen_logits = policy.select(out.logits, out.output_lengths)
@@ -484,10 +523,11 @@ def evaluate_ctc_exits(model: EarlyExitModel, dataset: AudioDataset, vocab: Char
 def _evaluate(settings: EarlyExitSettings, model: EarlyExitModel, dataset: AudioDataset) -> dict:
     """The task's per-exit scores, plus ``<score>_deepest`` for the deepest exit."""
     deepest = str(model.exits[-1])
+    cache = feature_cache(settings, ("server-eval", settings.manifest, settings.split_names))
     if settings.task == "asr":
-        scores = evaluate_ctc_exits(model, dataset, run_vocab(settings), settings.confidence_threshold)
+        scores = evaluate_ctc_exits(model, dataset, run_vocab(settings), settings.confidence_threshold, cache)
         return {**scores, "wer_deepest": scores["wer"][deepest], "cer_deepest": scores["cer"][deepest]}
-    scores = evaluate_exits(model, dataset, settings.label_names, settings.confidence_threshold)
+    scores = evaluate_exits(model, dataset, settings.label_names, settings.confidence_threshold, cache)
     return {**scores, "accuracy_deepest": scores["accuracy"][deepest]}
 
 
@@ -539,6 +579,7 @@ def _client_rows(replies: list[Message], client_of: dict[int, int]) -> list[dict
             "client": int(m["partition-id"]), "device": str(info["device"]), "precision": str(info["precision"]),
             "depth": int(m["depth"]), "examples": int(m["num-examples"]), "train_loss": float(m["train_loss"]),
             "steps": int(m["steps"]), "train_flops": float(m["train-flops"]),
+            "cnn_cache_flops": float(m.get("cnn-cache-flops", 0.0)),
             "device_seconds": float(m["device-seconds"]) if "device-seconds" in m else None,
             "predicted_peak_bytes": float(m["predicted-peak-bytes"]), "fits_memory": bool(m["fits-memory"]),
             "arrays_sent": len(reply.content["arrays"]), "bytes_sent": message_bytes(reply),

@@ -39,6 +39,8 @@ _HELPS = {
     "eval_splits": "held-out manifest splits to evaluate on, comma-separated",
     "resume": "continue the runs in --out from their last completed round",
     "freeze_feature_encoder": "keep the CNN frozen: neither trained nor sent",
+    "cache_cnn_features": "with a frozen CNN, each client computes its features once per utterance "
+                          "(counted in its FLOPs) instead of at every step",
 }
 
 

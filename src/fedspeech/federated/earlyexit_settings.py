@@ -66,6 +66,7 @@ class EarlyExitSettings:
     distill_temperature: float = 1.0
     head_dropout: float = 0.0
     freeze_feature_encoder: bool = True  # the CNN is neither trained nor uploaded
+    cache_cnn_features: bool = True  # with a frozen CNN, clients compute its features once per utterance
     eval_splits: str = "dev"  # comma-separated manifest splits of held-out speakers
     eval_max_utterances: int = 0  # 0 = all of them
     confidence_threshold: float = 0.9  # ConfidenceExit policy logged next to the per-exit accuracy
@@ -100,6 +101,12 @@ class EarlyExitSettings:
             raise ValueError(f"confidence_threshold: must be in (0, 1], got {self.confidence_threshold}")
         if not self.split_names:
             raise ValueError("eval_splits: name at least one manifest split, e.g. 'dev'")
+
+    @property
+    def cached_cnn(self) -> bool:
+        """Clients keep the frozen CNN's features (``FrozenFeatureCache``): steps and their
+        cost lines start after the CNN, whose forward pass is paid once per utterance."""
+        return self.cache_cnn_features and self.freeze_feature_encoder
 
     @property
     def split_names(self) -> tuple[str, ...]:

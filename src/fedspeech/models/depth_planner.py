@@ -32,6 +32,7 @@ import torch
 from fedspeech.models.early_exit import (
     EarlyExitModel,
     measuring,
+    step_inputs,
     synthetic_batch,
     training_step_loss,
 )
@@ -173,10 +174,12 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _measure_step(
-    model: EarlyExitModel, depth: int, seconds: float, precision: str, sample_rate: int
+    model: EarlyExitModel, depth: int, seconds: float, precision: str, sample_rate: int,
+    cached_cnn: bool = False,
 ) -> tuple[float, float]:
-    """(FLOPs, saved-activation bytes) of one batch-1 training step."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """(FLOPs, saved-activation bytes) of one batch-1 training step (from cached CNN
+    features with ``cached_cnn``)."""
+    from fedspeech.profiling.accounting import flop_counter
 
     param_storages = {_storage_key(p) for p in model.parameters()}
     saved: set[tuple[int, int]] = set()
@@ -188,13 +191,14 @@ def _measure_step(
         return tensor
 
     audio, targets = synthetic_batch(model, seconds, 1, sample_rate)
+    inputs = step_inputs(model, audio, cached_cnn)
     device_type = audio.device.type
     autocast_dtype = torch.bfloat16 if device_type == "cpu" else torch.float16
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with measuring(model), counter:
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=precision == "mixed"):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = training_step_loss(model, audio, targets, depth)
+                loss = training_step_loss(model, inputs, targets, depth, cached_cnn)
         loss.backward()
     return float(counter.get_total_flops()), float(sum(nbytes for _, nbytes in saved))
 
@@ -220,12 +224,14 @@ def measure_depth_costs(
     lengths: tuple[float, float] = (1.0, 2.0),
     precision: str = "fp32",
     sample_rate: int = 16_000,
+    cached_cnn: bool = False,
 ) -> list[DepthCostModel]:
     """Measure each depth (default: every exit) at two audio lengths and fit the lines.
 
     Runs ``2 × len(depths)`` batch-1 training steps (no optimizer step; weights unchanged,
     existing gradients restored). ``precision="mixed"`` measures under autocast
-    (bfloat16 on CPU, float16 on GPU).
+    (bfloat16 on CPU, float16 on GPU). ``cached_cnn``: steps start from the frozen CNN's
+    cached features, so the CNN's forward pass is not part of a step's cost.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -235,8 +241,8 @@ def measure_depth_costs(
     costs = []
     for depth in depths if depths is not None else model.exits:
         depth = model.check_depth(depth)
-        flops_a, act_a = _measure_step(model, depth, short, precision, sample_rate)
-        flops_b, act_b = _measure_step(model, depth, long, precision, sample_rate)
+        flops_a, act_a = _measure_step(model, depth, short, precision, sample_rate, cached_cnn)
+        flops_b, act_b = _measure_step(model, depth, long, precision, sample_rate, cached_cnn)
         flops_slope = (flops_b - flops_a) / (long - short)
         act_slope = (act_b - act_a) / (long - short)
         costs.append(

@@ -296,38 +296,58 @@ class EarlyExitModel(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------
 
+    def cnn_features(self, input_values: Tensor) -> Tensor:
+        """The CNN feature encoder's output, (batch, frames, conv channels).
+
+        With a frozen CNN this is a fixed function of the audio, so a client may compute it
+        once per utterance and pass it back as ``features`` (``FrozenFeatureCache``).
+        """
+        if input_values.dim() != 2:
+            raise ValueError(
+                f"input_values must be (batch, samples), got shape {tuple(input_values.shape)}"
+            )
+        return self.backbone.feature_extractor(input_values).transpose(1, 2)
+
     def iter_exit_states(
         self,
-        input_values: Tensor,
+        input_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
         depth: int | None = None,
+        *,
+        features: Tensor | None = None,
+        frame_lengths: Tensor | None = None,
     ) -> Iterator[ExitState]:
         """Yield the representation at each exit ``<= depth``, computing layers lazily.
 
         Stopping the iteration stops the computation: layers after the last consumed exit
         never run. Mirrors ``Wav2Vec2Model.forward`` + ``Wav2Vec2Encoder(StableLayerNorm)
         .forward`` (and the HuBERT/WavLM copies) of transformers 5.23.
+
+        Either audio (``input_values``, optional sample ``attention_mask``) or precomputed
+        :meth:`cnn_features` (``features``, optional valid ``frame_lengths`` per item when
+        they are padded) goes in.
         """
         depth = self.check_depth(depth)
-        if input_values.dim() != 2:
-            raise ValueError(
-                f"input_values must be (batch, samples), got shape {tuple(input_values.shape)}"
-            )
         backbone = self.backbone
         encoder = backbone.encoder
 
-        features = backbone.feature_extractor(input_values).transpose(1, 2)
-        num_frames = features.shape[1]
-        if attention_mask is None:
-            frame_mask = None
-            output_lengths = torch.full(
-                (features.shape[0],), num_frames, dtype=torch.long, device=features.device
-            )
+        if (input_values is None) == (features is None):
+            raise ValueError("pass either input_values or features")
+        if features is not None:
+            frame_mask, output_lengths = _frame_mask(features, frame_lengths)
         else:
-            frame_mask = backbone._get_feature_vector_attention_mask(num_frames, attention_mask)
-            output_lengths = backbone._get_feat_extract_output_lengths(
-                attention_mask.sum(-1)
-            ).to(torch.long)
+            features = self.cnn_features(input_values)
+            num_frames = features.shape[1]
+            if attention_mask is None:
+                frame_mask = None
+                output_lengths = torch.full(
+                    (features.shape[0],), num_frames, dtype=torch.long, device=features.device
+                )
+            else:
+                frame_mask = backbone._get_feature_vector_attention_mask(num_frames, attention_mask)
+                output_lengths = backbone._get_feat_extract_output_lengths(
+                    attention_mask.sum(-1)
+                ).to(torch.long)
 
         projected = backbone.feature_projection(features)
         # wav2vec 2.0 and WavLM return (projected, normed features); HuBERT the tensor only.
@@ -401,17 +421,37 @@ class EarlyExitModel(nn.Module):
 
     def forward(
         self,
-        input_values: Tensor,
+        input_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
         depth: int | None = None,
+        *,
+        features: Tensor | None = None,
+        frame_lengths: Tensor | None = None,
     ) -> EarlyExitOutput:
         logits: dict[int, Tensor] = {}
         output_lengths = frame_mask = None
-        for state in self.iter_exit_states(input_values, attention_mask, depth):
+        states = self.iter_exit_states(
+            input_values, attention_mask, depth, features=features, frame_lengths=frame_lengths
+        )
+        for state in states:
             logits[state.layer] = self.head_logits(state)
             output_lengths, frame_mask = state.output_lengths, state.frame_mask
         assert output_lengths is not None  # check_depth guarantees at least one exit
         return EarlyExitOutput(logits, output_lengths, frame_mask)
+
+
+def _frame_mask(features: Tensor, frame_lengths: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """(frame mask or None when nothing is padded, output lengths) of padded CNN features."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be (batch, frames, channels), got {tuple(features.shape)}")
+    batch, num_frames = features.shape[:2]
+    if frame_lengths is None:
+        return None, torch.full((batch,), num_frames, dtype=torch.long, device=features.device)
+    lengths = frame_lengths.to(device=features.device, dtype=torch.long)
+    if lengths.shape != (batch,) or bool((lengths < 1).any()) or bool((lengths > num_frames).any()):
+        raise ValueError(f"frame_lengths must be {batch} lengths in 1..{num_frames}, got {lengths.tolist()}")
+    mask = torch.arange(num_frames, device=features.device)[None, :] < lengths[:, None]
+    return mask, lengths
 
 
 # ---- loss --------------------------------------------------------------------------
@@ -661,10 +701,27 @@ def synthetic_batch(
     return audio, targets.to(device)
 
 
-def training_step_loss(model: EarlyExitModel, audio: Tensor, targets: Tensor, depth: int) -> Tensor:
-    """The loss of one depth-``depth`` training step (all the client's exits, no distillation)."""
-    out = model(audio, depth=depth)
+def training_step_loss(
+    model: EarlyExitModel, inputs: Tensor, targets: Tensor, depth: int, cached_cnn: bool = False
+) -> Tensor:
+    """The loss of one depth-``depth`` training step (all the client's exits, no distillation).
+
+    ``inputs`` is audio, or with ``cached_cnn`` the CNN features computed beforehand
+    (:func:`step_inputs`), as a client with a ``FrozenFeatureCache`` trains.
+    """
+    out = model(features=inputs, depth=depth) if cached_cnn else model(inputs, depth=depth)
     return early_exit_loss(out.logits, targets, model.task, output_lengths=out.output_lengths)
+
+
+def step_inputs(model: EarlyExitModel, audio: Tensor, cached_cnn: bool) -> Tensor:
+    """What a step starts from: the audio, or its frozen CNN's features (computed here,
+    outside any FLOP count: a cached client computed them once, before its steps)."""
+    if not cached_cnn:
+        return audio
+    if not model.freeze_feature_encoder:
+        raise ValueError("cached CNN features need a frozen feature encoder")
+    with torch.no_grad():
+        return model.cnn_features(audio)
 
 
 @contextmanager
@@ -684,18 +741,25 @@ def measuring(model: EarlyExitModel) -> Iterator[None]:
 
 
 def training_flops(
-    model: EarlyExitModel, depth: int, seconds: float, batch: int, sample_rate: int = 16_000
+    model: EarlyExitModel,
+    depth: int,
+    seconds: float,
+    batch: int,
+    sample_rate: int = 16_000,
+    cached_cnn: bool = False,
 ) -> int:
     """FLOPs (2 per multiply-add) of forward + backward of one depth-``depth`` step.
 
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on random input, in train mode
-    with LayerDrop off; the model's mode and existing ``.grad`` values are restored.
+    Counted on random input by torch's ``FlopCounterMode`` with the profiler's corrected
+    formulas (``profiling.accounting.flop_counter``), in train mode with LayerDrop off; the model's mode and existing ``.grad`` values are restored.
+    ``cached_cnn``: the step starts from precomputed CNN features (their cost not counted).
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from fedspeech.profiling.accounting import flop_counter
 
     depth = model.check_depth(depth)
     audio, targets = synthetic_batch(model, seconds, batch, sample_rate)
-    counter = FlopCounterMode(display=False)
+    inputs = step_inputs(model, audio, cached_cnn)
+    counter = flop_counter()
     with measuring(model), counter:
-        training_step_loss(model, audio, targets, depth).backward()
+        training_step_loss(model, inputs, targets, depth, cached_cnn).backward()
     return int(counter.get_total_flops())

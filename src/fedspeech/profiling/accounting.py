@@ -243,6 +243,12 @@ FLOP_FORMULAS = {
 }
 
 
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode with the corrected formulas above: use it for every FLOP count,
+    so the profiler, the depth planner and the early-exit clients count alike."""
+    return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+
+
 class UnitFlopCounter(FlopCounterMode):
     """torch's FlopCounterMode, with counts also split by :class:`UnitAttribution` units.
 
