@@ -11,7 +11,7 @@ from pathlib import Path
 from fedspeech.federated.earlyexit_settings import DEFAULT_FLEET, MODES, PRECISIONS, TASKS, EarlyExitSettings
 from fedspeech.settings_flags import add_settings_flags, given_settings
 
-RUNNERS = ("inprocess", "simulation")  # same as earlyexit_runner.RUNNERS, kept import-free for --help
+RUNNERS = ("inprocess", "simulation", "deployment")  # same as earlyexit_runner.RUNNERS, kept import-free for --help
 _CHOICES = {"precision": PRECISIONS, "task": TASKS}
 # Set by --modes (one run folder per mode under --out), so not flags of their own.
 _NOT_FLAGS = {"mode", "out_dir"}
@@ -121,8 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="adaptive = the method; full = full-depth FedAvg; exclusion = only full-depth-capable "
                              "clients; smallest = everyone at the smallest affordable depth (default: all)")
     parser.add_argument("--runner", choices=RUNNERS, default="inprocess",
-                        help="inprocess (default, no Ray) or Flower's Simulation Engine")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run under the Simulation Engine")
+                        help="inprocess (default, no Ray), Flower's Simulation Engine, or its Deployment Engine "
+                             "on this machine (SuperLink + one SuperNode per client, TLS, SuperNode auth)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run under a Flower engine")
     add_settings_arguments(parser)
     parser.set_defaults(func=_early_exit)
 

@@ -1,0 +1,65 @@
+"""The early-exit app under Flower's Deployment Engine (SuperLink and three SuperNodes on
+loopback, TLS, SuperNode authentication): the method and the three baselines run on one
+cluster, each SuperNode names its own device (and one caps its depth) by --node-config,
+and every mode reproduces the in-process run with the same node configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedspeech.federated.checkpoints import round_dir
+from fedspeech.federated.earlyexit_runner import run_modes
+from fedspeech.federated.earlyexit_settings import MODES
+from test_earlyexit_app import fleet_file, make_settings, partition  # noqa: F401  (same fixture and helpers)
+
+# SuperNode i names device dev{i}, made for exactly depth 6, 2, 6 (test_earlyexit_app.fleet_file);
+# node 2 caps itself at 4. The fleet's own client order (rotated) would give other depths.
+NODE_CONFIGS = [{"device": "dev0"}, {"device": "dev1"}, {"device": "dev2", "max-depth": 4}]
+EXPECTED_DEPTHS = {"adaptive": {0: 6, 1: 2, 2: 4}, "full": {0: 6, 1: 6, 2: 6}, "exclusion": {0: 6},
+                   "smallest": {0: 2, 1: 2, 2: 2}}
+
+
+def depths(records: list[dict]) -> dict[int, int]:
+    return {c["client"]: c["depth"] for c in records[0]["clients"]}
+
+
+@pytest.mark.slow
+def test_deployment_engine_runs_every_mode_like_inprocess(small_corpus, partition, tmp_path):
+    settings = make_settings(small_corpus, partition, tmp_path / "inprocess")
+    fleet = json.loads(fleet_file(settings, [6, 2, 6], tmp_path).read_text())
+    fleet["clients"] = fleet["clients"][1:] + fleet["clients"][:1]
+    (tmp_path / "fleet.json").write_text(json.dumps(fleet))
+    settings.fleet = str(tmp_path / "fleet.json")
+
+    inprocess = run_modes(settings, MODES, node_configs=NODE_CONFIGS)
+    engine_dir = tmp_path / "deployment"
+    settings.out_dir = str(engine_dir)
+    deployed = run_modes(settings, MODES, runner="deployment", timeout=600, node_configs=NODE_CONFIGS)
+
+    for mode in MODES:
+        (a,), (b,) = deployed[mode], inprocess[mode]
+        assert depths([a]) == depths([b]) == EXPECTED_DEPTHS[mode], mode
+        by_client = {c["client"]: c for c in b["clients"]}
+        for c in a["clients"]:
+            other = by_client[c["client"]]
+            assert (c["device"], c["examples"], c["arrays_sent"], c["bytes_sent"]) == (
+                other["device"], other["examples"], other["arrays_sent"], other["bytes_sent"])
+            assert c["train_flops"] == pytest.approx(other["train_flops"], rel=1e-9)
+            assert c["train_loss"] == pytest.approx(other["train_loss"], rel=1e-3)
+        assert a["upload_bytes"] == b["upload_bytes"] and a["layers_not_trained"] == b["layers_not_trained"]
+        assert a["accuracy"].keys() == b["accuracy"].keys()
+        # other processes may use other thread counts: sums differ in the last bits
+        x = load_file(str(round_dir(engine_dir / mode, 1) / "extra.safetensors"))
+        y = load_file(str(round_dir(tmp_path / "inprocess" / mode, 1) / "extra.safetensors"))
+        assert x.keys() == y.keys()
+        assert all(torch.allclose(x[k], y[k], rtol=1e-3, atol=1e-4) for k in x), mode
+    # the SuperLink served over TLS, and the cluster was started once for the four modes
+    logs = engine_dir / "deployment" / "logs"
+    assert "https://127.0.0.1" in (logs / "superlink.log").read_text()
+    assert sorted(p.name for p in logs.iterdir()) == ["superlink.log", *(f"supernode-{i}.log" for i in range(3))]
+    assert not any(Path(engine_dir, mode, "deployment").exists() for mode in MODES)
