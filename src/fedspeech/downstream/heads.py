@@ -26,11 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCTC, PreTrainedModel
+from transformers import AutoModelForCTC, PreTrainedModel
 
 from fedspeech.data.manifest import Utterance
 from fedspeech.downstream.text import CharVocab, ctc_greedy_decode, pad_targets
 from fedspeech.models.configs import PRESETS, model_config
+from fedspeech.models.loading import from_pretrained, load_backbone
 
 # SpecAugment-style time masking during fine-tuning (HF's fine-tuning default). Our presets
 # and pretraining checkpoints carry the pretraining value 0.65, far too strong here.
@@ -48,17 +49,6 @@ def _check_source(source: str | Path) -> Path:
             f"backbone {str(source)!r}: not a preset ({', '.join(PRESETS)}) and no config.json in that folder"
         )
     return folder
-
-
-def load_backbone(source: str | Path, **config_overrides: Any) -> PreTrainedModel:
-    """The base speech model (no heads): a fresh preset or the backbone of a local folder.
-
-    A pretraining checkpoint's extra parts (quantizer, projections) are dropped by HF's
-    loader, which reports them as unexpected keys.
-    """
-    if is_preset(source):
-        return AutoModel.from_config(model_config(source, **config_overrides))
-    return AutoModel.from_pretrained(_check_source(source), local_files_only=True, **config_overrides)
 
 
 def wants_normalized_audio(source: str | Path) -> bool:
@@ -178,9 +168,8 @@ class CTCModel(DownstreamModel):
         if is_preset(source):
             hf = AutoModelForCTC.from_config(model_config(source, **settings))
         else:
-            hf = AutoModelForCTC.from_pretrained(
-                _check_source(source), local_files_only=True, ignore_mismatched_sizes=True, **settings
-            )
+            hf = from_pretrained(AutoModelForCTC, _check_source(source), new_parts=("lm_head.",),
+                                 ignore_mismatched_sizes=True, **settings)
         model = cls(hf, vocab)
         if freeze_feature_encoder:
             model.freeze_feature_encoder()

@@ -193,18 +193,9 @@ class EarlyExitModel(nn.Module):
         **kwargs: object,
     ) -> EarlyExitModel:
         """From a preset name (random init) or a local HF checkpoint folder (its weights)."""
-        from transformers import AutoModel
+        from fedspeech.models.loading import load_backbone
 
-        from fedspeech.models.configs import PRESETS, model_config
-
-        overrides = dict(config_overrides or {})
-        if str(name_or_path) in PRESETS:
-            backbone = AutoModel.from_config(model_config(name_or_path, **overrides))
-        else:
-            model_config(name_or_path)  # clear error when the folder has no config.json
-            backbone = AutoModel.from_pretrained(
-                Path(name_or_path), local_files_only=True, **overrides
-            )
+        backbone = load_backbone(name_or_path, **dict(config_overrides or {}))
         return cls(backbone, task, num_outputs, exits=exits, every=every, **kwargs)
 
     def _freeze_cnn(self) -> None:
