@@ -133,3 +133,17 @@ def test_cached_cost_lines_drop_exactly_the_cnn_forward():
     # what is left still grows with depth
     assert [cached[d].at(0.5, 1).train_flops for d in m.exits] == sorted(
         cached[d].at(0.5, 1).train_flops for d in m.exits)
+
+
+def test_exported_cache_serves_the_same_features_after_restore():
+    m, cache = model(), FrozenFeatureCache()
+    a, b = waves(4000, 2600)
+    before, _ = cache.features(m, batch_of([a, b], ["a", "b"]))
+    restored = FrozenFeatureCache.restore(*cache.export())
+    after, _ = restored.features(m, batch_of([a, b], ["a", "b"]))
+    assert (restored.computed, restored.reused, len(restored)) == (0, 2, 2)
+    torch.testing.assert_close(after, before)
+    with torch.no_grad():  # the restored CNN digest still guards against changed weights
+        next(m.backbone.feature_extractor.parameters()).mul_(2.0)
+    restored.features(m, batch_of([a], ["a"]))
+    assert restored.computed == 1 and len(restored) == 1

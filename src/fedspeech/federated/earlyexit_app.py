@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -121,7 +121,12 @@ def build_model(settings: EarlyExitSettings) -> EarlyExitModel:
 # model, loaded with every array a call runs, and the measured cost lines per precision.
 _MODELS: dict[tuple, EarlyExitModel] = {}
 _COSTS: dict[tuple, dict[int, DepthCostModel]] = {}
-_FEATURE_CACHES: dict[tuple, FrozenFeatureCache] = {}
+# What a client keeps in its node's ``context.state`` for the rest of the run. Under the
+# Deployment Engine every message runs in a fresh ClientApp process, so in-memory caches
+# would start empty each round; the node state survives, under every runner.
+COST_LINES_STATE = "early-exit-cost-lines"
+FEATURES_STATE = "early-exit-cnn-features"
+FEATURE_DIGESTS_STATE = "early-exit-cnn-feature-digests"
 
 
 def client_model(settings: EarlyExitSettings) -> EarlyExitModel:
@@ -147,21 +152,6 @@ def depth_costs(settings: EarlyExitSettings, precision: str = "fp32",
     return _COSTS[key]
 
 
-def feature_cache(settings: EarlyExitSettings, owner: tuple) -> FrozenFeatureCache | None:
-    """This process's CNN feature cache of one client (or of the server's evaluation set),
-    or None when the CNN is trained or caching is off. One cache per owner and run, so every
-    client pays for filling its own in every run (the caches of other runs are dropped)."""
-    if not settings.cached_cnn:
-        return None
-    run = (_model_key(settings), settings.out_dir)
-    if any(key[:2] != run for key in _FEATURE_CACHES):
-        _FEATURE_CACHES.clear()
-    key = (*run, *owner)
-    if key not in _FEATURE_CACHES:
-        _FEATURE_CACHES[key] = FrozenFeatureCache()
-    return _FEATURE_CACHES[key]
-
-
 def cost_lengths(settings: EarlyExitSettings, dataset: AudioDataset) -> tuple[float, float]:
     """Where a client's cost lines are measured. kws: half and all of the crop (every batch
     is padded to at most the crop). asr: the client's own shortest (at most half its longest)
@@ -180,6 +170,37 @@ def client_costs(settings: EarlyExitSettings, client_id: int, manifest: str, par
     """:func:`depth_costs` measured at the lengths of this client's training data."""
     dataset = _task_dataset(settings, manifest, partition, client_id)
     return depth_costs(settings, precision, cost_lengths(settings, dataset))
+
+
+def node_costs(settings: EarlyExitSettings, context: Context, client_id: int, manifest: str, partition: str,
+               precision: str) -> dict[int, DepthCostModel]:
+    """:func:`client_costs`, measured once per run and node and kept in its ``context.state``."""
+    kept = context.state.get(COST_LINES_STATE)
+    if kept is not None and precision in kept:
+        return {line["depth"]: DepthCostModel(**line) for line in json.loads(str(kept[precision]))}
+    costs = client_costs(settings, client_id, manifest, partition, precision)
+    kept = kept if kept is not None else ConfigRecord()
+    kept[precision] = json.dumps([asdict(line) for line in costs.values()])
+    context.state[COST_LINES_STATE] = kept
+    return costs
+
+
+def node_feature_cache(settings: EarlyExitSettings, context: Context) -> FrozenFeatureCache | None:
+    """The client's CNN feature cache from its node state (None when the CNN is trained or
+    caching is off): each client pays for computing an utterance's features once per run."""
+    if not settings.cached_cnn:
+        return None
+    features, digests = context.state.get(FEATURES_STATE), context.state.get(FEATURE_DIGESTS_STATE)
+    if features is None or digests is None:
+        return FrozenFeatureCache()
+    return FrozenFeatureCache.restore(features.to_torch_state_dict(), {k: str(v) for k, v in digests.items()})
+
+
+def keep_feature_cache(context: Context, cache: FrozenFeatureCache | None) -> None:
+    if cache is not None:
+        features, digests = cache.export()
+        context.state[FEATURES_STATE] = ArrayRecord(features)
+        context.state[FEATURE_DIGESTS_STATE] = ConfigRecord(digests)
 
 
 def load_early_exit(folder: str | Path) -> EarlyExitModel:
@@ -381,7 +402,7 @@ def client_plan(msg: Message, context: Context) -> Message:
     work = client_workload(settings, client_id, manifest, partition)
     cap = context.node_config.get("max-depth")
     plan = plan_client(
-        client_id, device, list(client_costs(settings, client_id, manifest, partition, precision).values()),
+        client_id, device, list(node_costs(settings, context, client_id, manifest, partition, precision).values()),
         deadline=settings.deadline or math.inf,
         steps=work.steps, batch=work.batch, seconds=work.seconds, precision=precision,
         max_depth=int(cap) if cap not in (None, "") else None,
@@ -413,16 +434,18 @@ def client_train(msg: Message, context: Context) -> Message:
     dataset = _task_dataset(settings, manifest, partition, client_id)
     dataset.set_epoch(server_round)
     loader = make_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 100_003 + server_round)
-    cost = client_costs(settings, client_id, manifest, partition, precision)[depth]
+    cost = node_costs(settings, context, client_id, manifest, partition, precision)[depth]
+    cache = node_feature_cache(settings, context)
     objective = EarlyExitObjective(depth, settings.label_names, cost, distill_lambda=settings.distill_lambda,
                                    temperature=settings.distill_temperature, mixed=precision == "mixed",
                                    vocab=run_vocab(settings) if settings.task == "asr" else None,
-                                   cache=feature_cache(settings, ("client", manifest, partition, client_id)))
+                                   cache=cache)
     # Seeded last: measuring cost lines (done once per process, so only in some) draws random numbers.
     torch.manual_seed(hash((settings.seed, server_round, client_id)) % 2**63)  # dropout
     result = train_local(model, objective, loader, epochs=settings.local_epochs, lr=float(config["lr"]),
                          lr_schedule=CONSTANT_LR, max_grad_norm=settings.max_grad_norm,
                          rng=np.random.default_rng([settings.seed, server_round, client_id]))
+    keep_feature_cache(context, cache)
 
     peak = cost.at(objective.longest_seconds, objective.largest_batch).peak_bytes
     metrics = {
@@ -521,10 +544,10 @@ def evaluate_ctc_exits(model: EarlyExitModel, dataset: AudioDataset, vocab: Char
     }
 
 
-def _evaluate(settings: EarlyExitSettings, model: EarlyExitModel, dataset: AudioDataset) -> dict:
+def _evaluate(settings: EarlyExitSettings, model: EarlyExitModel, dataset: AudioDataset,
+              cache: FrozenFeatureCache | None) -> dict:
     """The task's per-exit scores, plus ``<score>_deepest`` for the deepest exit."""
     deepest = str(model.exits[-1])
-    cache = feature_cache(settings, ("server-eval", settings.manifest, settings.split_names))
     if settings.task == "asr":
         scores = evaluate_ctc_exits(model, dataset, run_vocab(settings), settings.confidence_threshold, cache)
         return {**scores, "wer_deepest": scores["wer"][deepest], "cer_deepest": scores["cer"][deepest]}
@@ -638,6 +661,8 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
     arrays = ArrayRecord(model.state_dict())
     eval_set = _eval_dataset(settings.manifest, settings.split_names, settings.eval_max_utterances,
                              settings.max_seconds, settings.task)
+    # the server's own cache of the held-out set's CNN features (not client compute)
+    eval_cache = FrozenFeatureCache() if settings.cached_cnn else None
     participants = sorted(depths)
     cumulative_flops = sum(r["client_flops"] for r in roundlog.read_rounds(out)) if first_round > 1 else 0.0
     records = []
@@ -659,7 +684,7 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
             model.load_state_dict(arrays.to_torch_state_dict())
             clients = _client_rows(replies, client_of)
             ok = [c for c in clients if "error" not in c]
-            evaluation = _evaluate(settings, model, eval_set)
+            evaluation = _evaluate(settings, model, eval_set, eval_cache)
             checkpoints.save_checkpoint(
                 out, server_round, model.backbone,
                 {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)},

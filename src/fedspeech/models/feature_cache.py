@@ -27,6 +27,9 @@ from torch.nn.utils.rnn import pad_sequence
 from fedspeech.models.early_exit import EarlyExitModel
 
 
+CNN_DIGEST = "<cnn>"  # the digests' entry for the CNN weights (no utterance id looks like it)
+
+
 def _digest(tensors: Sequence[Tensor]) -> str:
     sha = hashlib.sha1()
     for tensor in tensors:
@@ -86,3 +89,20 @@ class FrozenFeatureCache:
             items.append(feats)
         frame_lengths = torch.tensor([f.shape[0] for f in items], dtype=torch.long)
         return pad_sequence(items, batch_first=True), frame_lengths
+
+    def export(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """(features per utterance id, digests: per utterance id and ``CNN_DIGEST`` for the
+        CNN) for keeping the cache between processes, e.g. in a Flower node's state."""
+        features = {utterance: feats for utterance, (_, feats) in self._features.items()}
+        digests = {utterance: digest for utterance, (digest, _) in self._features.items()}
+        if self._cnn_digest is not None:
+            digests[CNN_DIGEST] = self._cnn_digest
+        return features, digests
+
+    @classmethod
+    def restore(cls, features: Mapping[str, Tensor], digests: Mapping[str, str]) -> FrozenFeatureCache:
+        """The cache :meth:`export` gave (counters start at zero)."""
+        cache = cls()
+        cache._cnn_digest = digests.get(CNN_DIGEST)
+        cache._features = {utterance: (digests[utterance], feats) for utterance, feats in features.items()}
+        return cache
