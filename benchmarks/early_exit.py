@@ -122,8 +122,8 @@ def pretrained_backbone(work: Path, recipe: dict) -> Path:
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     folder = work / f"pretrained-{key}"
     done = folder / "done.json"
-    if done.is_file():
-        return Path(json.loads(done.read_text())["checkpoint"])
+    if done.is_file():  # the checkpoint's path is kept relative to the folder, so it may move
+        return folder / json.loads(done.read_text())["checkpoint"]
     shutil.rmtree(folder, ignore_errors=True)
     manifest = build_corpus(folder / "corpus", speakers=recipe["speakers"], seed=recipe["corpus_seed"])
     init = folder / "init"
@@ -140,7 +140,7 @@ def pretrained_backbone(work: Path, recipe: dict) -> Path:
     losses = " ".join(f"{r['val_loss']:.3f}" for r in records if r.get("val_loss") is not None)
     print(f"pretrained {checkpoint} in {(time.perf_counter() - started) / 60:.1f} min; val loss by round {losses}",
           flush=True)
-    done.write_text(json.dumps({"checkpoint": str(checkpoint), "seconds": time.perf_counter() - started,
+    done.write_text(json.dumps({"checkpoint": str(checkpoint.relative_to(folder)), "seconds": time.perf_counter() - started,
                                 "val_losses": [r.get("val_loss") for r in records]}) + "\n")
     return checkpoint
 

@@ -1,4 +1,4 @@
-"""The early-exit app under Flower's Deployment Engine (SuperLink and three SuperNodes on
+"""The early-exit app under Flower's Deployment Engine (SuperLink and two SuperNodes on
 loopback, TLS, SuperNode authentication): the method and the three baselines run on one
 cluster, each SuperNode names its own device (and one caps its depth) by --node-config,
 every mode reproduces the in-process run with the same node configs, and what a client
@@ -16,13 +16,17 @@ from safetensors.torch import load_file
 from fedspeech.federated.checkpoints import round_dir
 from fedspeech.federated.earlyexit_runner import run_modes
 from fedspeech.federated.earlyexit_settings import MODES
-from test_earlyexit_app import fleet_file, make_settings, partition  # noqa: F401  (same fixture and helpers)
+from test_earlyexit_app import fleet_file, make_settings
 
-# SuperNode i names device dev{i}, made for exactly depth 6, 2, 6 (test_earlyexit_app.fleet_file);
-# node 2 caps itself at 4. The fleet's own client order (rotated) would give other depths.
-NODE_CONFIGS = [{"device": "dev0"}, {"device": "dev1"}, {"device": "dev2", "max-depth": 4}]
-EXPECTED_DEPTHS = {"adaptive": {0: 6, 1: 2, 2: 4}, "full": {0: 6, 1: 6, 2: 6}, "exclusion": {0: 6},
-                   "smallest": {0: 2, 1: 2, 2: 2}}
+# SuperNode i names device dev{i}, made for exactly depth 6, 4 (test_earlyexit_app.fleet_file);
+# node 1 caps itself at 2. The fleet's own client order (swapped) would give other depths.
+NODE_CONFIGS = [{"device": "dev0"}, {"device": "dev1", "max-depth": 2}]
+EXPECTED_DEPTHS = {"adaptive": {0: 6, 1: 2}, "full": {0: 6, 1: 6}, "exclusion": {0: 6}, "smallest": {0: 2, 1: 2}}
+
+
+@pytest.fixture(scope="module")
+def partition(speaker_partition) -> Path:
+    return speaker_partition(2)
 
 
 def depths(record: dict) -> dict[int, int]:
@@ -32,6 +36,8 @@ def depths(record: dict) -> dict[int, int]:
 def assert_same_round(a: dict, b: dict, mode: str) -> None:
     """One round under the engine and in-process: same clients, depths, costs, bytes, losses."""
     assert depths(a) == depths(b) == EXPECTED_DEPTHS[mode], mode
+    # the device each SuperNode named, not the (swapped) fleet's
+    assert {c["client"]: c["device"] for c in a["clients"]} == {k: f"dev{k}" for k in depths(a)}
     by_client = {c["client"]: c for c in b["clients"]}
     for c in a["clients"]:
         other = by_client[c["client"]]
@@ -46,8 +52,8 @@ def assert_same_round(a: dict, b: dict, mode: str) -> None:
 @pytest.mark.slow
 def test_deployment_engine_runs_every_mode_like_inprocess(small_corpus, partition, tmp_path):
     settings = make_settings(small_corpus, partition, tmp_path / "inprocess", rounds=2)
-    fleet = json.loads(fleet_file(settings, [6, 2, 6], tmp_path).read_text())
-    fleet["clients"] = fleet["clients"][1:] + fleet["clients"][:1]
+    fleet = json.loads(fleet_file(settings, [6, 4], tmp_path).read_text())
+    fleet["clients"] = fleet["clients"][::-1]
     (tmp_path / "fleet.json").write_text(json.dumps(fleet))
     settings.fleet = str(tmp_path / "fleet.json")
 
@@ -71,5 +77,5 @@ def test_deployment_engine_runs_every_mode_like_inprocess(small_corpus, partitio
     # the SuperLink served over TLS, and the cluster was started once for the four modes
     logs = engine_dir / "deployment" / "logs"
     assert "https://127.0.0.1" in (logs / "superlink.log").read_text()
-    assert sorted(p.name for p in logs.iterdir()) == ["superlink.log", *(f"supernode-{i}.log" for i in range(3))]
+    assert sorted(p.name for p in logs.iterdir()) == ["superlink.log", *(f"supernode-{i}.log" for i in range(2))]
     assert not any(Path(engine_dir, mode, "deployment").exists() for mode in MODES)
