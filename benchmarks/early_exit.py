@@ -82,7 +82,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pretrain-work", default="runs/ee-pretrain", help="cache of the pretrained backbone")
     parser.add_argument("--no-cnn-cache", action="store_true",
                         help="recompute the frozen CNN at every step (the cost without FrozenFeatureCache)")
-    parser.add_argument("--distill-lambda", type=float, default=0.0)
+    parser.add_argument("--distill-lambda", type=float, default=1.0,
+                        help="DepthFL self-distillation between a client's exits, in every mode (1: DepthFL's "
+                             "own loss; 0: exit losses only)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: tiny models gain nothing from more, and lose a lot on shared cores)")
