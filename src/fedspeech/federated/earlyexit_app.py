@@ -440,7 +440,7 @@ def client_train(msg: Message, context: Context) -> Message:
                                    temperature=settings.distill_temperature, mixed=precision == "mixed",
                                    vocab=run_vocab(settings) if settings.task == "asr" else None,
                                    cache=cache)
-    # Seeded last: measuring cost lines (done once per process, so only in some) draws random numbers.
+    # Seeded last: measuring cost lines (in a node's first message only) draws random numbers.
     torch.manual_seed(hash((settings.seed, server_round, client_id)) % 2**63)  # dropout
     result = train_local(model, objective, loader, epochs=settings.local_epochs, lr=float(config["lr"]),
                          lr_schedule=CONSTANT_LR, max_grad_norm=settings.max_grad_norm,
