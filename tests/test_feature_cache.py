@@ -147,3 +147,18 @@ def test_exported_cache_serves_the_same_features_after_restore():
         next(m.backbone.feature_extractor.parameters()).mul_(2.0)
     restored.features(m, batch_of([a], ["a"]))
     assert restored.computed == 1 and len(restored) == 1
+
+
+def test_cache_notices_weights_loaded_with_load_state_dict():
+    """Clients load each round's weights with load_state_dict: new CNN weights drop the
+    cache, the same weights loaded again keep it."""
+    m, cache = model(), FrozenFeatureCache()
+    (a,) = waves(4000)
+    cache.features(m, batch_of([a], ["a"]))
+    cnn = m.backbone.feature_extractor
+    cnn.load_state_dict(cnn.state_dict())  # same values, written again
+    cache.features(m, batch_of([a], ["a"]))
+    assert (cache.computed, cache.reused) == (1, 1)
+    cnn.load_state_dict({k: v * 2 for k, v in cnn.state_dict().items()})
+    cache.features(m, batch_of([a], ["a"]))
+    assert cache.computed == 2

@@ -3,8 +3,9 @@
 Why: when fine-tuning keeps the CNN feature encoder frozen (the usual recipe, and our
 early-exit default), its output for an utterance is the same in every epoch and round, yet
 a plain training loop recomputes it at every step. On a small device that forward pass is
-a large fixed share of a step: for wav2vec 2.0 base on 1 s keywords it is 40 % of a
-depth-1 step (docs/early-exit.md), which caps what training fewer layers can save. A
+a large fixed share of a step: for wav2vec 2.0 base on 1 s keywords it is half of a
+depth-1 step (``benchmarks/early_exit_cost_shares.py``), which caps what training fewer
+layers can save. A
 client that keeps the features pays the CNN once per utterance instead.
 
 Exactness: an entry is keyed by the utterance *and* a hash of its samples, so a random crop
@@ -47,6 +48,7 @@ class FrozenFeatureCache:
     def __init__(self) -> None:
         self._features: dict[str, tuple[str, Tensor]] = {}
         self._cnn_digest: str | None = None
+        self._cnn_versions: tuple[tuple[int, int], ...] | None = None
         self.flops_spent = 0.0
         self.computed = 0
         self.reused = 0
@@ -55,7 +57,15 @@ class FrozenFeatureCache:
         return len(self._features)
 
     def _check_cnn(self, cnn: nn.Module) -> None:
-        digest = _digest([p for p in cnn.parameters()] + [b for b in cnn.buffers()])
+        tensors = [*cnn.parameters(), *cnn.buffers()]
+        # Hashing the weights (17 MB for base) at every batch would be a cost of its own:
+        # hash only when a tensor was written since the last check (torch bumps a tensor's
+        # version on every in-place write, load_state_dict's copies included).
+        versions = tuple((id(t), t._version) for t in tensors)
+        if versions == self._cnn_versions:
+            return
+        self._cnn_versions = versions
+        digest = _digest(tensors)
         if digest != self._cnn_digest:
             self._features.clear()
             self._cnn_digest = digest
