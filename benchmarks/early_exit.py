@@ -21,12 +21,13 @@ still train the shallowest exit (so the Raspberry Pis cannot do full depth).
     .venv/bin/python benchmarks/early_exit.py            # pretraining once (11 min), then ~22 min on 2 cores
     .venv/bin/python benchmarks/early_exit.py --rounds 2 --modes adaptive full   # quick look
 
-24 rounds of batch 4 (the reference study's batch; 432-648 local steps per client in
-all, 4x as many as the earlier 12 rounds of batch 8): at 12 rounds of batch 8 the accuracy was still rising at the last round and every mode was
-limited by optimisation steps rather than data, so the modes could not differ by the data
-they train on. One seed's accuracy difference is noisy (216 held-out clips; a rerun of the
-same seed drifts by a few clips: float-level differences from round 2 on grow over rounds), so the accuracy targets are
-judged over seeds: run once per seed into its own folder, then summarise:
+24 rounds of batch 4 (the reference study's batch; 432-648 local steps per client in all,
+4x as many as the earlier 12 rounds of batch 8, where accuracy was still rising at the last
+round and every mode was limited by optimisation steps rather than data, so the modes could
+not differ by the data they train on). One seed's accuracy difference is noisy (216
+held-out clips; a rerun of the same seed drifts by a few clips: float-level differences
+from round 2 on grow over rounds), so the accuracy targets are judged over seeds (five in
+docs/early-exit.md): run once per seed into its own folder, then summarise:
 
     for s in 0 1 2; do .venv/bin/python benchmarks/early_exit.py --seed $s --work runs/ee-seed$s \
         --img-dir runs/ee-seed$s/img; done
