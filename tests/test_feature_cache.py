@@ -162,3 +162,17 @@ def test_cache_notices_weights_loaded_with_load_state_dict():
     cnn.load_state_dict({k: v * 2 for k, v in cnn.state_dict().items()})
     cache.features(m, batch_of([a], ["a"]))
     assert cache.computed == 2
+
+
+def test_cache_notices_another_model_with_other_cnn_weights():
+    """One cache used with a second model object (e.g. a fresh client model per round):
+    its CNN's tensors are other tensors, so their weights are hashed again."""
+    first, cache = model(), FrozenFeatureCache()
+    (a,) = waves(4000)
+    cache.features(first, batch_of([a], ["a"]))
+    second = model()
+    with torch.no_grad():
+        next(second.backbone.feature_extractor.parameters()).mul_(2.0)
+    del first
+    cache.features(second, batch_of([a], ["a"]))
+    assert cache.computed == 2 and len(cache) == 1

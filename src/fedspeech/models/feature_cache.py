@@ -5,8 +5,7 @@ early-exit default), its output for an utterance is the same in every epoch and 
 a plain training loop recomputes it at every step. On a small device that forward pass is
 a large fixed share of a step: for wav2vec 2.0 base on 1 s keywords it is half of a
 depth-1 step (``benchmarks/early_exit_cost_shares.py``), which caps what training fewer
-layers can save. A
-client that keeps the features pays the CNN once per utterance instead.
+layers can save. A client that keeps the features pays the CNN once per utterance instead.
 
 Exactness: an entry is keyed by the utterance *and* a hash of its samples, so a random crop
 that differs from the cached one is recomputed rather than served stale, and the whole cache
@@ -19,6 +18,7 @@ unpadded value is the one the model gives the utterance alone.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -48,7 +48,7 @@ class FrozenFeatureCache:
     def __init__(self) -> None:
         self._features: dict[str, tuple[str, Tensor]] = {}
         self._cnn_digest: str | None = None
-        self._cnn_versions: tuple[tuple[int, int], ...] | None = None
+        self._cnn_seen: list[tuple[weakref.ref, int]] = []  # (tensor, its version) at the last hash
         self.flops_spent = 0.0
         self.computed = 0
         self.reused = 0
@@ -60,11 +60,12 @@ class FrozenFeatureCache:
         tensors = [*cnn.parameters(), *cnn.buffers()]
         # Hashing the weights (17 MB for base) at every batch would be a cost of its own:
         # hash only when a tensor was written since the last check (torch bumps a tensor's
-        # version on every in-place write, load_state_dict's copies included).
-        versions = tuple((id(t), t._version) for t in tensors)
-        if versions == self._cnn_versions:
+        # version on every in-place write, load_state_dict's copies included) or is another
+        # tensor (weak references: a new model's tensors may reuse a freed one's id).
+        if len(tensors) == len(self._cnn_seen) and all(
+                ref() is t and version == t._version for t, (ref, version) in zip(tensors, self._cnn_seen)):
             return
-        self._cnn_versions = versions
+        self._cnn_seen = [(weakref.ref(t), t._version) for t in tensors]
         digest = _digest(tensors)
         if digest != self._cnn_digest:
             self._features.clear()
