@@ -132,3 +132,16 @@ def test_cli_bad_arguments(tmp_path):
         run_cli(["finetune", "kws", "--manifest", "m.tsv", "--epochs", "0"])
     with pytest.raises(ValueError, match="--backbone nowhere: not a preset"):
         run_cli(["finetune", "asr", "--manifest", str(tmp_path / "m.tsv"), "--backbone", "nowhere"])
+
+
+def test_classifier_scores_extra_test_sets_with_the_kept_model(tmp_path):
+    """An extra test set (another corpus) is scored by the same final model: the test set
+    given twice, once as the main and once as an extra set, gets the same accuracy."""
+    train = tones(tmp_path / "a", 16, prefix="tr", seed=0)
+    test = tones(tmp_path / "c", 8, prefix="te", seed=2, split="test")
+    other = tones(tmp_path / "d", 6, prefix="ot", seed=3, split="test", seconds=0.3)
+    result = finetune_classifier("tiny", train, test, task="kws", epochs=2, batch_size=8, seed=0,
+                                 config_overrides=SMALL, extra_eval_utts={"same": test, "other": other})
+    assert result["extra"]["same"]["accuracy"] == result["accuracy"]
+    assert result["extra"]["other"]["num_eval"] == 6
+    assert 0.0 <= result["extra"]["other"]["accuracy"] <= 1.0

@@ -213,3 +213,29 @@ def test_every_accent_and_variant_changes_the_sound():
         assert say(f"{accent}+{synth.VARIANTS[0]}") != plain[accent], accent
     variants = {say(f"en-us+{variant}") for variant in synth.VARIANTS}
     assert len(variants) == len(synth.VARIANTS)
+
+
+def test_speech_commands_layout_corpus_imports_with_unseen_voices_and_noise(tmp_path):
+    """The unseen-voice test corpus: the Speech Commands reader takes it as it is, whole
+    speakers are in one split, the voices are none of the built-in corpus's accents, and
+    every clip is one second with background noise (no digital silence)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    from fedspeech.data.readers import read_speech_commands
+
+    root = synth.build_speech_commands_like(tmp_path / "sc", speakers=10, seed=1, repeats=1, jobs=1)
+    utts = read_speech_commands(root)
+    assert len(utts) == 10 * (len(synth.KEYWORDS) + len(synth.UNKNOWN_WORDS))
+    assert {u.label for u in utts} == set(synth.KEYWORDS) | set(synth.UNKNOWN_WORDS)
+    split_of = {}
+    for u in utts:
+        assert split_of.setdefault(u.speaker, u.split) == u.split
+    assert sorted(set(split_of.values())) == ["dev", "test", "train"]
+    info = json.loads((root / "corpus.json").read_text())
+    assert not set(info["accents"]) & set(synth.ACCENTS)
+    audio, rate = sf.read(utts[0].path)
+    assert rate == 16000 and len(audio) == 16000
+    assert np.min(np.abs(audio[:800])) > 0 or np.std(audio[:800]) > 1e-4  # noise, not zeros, around the word
+    again = synth.build_speech_commands_like(tmp_path / "sc2", speakers=10, seed=1, repeats=1, jobs=2)
+    assert (again / "testing_list.txt").read_text() == (root / "testing_list.txt").read_text()
+    assert sf.read(again / utts[0].path.split("/sc/")[1])[0].tolist() == audio.tolist()  # deterministic

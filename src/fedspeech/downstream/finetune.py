@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,9 +260,11 @@ def _fit(
     seed: int,
     normalize: bool,
     warmup_fraction: float,
+    extra_eval_sets: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Shared training loop: per-epoch dev evaluation keeps the best epoch's weights
-    (``metric`` is only what the log and the result name)."""
+    (``metric`` is only what the log and the result name). The kept model is scored on
+    ``eval_set`` and on every ``extra_eval_sets`` entry (under ``result["extra"]``)."""
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be at least 1, got {epochs} and {batch_size}")
     loader = make_loader(train_set, batch_size, shuffle=True, seed=seed, normalize=normalize)
@@ -293,6 +295,10 @@ def _fit(
     if best_state is not None:
         load_trainable_state(model, best_state)
     result = evaluate(eval_loader)
+    if extra_eval_sets:
+        result["extra"] = {name: {**evaluate(make_loader(dataset, batch_size, normalize=normalize)),
+                                  "num_eval": len(dataset)}
+                           for name, dataset in extra_eval_sets.items()}
     result.update(
         epoch_losses=[h["loss"] for h in history],
         history=history,
@@ -368,18 +374,21 @@ def finetune_classifier(
     seed: int = 0,
     warmup_fraction: float = 0.1,
     config_overrides: dict[str, Any] | None = None,
+    extra_eval_utts: Mapping[str, Sequence[Utterance]] | None = None,
 ) -> dict[str, Any]:
     """Utterance classification: ``task="kws"`` predicts ``label``, ``"speaker"`` the speaker.
 
     The label list is every class seen in train, dev or eval (sorted), so the confusion
     matrix also shows classes that never occur in training. Training crops to
-    ``max_seconds`` at random; evaluation takes the centre.
+    ``max_seconds`` at random; evaluation takes the centre. ``extra_eval_utts`` are further
+    test sets (e.g. another corpus) the final model is scored on, in ``result["extra"]``.
     """
     fields = {"kws": "label", "speaker": "speaker"}
     if task not in fields:
         raise ValueError(f"task must be 'kws' or 'speaker', got {task!r}")
     target_field = fields[task]
-    everything = [*train_utts, *eval_utts, *(dev_utts or [])]
+    extra_eval_utts = dict(extra_eval_utts or {})
+    everything = [*train_utts, *eval_utts, *(dev_utts or []), *(u for us in extra_eval_utts.values() for u in us)]
     empty = [u.id for u in everything if not getattr(u, target_field)]
     if empty:
         raise ValueError(f"task {task}: utterance(s) without a {target_field}: {empty[:5]}")
@@ -390,8 +399,10 @@ def finetune_classifier(
                                           **(config_overrides or {}))
         sets = _datasets(list(train_utts), list(eval_utts), list(dev_utts or []), max_seconds=max_seconds,
                          seed=seed, crop_training=True)
+        extra_sets = {name: evaluation_dataset(list(us), max_seconds=max_seconds, seed=seed, crop_training=True)
+                      for name, us in extra_eval_utts.items()}
         result = _fit(model, *sets, lambda loader: evaluate_classifier(model, loader), "accuracy",
                       epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_backbone=lr_backbone,
                       lr_head=lr_head, seed=seed, normalize=wants_normalized_audio(backbone),
-                      warmup_fraction=warmup_fraction)
+                      warmup_fraction=warmup_fraction, extra_eval_sets=extra_sets)
     return {"task": task, "backbone": str(backbone), **result}
