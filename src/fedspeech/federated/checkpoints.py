@@ -17,12 +17,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 _ROUND_DIR = re.compile(r"^round_(\d{4,})$")
 STATE_FILE = "fedspeech_state.json"
 EXTRA_FILE = "extra.safetensors"
+#: Server-side training state that is not the model (server-optimiser moments, the averaged
+#: client optimiser state), so a resumed run continues exactly.
+SERVER_FILE = "server_state.safetensors"
 
 
 def round_dir(out_dir: Path, server_round: int) -> Path:
@@ -43,7 +49,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def save_checkpoint(out_dir: Path, server_round: int, hf_model, extra: dict[str, torch.Tensor],
-                    state: dict) -> Path:
+                    state: dict, server_arrays: dict[str, np.ndarray] | None = None) -> Path:
     """Write the round's checkpoint atomically and return its folder."""
     final = round_dir(out_dir, server_round)
     tmp = final.with_name(final.name + ".tmp")
@@ -52,6 +58,8 @@ def save_checkpoint(out_dir: Path, server_round: int, hf_model, extra: dict[str,
         hf_model.save_pretrained(tmp, safe_serialization=True)
     if extra:
         save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA_FILE))
+    if server_arrays:
+        save_numpy({k: np.ascontiguousarray(v) for k, v in server_arrays.items()}, str(tmp / SERVER_FILE))
     (tmp / STATE_FILE).write_text(json.dumps({"round": server_round, **state}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -82,6 +90,11 @@ def load_state(folder: Path) -> dict:
 def load_extra(folder: Path) -> dict[str, torch.Tensor]:
     path = Path(folder) / EXTRA_FILE
     return load_file(str(path)) if path.is_file() else {}
+
+
+def load_server_arrays(folder: Path) -> dict[str, np.ndarray]:
+    path = Path(folder) / SERVER_FILE
+    return load_numpy(str(path)) if path.is_file() else {}
 
 
 def prune_checkpoints(out_dir: Path, keep_last: int, protect: set[int] = frozenset()) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedspeech.federated.settings import METHODS, STRATEGIES, PretrainSettings
+from fedspeech.federated.settings import METHODS, SERVER_OPTIMIZERS, STRATEGIES, PretrainSettings
 from fedspeech.settings_flags import add_settings_flags, given_settings
 
 # Settings of the reference study (Gao et al., Interspeech 2022): 1 local epoch, batch 4.
@@ -26,6 +26,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         "backbone_only": "send and aggregate only the backbone; heads stay on the clients",
         "clients_per_round": "clients sampled per round (0 = all)", "max_seconds": "random crop length for training",
         "resume": "continue the run in --out from its last completed round",
+        "lr_schedule": "round: one learning rate per round; step: the warm-up/cosine curve followed step by step",
+        "optimizer_state": "clients' AdamW moments between rounds: reset, client (kept in the node's state) or "
+                           "server (averaged by the server and sent back; 3x the traffic)",
+        "server_optimizer": f"server-side step after the rule (Flower's strategies): {', '.join(SERVER_OPTIMIZERS)}",
+        "server_lr": "server learning rate (FedAvgM server_learning_rate, FedAdam/FedYogi/FedAdagrad eta)",
+        "server_momentum": "server momentum (FedAvgM server_momentum, FedAdam/FedYogi beta_1)",
+        "server_tau": "FedAdam/FedYogi/FedAdagrad adaptivity tau",
     }
     add_settings_flags(parser, PretrainSettings, helps, flag_names={"out_dir": "--out"})
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -44,7 +44,19 @@ client_app = ClientApp()
 server_app = ServerApp()
 
 LOCAL_STATE_KEY = "local-arrays"
+#: Node-state key of a client's own AdamW moments (``optimizer_state="client"``).
+OPTIMIZER_STATE_KEY = "optimizer-state"
+#: Message record carrying AdamW moments both ways (``optimizer_state="server"``).
+OPTIMIZER_RECORD = "optimizer"
 CONSTANT_LR = LRSchedule(decay="constant")
+
+
+def round_lr_schedule(settings: PretrainSettings, server_round: int, round_lr: float, steps: int):
+    """``(lr, multiplier)`` for ``train_local`` in a round of ``steps`` local steps: the
+    round's single rate (``lr_schedule="round"``) or the per-step curve ("step")."""
+    if settings.lr_schedule == "step":
+        return settings.lr, settings.step_lr(server_round, steps)
+    return round_lr, CONSTANT_LR
 
 
 # ----------------------------------------------------------------------------- data
@@ -80,10 +92,12 @@ class ClientUpdate:
     sent: dict[str, torch.Tensor]  # transmitted to the server
     kept: dict[str, torch.Tensor]  # stays on the client for its next round
     metrics: dict[str, float | int]
+    optimizer_state: dict[str, torch.Tensor] | None = None  # AdamW moments, unless reset every round
 
 
 def local_round(settings: PretrainSettings, node_config: dict, global_state: dict[str, torch.Tensor],
-                kept: dict[str, torch.Tensor], server_round: int, lr: float, global_step: int) -> ClientUpdate:
+                kept: dict[str, torch.Tensor], server_round: int, lr: float, global_step: int,
+                optimizer_state: dict[str, torch.Tensor] | None = None) -> ClientUpdate:
     """One client's round: apply the global model, train on its partition, report.
 
     Plain tensors in and out, so the ClientApp below is a thin Flower wrapper and the
@@ -102,11 +116,13 @@ def local_round(settings: PretrainSettings, node_config: dict, global_state: dic
     dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
     dataset.set_epoch(server_round)
     loader = make_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 100_003 + server_round)
+    base_lr, schedule = round_lr_schedule(settings, server_round, lr, len(loader) * settings.local_epochs)
+    keep_moments = settings.optimizer_state != "reset"
     result = train_local(
-        model, method.objective, loader, epochs=settings.local_epochs, lr=lr,
-        lr_schedule=CONSTANT_LR,  # the server schedules the learning rate per round
+        model, method.objective, loader, epochs=settings.local_epochs, lr=base_lr, lr_schedule=schedule,
         start_step=global_step, max_grad_norm=settings.max_grad_norm,
         rng=np.random.default_rng([settings.seed, server_round, client_id]),
+        optimizer_state=optimizer_state if keep_moments else None, return_optimizer_state=keep_moments,
     )
     metrics = {
         "num-examples": result.num_examples,
@@ -117,39 +133,101 @@ def local_round(settings: PretrainSettings, node_config: dict, global_state: dic
         "seconds": time.perf_counter() - start,
         **load_info,
     }
-    return ClientUpdate(method.transmitted_state(model), method.local_state(model), metrics)
+    return ClientUpdate(method.transmitted_state(model), method.local_state(model), metrics, result.optimizer_state)
 
 
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
+    settings = PretrainSettings.from_run_config(context.run_config)
     kept = context.state.get(LOCAL_STATE_KEY)
+    moments = None  # where the AdamW moments come from, by settings.optimizer_state
+    if settings.optimizer_state == "client" and OPTIMIZER_STATE_KEY in context.state:
+        moments = context.state[OPTIMIZER_STATE_KEY].to_torch_state_dict()
+    elif settings.optimizer_state == "server" and OPTIMIZER_RECORD in msg.content.array_records:
+        moments = msg.content[OPTIMIZER_RECORD].to_torch_state_dict()
     update = local_round(
-        PretrainSettings.from_run_config(context.run_config), dict(context.node_config),
+        settings, dict(context.node_config),
         msg.content["arrays"].to_torch_state_dict(), kept.to_torch_state_dict() if kept is not None else {},
         server_round=int(config["server-round"]), lr=float(config["lr"]), global_step=int(config["global-step"]),
+        optimizer_state=moments,
     )
     context.state[LOCAL_STATE_KEY] = ArrayRecord(update.kept)
     content = RecordDict({"arrays": ArrayRecord(update.sent), "metrics": MetricRecord(update.metrics)})
+    if update.optimizer_state is not None:
+        if settings.optimizer_state == "client":
+            context.state[OPTIMIZER_STATE_KEY] = ArrayRecord(update.optimizer_state)
+        else:
+            content[OPTIMIZER_RECORD] = ArrayRecord(update.optimizer_state)
     return Message(content, reply_to=msg)
 
 
 # ----------------------------------------------------------------------------- server
 
 
-def _resume_or_start(settings: PretrainSettings, method: SSLMethod, model: torch.nn.Module) -> tuple[int, float]:
-    """Restore the last complete round when resuming; return (next round, global step)."""
+def _resume_or_start(settings: PretrainSettings, method: SSLMethod, model: torch.nn.Module
+                     ) -> tuple[int, float, dict[str, np.ndarray]]:
+    """Restore the last complete round when resuming; return (next round, global step,
+    the server's saved non-model arrays)."""
     out = Path(settings.out_dir)
     latest = checkpoints.latest_checkpoint(out) if settings.resume else None
     if latest is None:
         if roundlog.log_path(out).exists() and not settings.resume:
             raise ValueError(f"{out}: holds an earlier run; pass --resume to continue it or choose another --out")
-        return 1, 0.0
+        return 1, 0.0, {}
     method.restore(model, latest)
     state = checkpoints.load_state(latest)
     roundlog.truncate_after(out, state["round"])
     log.info("resuming after round %d from %s", state["round"], latest)
-    return int(state["round"]) + 1, float(state["global_step"])
+    return int(state["round"]) + 1, float(state["global_step"]), checkpoints.load_server_arrays(latest)
+
+
+SERVER_OPT_PREFIX, CLIENT_OPT_PREFIX = "server-optimizer.", "client-optimizer."
+
+
+def _server_arrays(strategy, optimizer_record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    """What the server must keep beside the model to resume exactly."""
+    arrays: dict[str, np.ndarray] = {}
+    if strategy.server_optimizer is not None:
+        arrays.update({SERVER_OPT_PREFIX + k: v for k, v in strategy.server_optimizer.state().items()})
+    if optimizer_record is not None:
+        arrays.update({CLIENT_OPT_PREFIX + k: v.numpy() for k, v in optimizer_record.items()})
+    return arrays
+
+
+def average_optimizer_states(replies: list[Message], weights: dict[int, float]) -> ArrayRecord | None:
+    """The accepted clients' AdamW moments averaged with the rule's client weights
+    (normalised to sum 1), for ``optimizer_state="server"``; clients without a state, or
+    whose entries differ from the first one's, are left out. ``None`` if nobody sent one."""
+    states: list[tuple[float, dict[str, np.ndarray]]] = []
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error() or node not in weights or OPTIMIZER_RECORD not in reply.content.array_records:
+            continue
+        state = {k: v.numpy() for k, v in reply.content[OPTIMIZER_RECORD].items()}
+        if states and {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in states[0][1].items()}:
+            log.warning("node %d: optimizer state does not match the other clients'; left out", node)
+            continue
+        if not all(np.isfinite(v).all() for v in state.values()):
+            log.warning("node %d: non-finite optimizer state; left out", node)
+            continue
+        states.append((weights[node], state))
+    total = sum(w for w, _ in states)
+    if not states or total <= 0:
+        return None
+    keys = states[0][1]
+    return ArrayRecord({k: Array(np.ascontiguousarray(sum(w / total * s[k] for w, s in states).astype(keys[k].dtype)))
+                        for k in keys})
+
+
+def build_server_optimizer(settings: PretrainSettings):
+    """Flower's FedAvgM/FedAdam/FedYogi/FedAdagrad step after the rule, or ``None``."""
+    if settings.server_optimizer == "none":
+        return None
+    from fedspeech.federated.server_optimizers import ServerOptimizer
+
+    return ServerOptimizer(settings.server_optimizer, lr=settings.server_lr, momentum=settings.server_momentum,
+                           tau=settings.server_tau)
 
 
 def build_strategy(settings: PretrainSettings, method: SSLMethod):
@@ -164,7 +242,8 @@ def build_strategy(settings: PretrainSettings, method: SSLMethod):
     }[settings.strategy]
     # Sampling is ours (SampledGrid): the strategy addresses every node it is shown.
     return make_strategy(settings.strategy, backbone_prefixes=method.transmitted_prefixes(), fraction_train=1.0,
-                         fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, **rule_options)
+                         fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
+                         server_optimizer=build_server_optimizer(settings), **rule_options)
 
 
 def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
@@ -175,10 +254,15 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     method = get_method(settings)
     model = method.fresh_model()
-    first_round, global_step = _resume_or_start(settings, method, model)
+    first_round, global_step, saved = _resume_or_start(settings, method, model)
     num_clients = len(Partition.load(settings.partition).clients)
     nodes = wait_for_nodes(grid, num_clients)
     strategy = build_strategy(settings, method)
+    if strategy.server_optimizer is not None:
+        strategy.server_optimizer.load_state({k.removeprefix(SERVER_OPT_PREFIX): v for k, v in saved.items()
+                                              if k.startswith(SERVER_OPT_PREFIX)})
+    client_moments = {k.removeprefix(CLIENT_OPT_PREFIX): v for k, v in saved.items() if k.startswith(CLIENT_OPT_PREFIX)}
+    optimizer_record = ArrayRecord({k: Array(v) for k, v in client_moments.items()}) if client_moments else None  # optimizer_state="server"
     arrays = ArrayRecord(method.transmitted_state(model))
     val_set = _validation_dataset(settings.manifest, settings.val_max_utterances, settings.max_seconds)
     val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=0) if val_set else None
@@ -196,17 +280,23 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
             chosen = sampled_nodes(nodes, settings.clients_per_round, server_round, settings.seed)
             config = ConfigRecord({"lr": settings.lr_at_round(server_round), "global-step": int(global_step)})
             messages = list(strategy.configure_train(server_round, arrays, config, SampledGrid(grid, chosen)))
+            if optimizer_record is not None:
+                for message in messages:
+                    message.content[OPTIMIZER_RECORD] = optimizer_record
             replies = list(grid.send_and_receive(messages))
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:  # the strategies return the full global record
                 arrays = new_arrays
+            if settings.optimizer_state == "server" and strategy.last_report is not None:
+                optimizer_record = average_optimizer_states(replies, strategy.last_report.weights) or optimizer_record
             method.load_global(model, arrays.to_torch_state_dict(), {})
             clients = client_rows(replies, extra_metrics=("fedu-",))
             ok = [c for c in clients if "error" not in c]
             global_step += sum(c["steps"] for c in ok) / max(1, len(ok))
             val_loss = evaluate_loss(model, method.objective, val_loader) if val_loader else None
             checkpoints.save_checkpoint(out, server_round, *method.checkpoint_parts(model),
-                                        state={"global_step": global_step, "settings": settings.to_run_config()})
+                                        state={"global_step": global_step, "settings": settings.to_run_config()},
+                                        server_arrays=_server_arrays(strategy, optimizer_record))
             checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
             probe_scores = prober(server_round, method.checkpoint_parts(model)[0]) if prober else {}
             record = {

@@ -71,7 +71,7 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
     log and checkpoints, so the two compare directly.
     """
     from fedspeech.data.partition import sample_clients
-    from fedspeech.federated.pretrain_app import CONSTANT_LR, _validation_dataset
+    from fedspeech.federated.pretrain_app import _validation_dataset, round_lr_schedule
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss, train_local
 
@@ -100,6 +100,7 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
         roundlog.truncate_after(out, state["round"])
     val_set = _validation_dataset(settings.manifest, settings.val_max_utterances, settings.max_seconds)
     val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=0) if val_set else None
+    import torch
     import torch.utils.data as tud
 
     prober = None
@@ -109,6 +110,10 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
         prober = RoundProber(settings.manifest, settings.probe_tasks, out, settings.probe_method, settings.seed,
                              resume_after=first_round - 1 if latest is not None else None)
     records = []
+    moments = None  # AdamW state carried across rounds unless optimizer_state="reset"
+    if latest is not None:
+        saved = checkpoints.load_server_arrays(latest)
+        moments = {k.removeprefix("optimizer."): torch.from_numpy(v) for k, v in saved.items()} or None
     for server_round in range(first_round, settings.rounds + 1):
         started = time.perf_counter()
         k = settings.clients_per_round or len(per_client)
@@ -119,13 +124,19 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
         pool.set_epoch(server_round)
         loader = make_loader(tud.Subset(pool, indices.tolist()), settings.batch_size, shuffle=True,
                              seed=settings.seed * 100_003 + server_round)
+        base_lr, schedule = round_lr_schedule(settings, server_round, settings.lr_at_round(server_round),
+                                              len(loader) * settings.local_epochs)
+        keep_moments = settings.optimizer_state != "reset"  # one optimiser across rounds, as a plain run has
         result = train_local(model, method.objective, loader, epochs=settings.local_epochs,
-                             lr=settings.lr_at_round(server_round), lr_schedule=CONSTANT_LR,
-                             start_step=int(global_step), max_grad_norm=settings.max_grad_norm, rng=rng)
+                             lr=base_lr, lr_schedule=schedule, start_step=int(global_step),
+                             max_grad_norm=settings.max_grad_norm, rng=rng,
+                             optimizer_state=moments if keep_moments else None, return_optimizer_state=keep_moments)
+        moments = result.optimizer_state
         global_step += result.steps
         val_loss = evaluate_loss(model, method.objective, val_loader) if val_loader else None
         checkpoints.save_checkpoint(out, server_round, *method.checkpoint_parts(model),
-                                    state={"global_step": global_step, "settings": settings.to_run_config()})
+                                    state={"global_step": global_step, "settings": settings.to_run_config()},
+                                    server_arrays={f"optimizer.{k}": v.numpy() for k, v in (moments or {}).items()})
         checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
         probe_scores = prober(server_round, method.checkpoint_parts(model)[0]) if prober else {}
         record = {"round": server_round, "centralised": True, "train_loss": result.mean_loss_last_epoch,

@@ -14,6 +14,14 @@ from typing import Any
 
 STRATEGIES = ("fedavg", "loss", "mixed", "ldawa", "fedu")
 METHODS = ("wav2vec2", "byol")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # as server_optimizers, import-free
+#: What happens to a client's AdamW moments between rounds: "reset" (fresh every round),
+#: "client" (kept in the node's state, the client's own), "server" (sent with the update,
+#: averaged by the server with the rule's data-size weights and sent back next round).
+OPTIMIZER_STATES = ("reset", "client", "server")
+#: "round": one learning rate per round; "step": the schedule followed step by step within
+#: the round, by the fraction of the run done (what a centralised run does per step).
+LR_SCHEDULES = ("round", "step")
 
 
 @dataclass
@@ -34,6 +42,12 @@ class PretrainSettings:
     warmup_rounds: int = 1  # linear warm-up of the learning rate, then cosine decay over rounds
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 5.0
+    lr_schedule: str = "round"  # see LR_SCHEDULES
+    optimizer_state: str = "reset"  # see OPTIMIZER_STATES
+    server_optimizer: str = "none"  # Flower's FedAvgM / FedAdam / FedYogi / FedAdagrad after the rule
+    server_lr: float = 1.0  # FedAvgM server_learning_rate, FedOpt eta
+    server_momentum: float = 0.0  # FedAvgM server_momentum, FedOpt beta_1
+    server_tau: float = 1e-3  # FedOpt adaptivity tau
     seed: int = 0
     loss_temperature: float = 1.0  # loss-weighted and mixed rules
     mixed_beta: float = 0.2  # mixed FedAvg/loss rule
@@ -50,6 +64,13 @@ class PretrainSettings:
             raise ValueError(f"strategy: must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {METHODS}, got {self.method!r}")
+        for name, allowed in (("server_optimizer", SERVER_OPTIMIZERS), ("optimizer_state", OPTIMIZER_STATES),
+                              ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (self.server_lr > 0 and 0 <= self.server_momentum < 1 and self.server_tau > 0):
+            raise ValueError(f"server_lr must be > 0, server_momentum in [0, 1), server_tau > 0; got "
+                             f"{self.server_lr}, {self.server_momentum}, {self.server_tau}")
         if self.strategy == "fedu" and self.method != "byol":
             raise ValueError("strategy 'fedu' needs a method with a predictor: use --method byol")
         for name in ("rounds", "local_epochs", "batch_size"):
@@ -80,6 +101,32 @@ class PretrainSettings:
             raw = config[key]
             values[f.name] = (str(raw).lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
         return cls(**values)
+
+    def lr_at_progress(self, rounds_done: float) -> float:
+        """Learning rate after ``rounds_done`` (fractional) rounds, for ``lr_schedule="step"``:
+        linear warm-up over ``warmup_rounds``, then cosine decay to ``min_lr_ratio`` at the
+        end of the last round. Clients take their step's lr from the round and the fraction
+        of their local steps done, so every client and the centralised run follow one curve."""
+        import math
+
+        floor = self.lr * self.min_lr_ratio
+        if rounds_done < self.warmup_rounds:
+            return self.lr * max(rounds_done, 0.0) / self.warmup_rounds
+        span = max(1e-9, self.rounds - self.warmup_rounds)
+        progress = min(1.0, (rounds_done - self.warmup_rounds) / span)
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def step_lr(self, server_round: int, local_steps: int):
+        """``lr_multiplier(step)`` for ``train_local``'s ``lr_schedule``, with ``lr=self.lr``:
+        the per-step schedule inside ``server_round`` for a client taking ``local_steps``
+        steps (its first step counted from the schedule's start of the round, plus one half
+        so warm-up never gives 0)."""
+        steps = max(1, local_steps)
+
+        def multiplier(local_step: int) -> float:
+            return self.lr_at_progress(server_round - 1 + (local_step + 0.5) / steps) / self.lr
+
+        return multiplier
 
     def lr_at_round(self, server_round: int) -> float:
         """Learning rate for a round: linear warm-up, then cosine decay to ``min_lr_ratio``.

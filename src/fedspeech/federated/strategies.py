@@ -43,6 +43,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedspeech.federated import aggregation as agg
 from fedspeech.federated.aggregation import StateDict
+from fedspeech.federated.server_optimizers import ServerOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,10 @@ class RobustFedAvg(FedAvg):
     """FedAvg (w = Σ n_k w_k / Σ n_k) that refuses bad clients instead of failing.
 
     Parameters beyond Flower's ``FedAvg`` ones (which pass through unchanged):
-    ``backbone_prefixes`` (send/aggregate only these keys; ``None`` = all) and
-    ``loss_key`` (metric holding the client's mean training loss).
+    ``backbone_prefixes`` (send/aggregate only these keys; ``None`` = all),
+    ``loss_key`` (metric holding the client's mean training loss) and
+    ``server_optimizer`` (a step of FedAvgM/FedAdam/... from the old global model
+    towards the rule's aggregate; ``None`` = the aggregate is the new model).
     """
 
     rule_name = "fedavg"
@@ -110,11 +113,13 @@ class RobustFedAvg(FedAvg):
         *,
         backbone_prefixes: Sequence[str] | str | None = None,
         loss_key: str = TRAIN_LOSS_KEY,
+        server_optimizer: ServerOptimizer | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.backbone_prefixes = agg.normalise_prefixes(backbone_prefixes)
         self.loss_key = loss_key
+        self.server_optimizer = server_optimizer
         self.reports: list[RoundReport] = []
         self._global_record: ArrayRecord | None = None
         self._global_state: StateDict | None = None
@@ -284,7 +289,10 @@ class RobustFedAvg(FedAvg):
         state, weights, details = self._aggregate(server_round, reference, updates)
         report.weights = weights
         report.details.update(details)
-        return self._to_record(state), self._aggregate_metrics(updates, len(refused))
+        record = self._to_record(state)
+        if self.server_optimizer is not None:  # a step from the old global model towards the rule's aggregate
+            record = self.server_optimizer.step(server_round, self._global_record, record)
+        return record, self._aggregate_metrics(updates, len(refused))
 
     def _to_record(self, aggregated: StateDict) -> ArrayRecord:
         """Full global ArrayRecord: new arrays for aggregated keys, old ones elsewhere."""

@@ -75,6 +75,39 @@ class TrainResult:
     seconds: float
     skipped_batches: int
     end_step: int
+    optimizer_state: dict[str, torch.Tensor] | None = None
+
+
+def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``) as
+    flat named tensors ``"{param index}.{name}"``, so it can travel in a Flower ArrayRecord
+    or a node's state. Hyper-parameters are not included: they come from the settings."""
+    flat: dict[str, torch.Tensor] = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            flat[f"{index}.{name}"] = tensor.detach().clone().float() if name == "step" else tensor.detach().clone()
+    return flat
+
+
+def load_flat_optimizer_state(optimizer: torch.optim.Optimizer, flat: Mapping[str, torch.Tensor]) -> None:
+    """Inverse of :func:`flat_optimizer_state` for an optimiser over the same parameters.
+
+    Raises ``ValueError`` naming the first entry that does not fit (another model, or a
+    state saved with other trainable parameters)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        index_text, _, name = key.partition(".")
+        if not index_text.isdigit() or int(index_text) >= len(params):
+            raise ValueError(f"optimizer state: entry {key!r} does not match the {len(params)} trainable parameters")
+        index = int(index_text)
+        if name != "step" and tuple(value.shape) != tuple(params[index].shape):
+            raise ValueError(f"optimizer state: {key!r} has shape {tuple(value.shape)}, parameter "
+                             f"{index} has {tuple(params[index].shape)}")
+        state.setdefault(index, {})[name] = value.clone()
+    base = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": base["param_groups"]})
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -95,17 +128,23 @@ def train_local(
     epochs: int = 1,
     lr: float | None = None,
     optimizer_factory: OptimizerFactory | None = None,
-    lr_schedule: LRSchedule | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
     max_grad_norm: float | None = None,
     start_step: int = 0,
     rng: np.random.Generator | None = None,
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
+    return_optimizer_state: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``loader`` for ``epochs`` with ``objective``.
 
     The optimiser is ``optimizer_factory(trainable_params)`` or AdamW(lr). A batch whose
     loss or gradient norm is not finite is skipped (no update, counted) instead of crashing
     the client. ``rng`` draws masks/augmentations (default: the objective's own generator).
-    Extra loader keys (e.g. ``"utterances"``) are ignored.
+    Extra loader keys (e.g. ``"utterances"``) are ignored. ``lr_schedule`` is any
+    ``multiplier(global step)`` (an :class:`LRSchedule`, or a per-round curve from the
+    settings). ``optimizer_state`` (from :func:`flat_optimizer_state`) continues an earlier
+    optimiser's moments instead of starting fresh; ``return_optimizer_state`` puts the final
+    state in the result.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -113,6 +152,8 @@ def train_local(
         raise ValueError("give exactly one of lr or optimizer_factory")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer_factory(params) if optimizer_factory else torch.optim.AdamW(params, lr=lr)
+    if optimizer_state:
+        load_flat_optimizer_state(optimizer, optimizer_state)
     schedule = lr_schedule or LRSchedule(decay="constant")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda local_step: schedule(start_step + local_step)
@@ -158,6 +199,7 @@ def train_local(
         seconds=time.perf_counter() - started,
         skipped_batches=skipped,
         end_step=step,
+        optimizer_state=flat_optimizer_state(optimizer) if return_optimizer_state else None,
     )
 
 
