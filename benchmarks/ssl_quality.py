@@ -1,20 +1,26 @@
 """Does self-supervised pretraining help? Random init vs centralised vs federated SSL.
 
 One command builds the built-in corpus, pretrains a tiny wav2vec 2.0 centrally and
-federated (FedAvg, 10 speaker clients, all of them every round — the gao10 setting), then
-fine-tunes every backbone with the *same* recipe and prints one table (keyword accuracy,
-CER, WER, pretraining wall time) with the verdicts:
+federated (10 speaker clients, all of them every round — the gao10 setting) with the old
+recipe and with the recipe that learns (``benchmarks/fed_ssl_recipe.py`` runs and caches
+the pretraining, so both benchmarks share runs), then fine-tunes every backbone with the
+*same* recipe and prints one table (keyword accuracy, CER, WER, pretraining wall time,
+mean ± standard error over seeds) with the verdicts:
 
-    .venv/bin/python benchmarks/ssl_quality.py [--quick] [--work DIR]
+    .venv/bin/python benchmarks/ssl_quality.py [--quick] [--work DIR] [--seeds 0 1 2] [--test-manifest M]
 
 The set-up is the usual low-resource SSL one: pretraining sees the audio of *all* training
-speakers without labels, fine-tuning gets labels for only ``--labelled-speakers`` of them,
-and every number is measured on the test split's unseen speakers. Fair comparison: the
-random-init baseline is the *same* untrained checkpoint folder the pretraining starts
-from (same architecture, same initial weights), and every backbone is fine-tuned with the
-same steps, batch size, learning rates, seed and freezing (the whole network, CNN included,
-is trained: a frozen *random* CNN would handicap the baseline). ``--work`` caches the corpus
-and the pretraining runs (keyed by their settings), so a rerun only redoes what changed.
+speakers without labels, fine-tuning gets labels for only ``labelled_speakers`` of them,
+and every number is measured on the test split's unseen speakers. ``--test-manifest``
+scores the same fine-tuned keyword models on another corpus as well (e.g. one in Speech
+Commands layout: ``fedspeech corpus synth --layout speech_commands`` makes one with voices
+and noise unlike the built-in corpus; ``fedspeech corpus import speech_commands`` reads
+it), so a result is not specific to the built-in voices. Fair comparison: the random-init
+baseline is the *same* untrained checkpoint folder the pretraining starts from (same
+architecture, same initial weights), and every backbone is fine-tuned with the same steps,
+batch size, learning rates, seed and freezing (the whole network, CNN included, is
+trained: a frozen *random* CNN would handicap the baseline). ``--work`` caches the corpus,
+the pretraining runs and the fine-tuning results, so a rerun only redoes what changed.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fed_ssl_recipe beside this file
 
 # The recipe, full and --quick. Model overrides go into the shared untrained checkpoint.
 # pretrain_per_speaker: unlabelled utterances per training speaker that pretraining sees;
@@ -42,7 +51,6 @@ QUICK = dict(speakers=20, pretrain_per_speaker=8, rounds=2, local_epochs=1, batc
 # context network collapses to a constant vector (docs/evaluation.md). Everything else is
 # the paper's objective (65% span masking of length 10, 100 distractors, Gumbel 2 -> 0.5).
 MODEL_OVERRIDES: dict = {"feature_penalty_weight": 0.0}
-CLIENTS = 10
 # ASR gets its own, higher learning rates and 300 steps: at 3e-4/2e-3 and 120 steps CTC
 # never left the all-blank stage (CER ~1 for every backbone), so CER could not discriminate.
 FINETUNE = dict(lr_backbone=3e-4, lr_head=2e-3, asr_lr_backbone=5e-4, asr_lr_head=5e-3, freeze_cnn=False,
@@ -101,34 +109,15 @@ def untrained_checkpoint(work: Path, seed: int) -> Path:
     return folder
 
 
-def pretrain(kind: str, work: Path, manifest: Path, partition: Path, init: Path, recipe: dict, seed: int
-             ) -> tuple[Path, float]:
-    """Run (or reuse) one pretraining run; returns its last checkpoint and its wall time."""
-    from fedspeech.federated import checkpoints, roundlog
-    from fedspeech.federated.runners import run_centralised, run_pretraining
-    from fedspeech.federated.settings import PretrainSettings
+def pretrain(variant: str, work: Path, seed: int, quick: bool) -> tuple[Path, float, list[float]]:
+    """Run (or reuse) one of ``fed_ssl_recipe.py``'s pretraining variants on this benchmark's
+    data; returns its last checkpoint, wall time and validation loss per round."""
+    import fed_ssl_recipe
 
-    fields = dict(manifest=str(manifest), partition=str(partition), model=str(init), method="wav2vec2",
-                  strategy="fedavg", rounds=recipe["rounds"], clients_per_round=0,
-                  local_epochs=recipe["local_epochs"], batch_size=recipe["batch_size"],
-                  max_seconds=recipe["max_seconds"], lr=recipe["lr"], warmup_rounds=recipe["warmup_rounds"],
-                  seed=seed, val_max_utterances=16, keep_checkpoints=1)
-    out = work / f"{kind}-{_key({**fields, 'overrides': MODEL_OVERRIDES})}"
-    timing = out / "wall_seconds.json"
-    if timing.is_file():
-        return checkpoints.latest_checkpoint(out), json.loads(timing.read_text())["seconds"]
-    if out.exists():
-        shutil.rmtree(out)
-    settings = PretrainSettings(out_dir=str(out), **fields)
-    started = time.perf_counter()
-    run = run_centralised if kind == "centralised" else run_pretraining
-    rounds = run(settings)
-    seconds = time.perf_counter() - started
-    losses = [r.get("val_loss") for r in roundlog.read_rounds(out)]
-    print(f"  {kind}: {len(rounds)} rounds in {seconds:.0f} s; val loss by round "
-          + " ".join(f"{v:.3f}" if v is not None else "-" for v in losses), flush=True)
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return checkpoints.latest_checkpoint(out), seconds
+    from fedspeech.federated import checkpoints
+
+    row = fed_ssl_recipe.run_variant(variant, seed, str(work), setting="quick" if quick else None)
+    return checkpoints.latest_checkpoint(Path(row["folder"])), row["seconds"], row["val_loss"]
 
 
 def labelled_subset(utterances, count: int, seed: int):
@@ -140,9 +129,12 @@ def labelled_subset(utterances, count: int, seed: int):
     return [u for u in utterances if u.split != "train" or u.speaker in chosen]
 
 
-def finetune_cache(work: Path, backbone: Path, recipe: dict, seed: int) -> Path:
+def finetune_cache(work: Path, backbone: Path, recipe: dict, seed: int, extra_test: str | None) -> Path:
     """Where one backbone's fine-tuning results are kept, keyed by everything they depend on."""
-    return work / f"finetune-{_key({'backbone': str(backbone), 'recipe': recipe, 'finetune': FINETUNE, 'seed': seed})}.json"
+    payload = {"backbone": str(backbone), "recipe": recipe, "finetune": FINETUNE, "seed": seed}
+    if extra_test:
+        payload["extra_test"] = extra_test
+    return work / f"finetune-{_key(payload)}.json"
 
 
 def _cap(utterances, count: int, seed: int):
@@ -153,8 +145,25 @@ def _cap(utterances, count: int, seed: int):
     return [items[i] for i in sorted(np.random.default_rng([seed, 5]).permutation(len(items))[:count])] or None
 
 
-def finetune(backbone: Path, utterances, recipe: dict, seed: int) -> dict:
-    """Keyword accuracy and CER/WER on the test speakers, one recipe for every backbone."""
+def external_kws_test(manifest: Path):
+    """Keyword clips of another corpus (its test split, or all of it if it has none), with
+    every word outside the ten keywords relabelled ``_unknown_``, the built-in corpus's
+    classes (the usual Speech Commands 10 + unknown protocol, without silence)."""
+    import dataclasses
+
+    from fedspeech.data.manifest import read_manifest
+    from fedspeech.data.synth import KEYWORDS, UNKNOWN_LABEL
+
+    clips = [u for u in read_manifest(manifest) if u.label]
+    if not clips:
+        raise ValueError(f"{manifest}: no keyword-labelled utterances for a keyword test set")
+    test = [u for u in clips if u.split == "test"] or clips
+    return [dataclasses.replace(u, label=u.label if u.label in KEYWORDS else UNKNOWN_LABEL) for u in test]
+
+
+def finetune(backbone: Path, utterances, recipe: dict, seed: int, extra_kws_test=None) -> dict:
+    """Keyword accuracy and CER/WER on the test speakers, one recipe for every backbone;
+    with ``extra_kws_test`` also the keyword accuracy of the same model on that set."""
     from fedspeech.downstream.finetune import finetune_asr, finetune_classifier
     from fedspeech.downstream.tasks import task_data
 
@@ -163,16 +172,27 @@ def finetune(backbone: Path, utterances, recipe: dict, seed: int) -> dict:
     kws_result = finetune_classifier(backbone, kws.train, kws.test, task="kws", dev_utts=_cap(kws.dev, recipe["dev_cap"], seed),
                                      epochs=1000, max_steps=recipe["kws_steps"], batch_size=FINETUNE["kws_batch"],
                                      max_seconds=FINETUNE["kws_max_seconds"], lr_backbone=FINETUNE["lr_backbone"],
-                                     lr_head=FINETUNE["lr_head"], **common)
+                                     lr_head=FINETUNE["lr_head"],
+                                     extra_eval_utts={"extra": extra_kws_test} if extra_kws_test else None, **common)
     asr = task_data(utterances, "asr", seed=seed)
     asr_result = finetune_asr(backbone, asr.train, asr.test, dev_utts=_cap(asr.dev, recipe["dev_cap"], seed), epochs=1000,
                               max_steps=recipe["asr_steps"], batch_size=FINETUNE["asr_batch"],
                               max_seconds=FINETUNE["asr_max_seconds"], lr_backbone=FINETUNE["asr_lr_backbone"],
                               lr_head=FINETUNE["asr_lr_head"], **common)
-    return {"kws_accuracy": kws_result["accuracy"], "cer": asr_result["cer"], "wer": asr_result["wer"],
-            "kws_train": kws_result["num_train"], "asr_train": asr_result["num_train"],
-            "kws_test": kws_result["num_eval"], "asr_test": asr_result["num_eval"],
-            "asr_example": asr_result["examples"][0] if asr_result["examples"] else None}
+    result = {"kws_accuracy": kws_result["accuracy"], "cer": asr_result["cer"], "wer": asr_result["wer"],
+              "kws_train": kws_result["num_train"], "asr_train": asr_result["num_train"],
+              "kws_test": kws_result["num_eval"], "asr_test": asr_result["num_eval"],
+              "asr_example": asr_result["examples"][0] if asr_result["examples"] else None}
+    if extra_kws_test:
+        result["extra_kws_accuracy"] = kws_result["extra"]["extra"]["accuracy"]
+        result["extra_kws_test"] = kws_result["extra"]["extra"]["num_eval"]
+    return result
+
+
+#: The rows: (name, fed_ssl_recipe variant or None for the untrained init).
+BACKBONES = (("random init", None), ("centralised SSL", "centralised"),
+             ("federated SSL (old recipe: FedAvg, AdamW reset per round)", "fedavg"),
+             ("federated SSL (recipe)", "recipe"))
 
 
 def main() -> None:
@@ -181,7 +201,13 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="cache folder for corpus and runs (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 measured faster than 2 for the tiny model on a loaded 2-core box)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="init, pretraining and fine-tuning seeds (the corpus stays seed 0)")
+    parser.add_argument("--test-manifest", default=None,
+                        help="also score keyword spotting on this manifest's test split (any corpus, e.g. one "
+                             "imported with `fedspeech corpus import speech_commands`; other words -> _unknown_)")
+    parser.add_argument("--backbones", nargs="+", default=[name for name, _ in BACKBONES],
+                        help="which rows to run (default: all)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default=None, help="also draw the table as grouped bars (PNG)")
     args = parser.parse_args()
@@ -200,68 +226,59 @@ def main() -> None:
           f"threads {args.threads}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
     from fedspeech.data.manifest import read_manifest
-    from fedspeech.data.partition import make_partition
 
-    manifest = corpus(work, recipe["speakers"], args.seed)
+    manifest = corpus(work, recipe["speakers"], 0)
     utterances = read_manifest(manifest)
-    unlabelled = pretraining_manifest(manifest, recipe["pretrain_per_speaker"], args.seed)
-    partition = unlabelled.with_suffix(f".speaker{CLIENTS}.json")
-    if not partition.is_file():
-        make_partition(read_manifest(unlabelled), "speaker", CLIENTS, seed=args.seed,
-                       manifest=str(unlabelled)).save(partition)
-    init = untrained_checkpoint(work, args.seed)
-    print(f"corpus ready after {time.perf_counter() - started:.0f} s", flush=True)
-
-    labelled = labelled_subset(utterances, recipe["labelled_speakers"], args.seed)
-    rows = {}
-
-    def evaluate(name: str, path: Path, seconds: float) -> None:
-        cache = finetune_cache(work, path, recipe, args.seed)
-        if cache.is_file():
-            rows[name] = {**json.loads(cache.read_text()), "pretrain_seconds": seconds}
-            print(f"  {name}: fine-tuning results reused from {cache}", flush=True)
-            return
-        t0 = time.perf_counter()
-        result = {**finetune(path, labelled, recipe, args.seed), "finetune_seconds": 0.0}
-        result["finetune_seconds"] = time.perf_counter() - t0
-        cache.write_text(json.dumps(result, default=str))
-        rows[name] = {**result, "pretrain_seconds": seconds}
-        print(f"  fine-tuned {name} in {result['finetune_seconds']:.0f} s: {rows[name]}", flush=True)
-
-    def val_losses(name: str, checkpoint: Path) -> None:
-        from fedspeech.federated import roundlog
-
-        losses = [r["val_loss"] for r in roundlog.read_rounds(checkpoint.parent.parent) if r.get("val_loss") is not None]
-        if losses:
-            rows[name]["val_loss"] = (losses[0], losses[-1])
-            rows[name]["val_losses"] = losses
-
-    evaluate("random init", init, 0.0)
-    for kind, name in (("centralised", "centralised SSL"), ("federated", f"federated SSL (FedAvg, {CLIENTS} clients)")):
-        checkpoint, seconds = pretrain(kind, work, unlabelled, partition, init, recipe, args.seed)
-        evaluate(name, checkpoint, seconds)
-        val_losses(name, checkpoint)
+    extra = external_kws_test(Path(args.test_manifest)) if args.test_manifest else None
+    rows: list[dict] = []
+    for seed in args.seeds:
+        labelled = labelled_subset(utterances, recipe["labelled_speakers"], seed)
+        for name, variant in BACKBONES:
+            if name not in args.backbones:
+                continue
+            if variant is None:
+                path, seconds, losses = untrained_checkpoint(work, seed), 0.0, []
+            else:
+                path, seconds, losses = pretrain(variant, work, seed, args.quick)
+            cache = finetune_cache(work, path, recipe, seed, args.test_manifest)
+            if cache.is_file():
+                result = json.loads(cache.read_text())
+            else:
+                t0 = time.perf_counter()
+                result = finetune(path, labelled, recipe, seed, extra)
+                result["finetune_seconds"] = time.perf_counter() - t0
+                cache.write_text(json.dumps(result, default=str))
+            rows.append({"backbone": name, "seed": seed, **result, "pretrain_seconds": seconds, "val_losses": losses})
+            print(f"  seed {seed} {name}: kws {result['kws_accuracy']:.3f}, cer {result['cer']:.3f}"
+                  + (f", extra kws {result['extra_kws_accuracy']:.3f}" if "extra_kws_accuracy" in result else ""),
+                  flush=True)
     total = time.perf_counter() - started
-    report(rows, recipe, total)
+    report(rows, recipe, total, args.test_manifest)
     if args.plot:
         plot(rows, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps({"recipe": recipe, "finetune": FINETUNE, "rows": rows,
-                                               "total_seconds": total}, indent=2, default=str) + "\n")
+                                               "test_manifest": args.test_manifest, "total_seconds": total},
+                                              indent=2, default=str) + "\n")
 
 
-def plot(rows: dict, out: str) -> Path:
-    """The table as bars, through ``fedspeech compare``'s plot."""
+def plot(rows: list[dict], out: str) -> Path:
+    """Mean scores as bars, through ``fedspeech compare``'s plot."""
     from fedspeech.downstream.compare import plot_comparison
 
-    flat = [{"backbone": name, "task": task, "score": r[key]}
-            for name, r in rows.items() for task, key in (("kws", "kws_accuracy"), ("asr", "cer"))]
-    return plot_comparison(flat, out)
+    flat = [{"backbone": r["backbone"], "task": task, "score": r[key]}
+            for r in rows for task, key in (("kws", "kws_accuracy"), ("asr", "cer"),
+                                            ("kws (other corpus)", "extra_kws_accuracy")) if key in r]
+    means: dict[tuple[str, str], list[float]] = {}
+    for item in flat:
+        means.setdefault((item["backbone"], item["task"]), []).append(item["score"])
+    return plot_comparison([{"backbone": b, "task": t, "score": sum(v) / len(v)} for (b, t), v in means.items()], out)
 
 
-# Single seed, so a difference must clear a noise margin before it counts as a win: two
-# binomial standard errors of the baseline's keyword accuracy on the test clips, and a
-# fixed 0.02 absolute for CER (a stated threshold, not a measured seed variance).
+# A difference counts only when it exceeds two standard errors. With several seeds that is
+# the standard error of the per-seed paired difference (training and test-set noise both);
+# with one seed the binomial standard error of keyword accuracy on the test clips and a fixed
+# 0.02 for CER (a stated threshold, not a measured variance).
 CER_MARGIN = 0.02
 
 
@@ -269,44 +286,78 @@ def kws_margin(accuracy: float, count: int) -> float:
     return 2 * (accuracy * (1 - accuracy) / max(count, 1)) ** 0.5
 
 
-def verdict(metric: str, baseline: float, central: float, federated: float, margin: float, *, higher: bool) -> str:
-    """'yes' only when the better pretrained backbone beats random init by more than ``margin``."""
-    gain = (max(central, federated) - baseline) if higher else (baseline - min(central, federated))
-    answer = "yes" if gain > margin else "no (within the noise margin)" if gain > -margin else "no (worse)"
-    return (f"pretraining beats random init on {metric}: {answer} "
-            f"(centralised {central:.3f}, federated {federated:.3f} vs random {baseline:.3f}; "
-            f"noise margin ±{margin:.3f})")
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
 
 
-def report(rows: dict, recipe: dict, total: float) -> None:
-    names = list(rows)
-    random_row, central, federated = rows[names[0]], rows[names[1]], rows[names[2]]
-    print()
-    print(f"| backbone | keyword accuracy ↑ | CER ↓ | WER ↓ | pretraining wall time |")
-    print(f"|---|---:|---:|---:|---:|")
-    for name, r in rows.items():
-        wall = f"{r['pretrain_seconds'] / 60:.1f} min" if r["pretrain_seconds"] else "-"
-        print(f"| {name} | {r['kws_accuracy']:.3f} | {r['cer']:.3f} | {r['wer']:.3f} | {wall} |")
-    print()
-    print(f"(fine-tuning on {recipe['labelled_speakers']} labelled training speakers: "
-          f"{random_row['kws_train']} keyword clips, {random_row['asr_train']} sentences; "
-          f"test: {random_row['kws_test']} keyword clips, {random_row['asr_test']} sentences of unseen speakers)")
-    print(verdict("keyword accuracy", random_row["kws_accuracy"], central["kws_accuracy"], federated["kws_accuracy"],
-                  kws_margin(random_row["kws_accuracy"], random_row["kws_test"]), higher=True))
-    print(verdict("CER", random_row["cer"], central["cer"], federated["cer"], CER_MARGIN, higher=False))
-    print(f"federated vs centralised gap: keyword accuracy {federated['kws_accuracy'] - central['kws_accuracy']:+.3f}, "
-          f"CER {federated['cer'] - central['cer']:+.3f}, WER {federated['wer'] - central['wer']:+.3f} "
-          f"(federated minus centralised; single seed)")
-    import math
+def compare(rows: list[dict], metric: str, better: str, worse: str, *, higher: bool) -> str:
+    """'better' beats 'worse' on ``metric`` by more than two standard errors?"""
+    pairs = {}
+    for r in rows:
+        if metric in r:
+            pairs.setdefault(r["seed"], {})[r["backbone"]] = r[metric]
+    diffs = [p[better] - p[worse] for p in pairs.values() if better in p and worse in p]
+    if not diffs:
+        return f"{metric}: {better} vs {worse}: not measured"
+    mean, se = _mean_se(diffs)
+    sign = 1 if higher else -1
+    if len(diffs) > 1:
+        margin, how = 2 * se, f"2 se over {len(diffs)} seeds"
+    elif metric == "cer":
+        margin, how = CER_MARGIN, "fixed CER margin, 1 seed"
+    else:
+        count_key = "extra_kws_test" if metric.startswith("extra") else "kws_test"
+        row = next(r for r in rows if r["backbone"] == worse)
+        margin, how = kws_margin(row[metric], row[count_key]), "2 binomial se, 1 seed"
+    answer = "yes" if sign * mean > margin else "no"
+    return f"{metric}: {better} minus {worse} = {mean:+.3f} (margin {margin:.3f}, {how}): beats it: {answer}"
 
-    from fedspeech.models.configs import model_config
 
-    negatives = model_config("tiny", **MODEL_OVERRIDES).num_negatives
-    print(f"SSL validation loss, first → last round (chance level of the contrastive term: "
-          f"ln(1 + {negatives} negatives) = {math.log(1 + negatives):.3f}): "
-          + "; ".join(f"{name} {r['val_loss'][0]:.3f} → {r['val_loss'][1]:.3f}"
-                      for name, r in rows.items() if "val_loss" in r))
-    compute = sum(r["pretrain_seconds"] + r.get("finetune_seconds", 0.0) for r in rows.values())
+def report(rows: list[dict], recipe: dict, total: float, test_manifest: str | None) -> None:
+    names = list(dict.fromkeys(r["backbone"] for r in rows))
+    metrics = [("kws_accuracy", "keyword accuracy ↑"), ("cer", "CER ↓"), ("wer", "WER ↓")]
+    if any("extra_kws_accuracy" in r for r in rows):
+        metrics.append(("extra_kws_accuracy", f"keyword accuracy ↑ on {Path(test_manifest).name}"))
+    seeds = sorted({r["seed"] for r in rows})
+    print(f"\nmean ± se over seeds {seeds}")
+    print("| backbone | " + " | ".join(label for _, label in metrics) + " | pretraining wall time | final SSL val loss |")
+    print("|---|" + "---:|" * (len(metrics) + 2))
+    for name in names:
+        mine = [r for r in rows if r["backbone"] == name]
+        cells = []
+        for key, _ in metrics:
+            mean, se = _mean_se([r[key] for r in mine])
+            cells.append(f"{mean:.3f}" + (f" ± {se:.3f}" if se == se else ""))
+        wall = sum(r["pretrain_seconds"] for r in mine) / len(mine)
+        finals = [r["val_losses"][-1] for r in mine if r["val_losses"]]
+        loss = f"{sum(finals) / len(finals):.3f}" if finals else "-"
+        print(f"| {name} | " + " | ".join(cells) + f" | {wall / 60:.1f} min | {loss} |")
+    first = rows[0]
+    print(f"\n(fine-tuning on {recipe['labelled_speakers']} labelled training speakers: {first['kws_train']} keyword "
+          f"clips, {first['asr_train']} sentences; test: {first['kws_test']} keyword clips, {first['asr_test']} "
+          "sentences of unseen speakers"
+          + (f"; other corpus: {first['extra_kws_test']} keyword clips" if "extra_kws_test" in first else "") + ")")
+    random_name, central_name = names[0], next((n for n in names if n.startswith("centralised")), None)
+    for name in names[1:]:
+        for key, _ in metrics:
+            if key == "wer":
+                continue
+            print(compare(rows, key, name, random_name, higher=key != "cer"))
+    fed = [n for n in names if n.startswith("federated")]
+    if central_name:
+        for name in fed:
+            for key in ("kws_accuracy", "extra_kws_accuracy"):
+                if any(key in r for r in rows):
+                    gap = _mean_se([r2[key] - r1[key] for r1 in rows for r2 in rows
+                                    if r1["backbone"] == central_name and r2["backbone"] == name
+                                    and r1["seed"] == r2["seed"]])
+                    print(f"{key}: {name} minus centralised = {gap[0]:+.3f}"
+                          + (f" ± {gap[1]:.3f} (se)" if gap[1] == gap[1] else "")
+                          + f"; within 0.10: {'yes' if gap[0] > -0.10 else 'no'}")
+    compute = sum(r["pretrain_seconds"] + r.get("finetune_seconds", 0.0) for r in rows)
     print(f"compute behind this table (pretraining + fine-tuning, cached or not): {compute / 60:.1f} min; "
           f"this invocation's wall time: {total / 60:.1f} min")
 

@@ -169,7 +169,8 @@ def test_federated_training_lowers_the_validation_loss(small_corpus, partition, 
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss
 
-    run = settings(small_corpus, partition, tmp_path / "learn", rounds=4, local_epochs=2)
+    run = settings(small_corpus, partition, tmp_path / "learn", rounds=4, local_epochs=2,
+                   batch_size=PretrainSettings().batch_size, lr=PretrainSettings().lr)  # the default recipe
     method = get_method(run)
     val = make_loader(_validation_dataset(run.manifest, run.val_max_utterances, run.max_seconds), run.batch_size,
                       shuffle=False, seed=0)

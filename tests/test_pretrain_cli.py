@@ -40,3 +40,13 @@ def test_runner_choices_match_the_runners_and_bad_values_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse("--rounds", "many")
     assert "--rounds" in capsys.readouterr().err
+
+
+def test_the_flower_app_config_holds_every_setting_with_its_default():
+    """`flwr run .` and the engines read [tool.flwr.app.config]: it must name every setting
+    with the same default as PretrainSettings (a new setting must be added there too)."""
+    from pathlib import Path
+
+    from fedspeech.federated.engines import app_config
+
+    assert app_config(Path(__file__).resolve().parents[1]) == PretrainSettings().to_run_config()
