@@ -21,7 +21,7 @@ pretrain() {  # NAME PRESET CLIENTS extra flags...
   local name=$1 preset=$2 clients=$3; shift 3
   [ -f "$OUT/$name/rounds.jsonl" ] && [ -d "$OUT/$name/checkpoints/round_$(printf %04d "$ROUNDS")" ] && return 0
   $FS pretrain --manifest "$OUT/corpus/manifest.tsv" --partition "$OUT/partition$clients.json" --preset "$preset" \
-    --model tiny --rounds "$ROUNDS" --max-seconds 1.5 --lr 0.002 --warmup-rounds 1 --out "$OUT/$name" "$@" \
+    --model tiny --rounds "$ROUNDS" --max-seconds 1.5 --lr 0.002 --warmup-rounds 1 --batch-size 4 --out "$OUT/$name" "$@" \
     > "$OUT/$name.log" 2>&1
 }
 # two at a time: one torch thread each on the 2 cores

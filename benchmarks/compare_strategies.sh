@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 $FS partition --manifest "$OUT/corpus/manifest.tsv" --clients 10 --scheme speaker --seed 0 \
   --out "$OUT/partition10.json"
 common=(--manifest "$OUT/corpus/manifest.tsv" --partition "$OUT/partition10.json" --preset gao10
-        --model tiny --rounds "$ROUNDS" --max-seconds 1.5 --lr 0.0005)
+        --model tiny --rounds "$ROUNDS" --max-seconds 1.5 --lr 0.0005 --batch-size 4)
 for rule in fedavg loss mixed ldawa; do
   [ -f "$OUT/$rule/rounds.jsonl" ] || $FS pretrain "${common[@]}" --strategy "$rule" --out "$OUT/$rule"
 done

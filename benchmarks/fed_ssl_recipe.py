@@ -68,9 +68,9 @@ OLD_DEFAULTS = dict(lr_schedule="round", optimizer_state="reset", server_optimiz
                     server_momentum=0.0, server_tau=1e-3, max_grad_norm=5.0)
 
 #: What the ablation found to learn (the library's defaults follow it): more, smaller local
-#: steps at the same examples. Larger steps (server lr > 1, server momentum, a higher client
-#: lr) kept the loss at chance longer.
-RECIPE_OVERRIDES = dict(batch_size=2)
+#: steps at the same examples (client batch 1). Larger steps (server lr > 1, server momentum,
+#: a higher client lr) kept the loss at chance longer.
+RECIPE_OVERRIDES = dict(batch_size=1)
 
 #: name -> (setting, overrides of the setting's federated baseline, centralised?, what it tests)
 MORE_ROUNDS = dict(rounds=3 * RECIPE["rounds"], local_epochs=RECIPE["local_epochs"] // 3,
@@ -100,14 +100,16 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
     "local-lr3x": ("gao10", {"lr": 3 * RECIPE["lr"]}, False, "3x the client learning rate"),
     "no-clip": ("gao10", {"max_grad_norm": 1e9}, False, "no gradient clipping (default clips at norm 5)"),
     "centralised-batch2": ("gao10", {**ONE_OPTIMIZER, "batch_size": 2}, True,
-                           "the centralised run at the federated recipe's batch 2"),
+                           "the centralised run at batch 2 (4x its steps)"),
     "batch2-lr1e-3": ("gao10", {"batch_size": 2, "lr": 1e-3}, False, "batch 2 at half the learning rate"),
     "batch2-moments-server": ("gao10", {"batch_size": 2, "optimizer_state": "server"}, False,
                               "batch 2, AdamW moments averaged by the server"),
     "batch2-moments-client": ("gao10", {"batch_size": 2, "optimizer_state": "client"}, False,
                               "batch 2, each client keeps its AdamW moments"),
     # The recipe that learns (the library's defaults since this benchmark), under every rule.
-    "recipe": ("gao10", RECIPE_OVERRIDES, False, "the recipe: FedAvg at client batch 2"),
+    "recipe": ("gao10", RECIPE_OVERRIDES, False, "the recipe: FedAvg at client batch 1"),
+    "recipe-probed": ("gao10", {**RECIPE_OVERRIDES, "probes": "kws"}, False,
+                      "the recipe with a per-round keyword probe (probes do not change training)"),
     "recipe-loss": ("gao10", {**RECIPE_OVERRIDES, "strategy": "loss"}, False, "the recipe, loss-weighted rule"),
     "recipe-mixed": ("gao10", {**RECIPE_OVERRIDES, "strategy": "mixed"}, False, "the recipe, mixed FedAvg/loss rule"),
     "recipe-ldawa": ("gao10", {**RECIPE_OVERRIDES, "strategy": "ldawa"}, False, "the recipe, L-DAWA rule"),
@@ -201,8 +203,12 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     return {"variant": name, "setting": setting_name, "seed": seed, "centralised": centralised, "folder": str(out),
             "rounds": len(rounds), "local_steps": steps, "examples": sum(examples),
             "examples_by_round": examples, "seconds": json.loads(done.read_text())["seconds"],
-            "val_loss": [r["val_loss"] for r in rounds]}
+            "val_loss": [r["val_loss"] for r in rounds], "probes": [r.get("probes") or {} for r in rounds]}
 
+
+#: Variants that train exactly like another one (probes only read the global model after a
+#: round; every client draws its own seeded randomness), tabulated as that one's seeds.
+SAME_TRAINING = {"recipe-probed": "recipe"}
 
 #: The centralised run each setting's rows are compared with.
 REFERENCE = {"gao10": "centralised", "gao100": "gao100-centralised", "quick": "centralised"}
@@ -217,6 +223,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def summarise(rows: list[dict]) -> None:
     """One line per variant: its budget, seed 0's curve, the final validation loss over seeds
     (mean ± sd) and its ratio to the same setting's centralised run of the same seed."""
+    probed = [r for r in rows if any(r.get("probes") or [])]
+    rows = [{**r, "variant": SAME_TRAINING.get(r["variant"], r["variant"])} for r in rows]
     central = {(r["setting"], r["seed"]): r["val_loss"][-1] for r in rows if r["variant"] == REFERENCE[r["setting"]]}
     print("\n| setting | variant | what it tests | rounds | local steps / client / round | examples seen | wall (seed "
           f"{rows[0]['seed']}) | val loss by round (seed {rows[0]['seed']}) | final val loss | ÷ centralised |")
@@ -238,6 +246,13 @@ def summarise(rows: list[dict]) -> None:
               f"{first['seconds'] / 60:.1f} min | {curve} | {mean:.3f}{spread} (n={len(mine)}) | {ratio} |")
     print(f"\n(contrastive chance level ln(101) = {math.log(101):.3f}; the loss also holds 0.1 x diversity; "
           "curves longer than 12 rounds are shown every few rounds)")
+    for r in probed:
+        for task in sorted({t for p in r["probes"] for t in p}):
+            scores = [p.get(task) for p in r["probes"]]
+            best = max(s for s in scores if s is not None)
+            print(f"{r['variant']} seed {r['seed']}: per-round {task} probe (dev accuracy) "
+                  + " ".join(f"{s:.3f}" for s in scores if s is not None)
+                  + f"; best {best:.3f} vs round 1 {scores[0]:.3f}: {'rises' if best > scores[0] else 'does not rise'}")
 
 
 def plot(rows: list[dict], out: str, seed: int) -> Path:
@@ -277,6 +292,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--plot", default=None, help="also plot validation loss vs examples seen (PNG)")
     parser.add_argument("--cached-only", action="store_true", help="tabulate the finished runs only; run nothing")
+    parser.add_argument("--without-reference", action="store_true",
+                        help="do not add each setting's centralised run (no ratio column for it)")
     args = parser.parse_args()
     if args.list:
         for name, (setting, overrides, central, what) in VARIANTS.items():
@@ -287,7 +304,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; --list names them")
     references = [REFERENCE[s] for s in dict.fromkeys(VARIANTS[n][0] for n in names)]
-    names = list(dict.fromkeys([*references, *names]))
+    names = list(dict.fromkeys([*([] if args.without_reference else references), *names]))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     # The data first, in this process, so parallel runs do not both synthesise it.

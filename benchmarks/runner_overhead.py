@@ -99,7 +99,7 @@ def main() -> None:
     def settings(name: str) -> PretrainSettings:
         return PretrainSettings(manifest=str(manifest), partition=str(partition), out_dir=str(work / name),
                                 model="tiny", rounds=args.rounds, max_seconds=args.max_seconds,
-                                val_max_utterances=0)
+                                batch_size=4, lr=5e-4, val_max_utterances=0)  # the settings behind docs/pretraining.md
 
     pure_rounds(settings("warmup"))  # first-touch costs (audio decoding, imports) out of the comparison
     # Alternate the two and keep each one's best time: on a shared machine, load drifts.

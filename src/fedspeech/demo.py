@@ -51,7 +51,7 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
     console.rule(f"3. federated wav2vec 2.0 pretraining (tiny, FedAvg, {rounds} rounds, in-process Flower)")
     run_dir = out / "pretrain_fedavg"
     done = checkpoints.completed_rounds(run_dir)
-    # The default recipe (client batch 2, lr 2e-3) with 3 local epochs per round, so that a
+    # The default recipe (client batch 1, lr 2e-3) with 3 local epochs per round, so that a
     # three-round demo already leaves the contrastive loss's chance level.
     settings = PretrainSettings(manifest=str(manifest), partition=str(partition_path), out_dir=str(run_dir),
                                 model="tiny", strategy="fedavg", rounds=rounds, local_epochs=3, max_seconds=1.5,

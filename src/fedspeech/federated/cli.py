@@ -9,7 +9,7 @@ from fedspeech.federated.settings import METHODS, SERVER_OPTIMIZERS, STRATEGIES,
 from fedspeech.settings_flags import add_settings_flags, given_settings
 
 # Client settings of the reference study (Gao et al., Interspeech 2022), 1 local epoch. Its
-# batch 4 is `--batch-size 4`; the presets keep the default batch 2, which learns faster at
+# batch 4 is `--batch-size 4`; the presets keep the default batch 1, which learns faster at
 # the same examples seen (benchmarks/fed_ssl_recipe.py).
 PRESETS = {
     "gao10": {"clients": 10, "clients_per_round": 0, "local_epochs": 1},

@@ -36,10 +36,10 @@ class PretrainSettings:
     rounds: int = 10
     clients_per_round: int = 0  # 0 = every client, every round
     local_epochs: int = 1
-    # Batch 2 and lr 2e-3: the recipe that learns (benchmarks/fed_ssl_recipe.py, docs/pretraining.md):
+    # Batch 1 and lr 2e-3: the recipe that learns (benchmarks/fed_ssl_recipe.py, docs/pretraining.md):
     # at equal examples seen, more and smaller client steps close most of the gap to
     # centralised training, while larger steps (higher lr, server lr or momentum) stay at chance.
-    batch_size: int = 2
+    batch_size: int = 1
     max_seconds: float = 4.0
     lr: float = 2e-3
     warmup_rounds: int = 1  # linear warm-up of the learning rate, then cosine decay over rounds
