@@ -193,6 +193,7 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
         (run_centralised if centralised else run_pretraining)(settings)
         done.write_text(json.dumps({"seconds": time.perf_counter() - started}))
     rounds = roundlog.read_rounds(out)
+    final = final_val_loss(out, PretrainSettings(out_dir=str(out), **fields))
     epochs = fields["local_epochs"]  # the logs count the examples of a round's last epoch
     if centralised:
         examples = [r["examples"] * epochs for r in rounds]
@@ -203,7 +204,29 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     return {"variant": name, "setting": setting_name, "seed": seed, "centralised": centralised, "folder": str(out),
             "rounds": len(rounds), "local_steps": steps, "examples": sum(examples),
             "examples_by_round": examples, "seconds": json.loads(done.read_text())["seconds"],
-            "val_loss": [r["val_loss"] for r in rounds], "probes": [r.get("probes") or {} for r in rounds]}
+            "val_loss": [r["val_loss"] for r in rounds], "final": final,
+            "probes": [r.get("probes") or {} for r in rounds]}
+
+
+def final_val_loss(out: Path, settings) -> float:
+    """The last checkpoint's validation loss in the library's fixed validation batches
+    (``pretrain_app.VAL_BATCH_SIZE``). Runs logged before that fix scored validation in
+    batches of their own training batch size, which is not comparable across batch sizes;
+    this re-scores every row the same way (cached beside the run)."""
+    cache = out / "val_loss_fixed.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["val_loss"]
+    from fedspeech.federated import checkpoints
+    from fedspeech.federated.pretrain_app import VAL_BATCH_SIZE, validation_loader
+    from fedspeech.ssl.methods import get_method
+    from fedspeech.ssl.train import evaluate_loss
+
+    method = get_method(settings)
+    model = method.fresh_model()
+    method.restore(model, checkpoints.latest_checkpoint(out))
+    loss = evaluate_loss(model, method.objective, validation_loader(settings))
+    cache.write_text(json.dumps({"val_loss": loss, "batch_size": VAL_BATCH_SIZE}))
+    return loss
 
 
 #: Variants that train exactly like another one (probes only read the global model after a
@@ -225,14 +248,14 @@ def summarise(rows: list[dict]) -> None:
     (mean ± sd) and its ratio to the same setting's centralised run of the same seed."""
     probed = [r for r in rows if any(r.get("probes") or [])]
     rows = [{**r, "variant": SAME_TRAINING.get(r["variant"], r["variant"])} for r in rows]
-    central = {(r["setting"], r["seed"]): r["val_loss"][-1] for r in rows if r["variant"] == REFERENCE[r["setting"]]}
+    central = {(r["setting"], r["seed"]): r["final"] for r in rows if r["variant"] == REFERENCE[r["setting"]]}
     print("\n| setting | variant | what it tests | rounds | local steps / client / round | examples seen | wall (seed "
-          f"{rows[0]['seed']}) | val loss by round (seed {rows[0]['seed']}) | final val loss | ÷ centralised |")
+          f"{rows[0]['seed']}) | val loss by round, as logged (seed {rows[0]['seed']}) | final val loss, batches of 8 | ÷ centralised |")
     print("|---|---|---|---:|---:|---:|---:|---|---:|---:|")
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
-        mean, sd = _mean_sd([r["val_loss"][-1] for r in mine])
-        ratios = [r["val_loss"][-1] / central[(r["setting"], r["seed"])] for r in mine
+        mean, sd = _mean_sd([r["final"] for r in mine])
+        ratios = [r["final"] / central[(r["setting"], r["seed"])] for r in mine
                   if (r["setting"], r["seed"]) in central]
         ratio = "-"
         if ratios:
@@ -320,7 +343,7 @@ def main() -> None:
             if row is None:
                 continue
             rows.append(row)
-            print(f"  {row['variant']} seed {row['seed']}: final val loss {row['val_loss'][-1]:.3f} "
+            print(f"  {row['variant']} seed {row['seed']}: final val loss {row['final']:.3f} "
                   f"({row['seconds'] / 60:.1f} min)", flush=True)
     summarise(rows)
     if args.json:

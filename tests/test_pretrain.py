@@ -164,17 +164,14 @@ def test_server_optimizer_state_travels_only_when_asked(small_corpus, partition,
 def test_federated_training_lowers_the_validation_loss(small_corpus, partition, tmp_path):
     """The default recipe must learn: after a few rounds the global model's validation loss
     (held-out speaker, fixed masks) is below the untrained model's and below round 1's."""
-    from fedspeech.data.audio import make_loader
-    from fedspeech.federated.pretrain_app import _validation_dataset
+    from fedspeech.federated.pretrain_app import validation_loader
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss
 
     run = settings(small_corpus, partition, tmp_path / "learn", rounds=4, local_epochs=2,
                    batch_size=PretrainSettings().batch_size, lr=PretrainSettings().lr)  # the default recipe
     method = get_method(run)
-    val = make_loader(_validation_dataset(run.manifest, run.val_max_utterances, run.max_seconds), run.batch_size,
-                      shuffle=False, seed=0)
-    untrained = evaluate_loss(method.fresh_model(), method.objective, val)
+    untrained = evaluate_loss(method.fresh_model(), method.objective, validation_loader(run))
     records = run_pretraining(run)
     losses = [r["val_loss"] for r in records]
     assert losses[-1] < untrained - 0.05, (untrained, losses)

@@ -69,6 +69,19 @@ def _client_dataset(manifest: str, partition: str, client_id: int, max_seconds: 
     return AudioDataset(utterances, max_seconds=max_seconds, seed=seed + client_id)
 
 
+#: Validation batches have this size whatever the training batch: masks, distractors, the
+#: codebook perplexity and the padding all depend on how utterances are batched, so runs with
+#: other client batches are only comparable on one batching (a batch-1 model scored in
+#: batches of 1 looked 0.19 better than in batches of 8; docs/pretraining.md).
+VAL_BATCH_SIZE = 8
+
+
+def validation_loader(settings: PretrainSettings):
+    """The held-out speakers' fixed validation batches, or None without a dev split."""
+    val_set = _validation_dataset(settings.manifest, settings.val_max_utterances, settings.max_seconds)
+    return make_loader(val_set, VAL_BATCH_SIZE, shuffle=False, seed=0) if val_set else None
+
+
 @lru_cache(maxsize=4)
 def _validation_dataset(manifest: str, max_utterances: int, max_seconds: float) -> AudioDataset | None:
     """Held-out speakers (the manifest's dev split), a fixed subset so rounds compare."""
@@ -264,8 +277,7 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
     client_moments = {k.removeprefix(CLIENT_OPT_PREFIX): v for k, v in saved.items() if k.startswith(CLIENT_OPT_PREFIX)}
     optimizer_record = ArrayRecord({k: Array(v) for k, v in client_moments.items()}) if client_moments else None  # optimizer_state="server"
     arrays = ArrayRecord(method.transmitted_state(model))
-    val_set = _validation_dataset(settings.manifest, settings.val_max_utterances, settings.max_seconds)
-    val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=0) if val_set else None
+    val_loader = validation_loader(settings)
     prober = None
     if settings.probe_tasks:
         from fedspeech.federated.probing import RoundProber

@@ -71,7 +71,7 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
     log and checkpoints, so the two compare directly.
     """
     from fedspeech.data.partition import sample_clients
-    from fedspeech.federated.pretrain_app import _validation_dataset, round_lr_schedule
+    from fedspeech.federated.pretrain_app import round_lr_schedule, validation_loader
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss, train_local
 
@@ -98,8 +98,7 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
         state = checkpoints.load_state(latest)
         first_round, global_step = state["round"] + 1, float(state["global_step"])
         roundlog.truncate_after(out, state["round"])
-    val_set = _validation_dataset(settings.manifest, settings.val_max_utterances, settings.max_seconds)
-    val_loader = make_loader(val_set, settings.batch_size, shuffle=False, seed=0) if val_set else None
+    val_loader = validation_loader(settings)
     import torch
     import torch.utils.data as tud
 
