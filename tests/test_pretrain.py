@@ -24,7 +24,7 @@ def partition(speaker_partition) -> Path:
 
 def settings(small_corpus: Path, partition: Path, out: Path, **kw) -> PretrainSettings:
     base = dict(manifest=str(small_corpus), partition=str(partition), out_dir=str(out), model="tiny",
-                rounds=2, max_seconds=1.0, batch_size=4, val_max_utterances=8)
+                rounds=2, max_seconds=1.0, batch_size=4, lr=5e-4, val_max_utterances=8)
     return PretrainSettings(**{**base, **kw})
 
 
