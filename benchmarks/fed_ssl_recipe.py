@@ -173,6 +173,8 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     # Every optimiser setting is given explicitly, so a row never changes with the library's
     # defaults; the folder key leaves out those equal to the old defaults (older caches stay valid).
     key = {k: v for k, v in fields.items() if OLD_DEFAULTS.get(k, object()) != v}
+    if fields.get("lr_schedule") == "step":  # runs before the per-step schedule was fixed went 2x too fast
+        key["step_schedule"] = "by-local-step"
     fields = {**OLD_DEFAULTS, **fields}
     kind = "centralised" if centralised else "federated"  # the folder is keyed by settings, not by variant name
     out = folder / f"{kind}-seed{seed}-{ssl_quality._key({**key, 'centralised': centralised})}"

@@ -50,3 +50,16 @@ def test_the_flower_app_config_holds_every_setting_with_its_default():
     from fedspeech.federated.engines import app_config
 
     assert app_config(Path(__file__).resolve().parents[1]) == PretrainSettings().to_run_config()
+
+
+def test_per_step_schedule_follows_the_run_whatever_the_global_step():
+    """train_local hands the schedule the *global* step: round 3's first step must get the
+    lr at 2 rounds done (not at 2 rounds plus the steps already taken), the last step the
+    lr at the end of round 3."""
+    import pytest
+
+    settings = PretrainSettings(rounds=4, warmup_rounds=1, lr=1e-3)
+    multiplier = settings.step_lr(server_round=3, local_steps=10, start_step=200)
+    assert multiplier(200) * settings.lr == pytest.approx(settings.lr_at_progress(2.05))
+    assert multiplier(209) * settings.lr == pytest.approx(settings.lr_at_progress(2.95))
+    assert settings.lr_at_progress(2.95) > settings.lr * settings.min_lr_ratio  # not yet at the floor

@@ -61,3 +61,9 @@ def test_bad_settings_name_the_field():
         ServerOptimizer("fedavgm", lr=0.0, momentum=0.0)
     with pytest.raises(ValueError, match="server_momentum"):
         ServerOptimizer("fedavgm", lr=1.0, momentum=1.0)
+
+
+def test_the_settings_offer_exactly_the_server_optimizers_there_are():
+    from fedspeech.federated import server_optimizers, settings
+
+    assert settings.SERVER_OPTIMIZERS == tuple(server_optimizers.SERVER_OPTIMIZERS)

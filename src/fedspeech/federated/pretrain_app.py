@@ -51,11 +51,12 @@ OPTIMIZER_RECORD = "optimizer"
 CONSTANT_LR = LRSchedule(decay="constant")
 
 
-def round_lr_schedule(settings: PretrainSettings, server_round: int, round_lr: float, steps: int):
-    """``(lr, multiplier)`` for ``train_local`` in a round of ``steps`` local steps: the
-    round's single rate (``lr_schedule="round"``) or the per-step curve ("step")."""
+def round_lr_schedule(settings: PretrainSettings, server_round: int, round_lr: float, steps: int, start_step: int):
+    """``(lr, multiplier)`` for ``train_local`` in a round of ``steps`` local steps from
+    global step ``start_step``: the round's single rate (``lr_schedule="round"``) or the
+    per-step curve ("step")."""
     if settings.lr_schedule == "step":
-        return settings.lr, settings.step_lr(server_round, steps)
+        return settings.lr, settings.step_lr(server_round, steps, start_step)
     return round_lr, CONSTANT_LR
 
 
@@ -129,7 +130,7 @@ def local_round(settings: PretrainSettings, node_config: dict, global_state: dic
     dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
     dataset.set_epoch(server_round)
     loader = make_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 100_003 + server_round)
-    base_lr, schedule = round_lr_schedule(settings, server_round, lr, len(loader) * settings.local_epochs)
+    base_lr, schedule = round_lr_schedule(settings, server_round, lr, len(loader) * settings.local_epochs, global_step)
     keep_moments = settings.optimizer_state != "reset"
     result = train_local(
         model, method.objective, loader, epochs=settings.local_epochs, lr=base_lr, lr_schedule=schedule,

@@ -124,7 +124,7 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
         loader = make_loader(tud.Subset(pool, indices.tolist()), settings.batch_size, shuffle=True,
                              seed=settings.seed * 100_003 + server_round)
         base_lr, schedule = round_lr_schedule(settings, server_round, settings.lr_at_round(server_round),
-                                              len(loader) * settings.local_epochs)
+                                              len(loader) * settings.local_epochs, int(global_step))
         keep_moments = settings.optimizer_state != "reset"  # one optimiser across rounds, as a plain run has
         result = train_local(model, method.objective, loader, epochs=settings.local_epochs,
                              lr=base_lr, lr_schedule=schedule, start_step=int(global_step),

@@ -119,14 +119,15 @@ class PretrainSettings:
         progress = min(1.0, (rounds_done - self.warmup_rounds) / span)
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def step_lr(self, server_round: int, local_steps: int):
-        """``lr_multiplier(step)`` for ``train_local``'s ``lr_schedule``, with ``lr=self.lr``:
-        the per-step schedule inside ``server_round`` for a client taking ``local_steps``
-        steps (its first step counted from the schedule's start of the round, plus one half
-        so warm-up never gives 0)."""
+    def step_lr(self, server_round: int, local_steps: int, start_step: int):
+        """``lr_multiplier(global step)`` for ``train_local``'s ``lr_schedule`` (which passes
+        ``start_step`` + the local step), with ``lr=self.lr``: the per-step schedule inside
+        ``server_round`` for a client taking ``local_steps`` steps from ``start_step`` (each
+        step at its middle, so warm-up never gives 0)."""
         steps = max(1, local_steps)
 
-        def multiplier(local_step: int) -> float:
+        def multiplier(global_step: int) -> float:
+            local_step = global_step - start_step
             return self.lr_at_progress(server_round - 1 + (local_step + 0.5) / steps) / self.lr
 
         return multiplier
