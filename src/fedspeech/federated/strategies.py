@@ -163,15 +163,16 @@ class RobustFedAvg(FedAvg):
         round_config = ConfigRecord(dict(config))  # never mutate the caller's record
         for key, value in self._extra_train_config(server_round).items():
             round_config[key] = value
-        return super().configure_train(server_round, self._outgoing(arrays), round_config, grid)
+        messages = super().configure_train(server_round, self._outgoing(arrays), round_config, grid)
+        return _by_destination(messages)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Evaluation gets the same (backbone-only) view of the model as training."""
-        return super().configure_evaluate(
+        return _by_destination(super().configure_evaluate(
             server_round, self._outgoing(arrays), ConfigRecord(dict(config)), grid
-        )
+        ))
 
     # ---------------------------------------------------------------------- screening
 
@@ -268,7 +269,9 @@ class RobustFedAvg(FedAvg):
                 f"{type(self).__name__}.aggregate_train needs the global model: call "
                 "configure_train (or set_global_arrays) first"
             )
-        replies = list(replies)
+        # Flower samples nodes in random order and replies arrive in any order; summing in
+        # node order makes the aggregate (float sums) independent of both.
+        replies = sorted(replies, key=lambda m: int(m.metadata.src_node_id))
         report = RoundReport(server_round, self.rule_name)
         self.reports.append(report)
         if not replies:
@@ -535,6 +538,12 @@ def make_strategy(name: str, **kwargs: Any) -> RobustFedAvg:
         return cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"strategy '{name}': bad arguments: {exc}") from exc
+
+
+def _by_destination(messages: Iterable[Message]) -> list[Message]:
+    """Messages in node order (Flower's sampling shuffles them), so clients run and
+    aggregate in the same order in every run of a seed."""
+    return sorted(messages, key=lambda m: int(m.metadata.dst_node_id))
 
 
 def _finite_number(value: Any) -> float | None:
