@@ -51,10 +51,10 @@ import torch
 from fedspeech.data.manifest import read_manifest
 from fedspeech.data.partition import make_partition
 from fedspeech.data.synth import build_corpus
-from fedspeech.federated.earlyexit_cli import write_report
-from fedspeech.federated.earlyexit_report import summarize
-from fedspeech.federated.earlyexit_runner import run_early_exit
-from fedspeech.federated.earlyexit_settings import DEFAULT_FLEET, MODES, EarlyExitSettings
+from fedspeech.apps.earlyexit.cli import write_report
+from fedspeech.apps.earlyexit.report import summarize
+from fedspeech.apps.earlyexit.run import run_early_exit
+from fedspeech.apps.earlyexit.settings import DEFAULT_FLEET, MODES, EarlyExitSettings
 
 # The backbone: a 12-layer wav2vec 2.0 (the tiny preset's width, base's depth; pre-LN as in
 # large, which trains a deep stack stably at this learning rate) pretrained with centralised
@@ -123,8 +123,8 @@ def pretrained_backbone(work: Path, recipe: dict) -> Path:
     from transformers import Wav2Vec2ForPreTraining
 
     from fedspeech.federated import checkpoints
-    from fedspeech.federated.runners import run_centralised
-    from fedspeech.federated.settings import PretrainSettings
+    from fedspeech.apps.pretrain.run import run_centralised
+    from fedspeech.apps.pretrain.settings import PretrainSettings
     from fedspeech.models.configs import model_config
 
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
@@ -217,7 +217,7 @@ def main() -> int:
         summarize_seeds(args.summarize)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fedspeech.federated.earlyexit_app").setLevel(logging.INFO)
+    logging.getLogger("fedspeech.apps.earlyexit.server_app").setLevel(logging.INFO)
     logging.getLogger("flwr").setLevel(logging.ERROR)  # one "Sampled N nodes" line per round otherwise
     torch.set_num_threads(args.threads)
     work = Path(args.work)

@@ -153,8 +153,8 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     import torch
 
     from fedspeech.federated import roundlog
-    from fedspeech.federated.runners import run_centralised, run_pretraining
-    from fedspeech.federated.settings import PretrainSettings
+    from fedspeech.apps.pretrain.run import run_centralised, run_pretraining
+    from fedspeech.apps.pretrain.settings import PretrainSettings
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -212,14 +212,14 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
 
 def final_val_loss(out: Path, settings) -> float:
     """The last checkpoint's validation loss in the library's fixed validation batches
-    (``pretrain_app.VAL_BATCH_SIZE``). Runs logged before that fix scored validation in
+    (``task.VAL_BATCH_SIZE``). Runs logged before that fix scored validation in
     batches of their own training batch size, which is not comparable across batch sizes;
     this re-scores every row the same way (cached beside the run)."""
     cache = out / "val_loss_fixed.json"
     if cache.is_file():
         return json.loads(cache.read_text())["val_loss"]
     from fedspeech.federated import checkpoints
-    from fedspeech.federated.pretrain_app import VAL_BATCH_SIZE, validation_loader
+    from fedspeech.apps.pretrain.task import VAL_BATCH_SIZE, validation_loader
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss
 

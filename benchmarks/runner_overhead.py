@@ -43,7 +43,7 @@ def pure_rounds(settings) -> None:
     from fedspeech.data.partition import Partition
     from fedspeech.federated import checkpoints
     from fedspeech.federated.aggregation import fedavg
-    from fedspeech.federated.pretrain_app import local_round
+    from fedspeech.apps.pretrain.task import local_round
     from fedspeech.ssl.methods import get_method
 
     method = get_method(settings)
@@ -86,8 +86,8 @@ def main() -> None:
     from fedspeech.data.partition import make_partition
     from fedspeech.data.synth import build_corpus
     from fedspeech.federated.roundlog import read_rounds
-    from fedspeech.federated.runners import run_pretraining
-    from fedspeech.federated.settings import PretrainSettings
+    from fedspeech.apps.pretrain.run import run_pretraining
+    from fedspeech.apps.pretrain.settings import PretrainSettings
 
     work = Path(tempfile.mkdtemp(prefix="fedspeech-overhead-"))
     # About 70 utterances per client: a small but not trivial local epoch.

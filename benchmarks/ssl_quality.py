@@ -264,7 +264,7 @@ def main() -> None:
 def plot(rows: list[dict], out: str) -> Path:
     """Mean keyword accuracy and CER as bars, through ``fedspeech compare``'s plot (which
     knows those two metrics; the other corpus's accuracy is in the table)."""
-    from fedspeech.downstream.compare import plot_comparison
+    from fedspeech.apps.finetune.compare import plot_comparison
 
     flat = [{"backbone": r["backbone"], "task": task, "score": r[key]}
             for r in rows for task, key in (("kws", "kws_accuracy"), ("asr", "cer")) if key in r]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fedspeech.cli import main
-from fedspeech.downstream.compare import resolve_backbone
+from fedspeech.apps.finetune.compare import resolve_backbone
 
 
 def test_resolve_backbone_prefers_the_tasks_best_round(tmp_path: Path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fedspeech.downstream import cli
+from fedspeech.apps.finetune import cli
 from fedspeech.federated import roundlog
 
 

@@ -12,7 +12,7 @@ import torch
 
 from fedspeech.data.audio import AudioDataset, make_loader
 from fedspeech.data.manifest import Utterance, write_manifest
-from fedspeech.downstream import cli
+from fedspeech.apps.finetune import cli
 from fedspeech.downstream.finetune import (
     evaluate_classifier,
     finetune_asr,

@@ -11,17 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedspeech.federated import earlyexit_app as app
+from fedspeech.apps.earlyexit import client_app, task
 from fedspeech.federated.checkpoints import round_dir
-from fedspeech.federated.earlyexit_plan import (
+from fedspeech.apps.earlyexit.plan import (
     ClientPlan,
     inclusive_deadline,
     parse_fleet,
     training_depths,
     with_deadline,
 )
-from fedspeech.federated.earlyexit_runner import run_early_exit, write_flower_app
-from fedspeech.federated.earlyexit_settings import EarlyExitSettings
+from fedspeech.apps.earlyexit.run import run_early_exit, write_flower_app
+from fedspeech.apps.earlyexit.settings import EarlyExitSettings
 
 DEADLINE = 1.0
 NUM_LAYERS = 6  # exits at 2, 4, 6
@@ -44,11 +44,11 @@ def fleet_file(settings: EarlyExitSettings, target_depths: list[int], folder: Pa
 
     Times come from the same measured cost lines and workloads the clients plan with.
     """
-    costs = app.depth_costs(settings)
+    costs = task.depth_costs(settings)
     depths = sorted(costs)
     devices = {}
     for client, target in enumerate(target_depths):
-        work = app.client_workload(settings, client, settings.manifest, settings.partition)
+        work = task.client_workload(settings, client, settings.manifest, settings.partition)
 
         def round_flops(depth: int) -> float:
             return work.steps * costs[depth].at(work.seconds, work.batch).train_flops
@@ -84,7 +84,7 @@ def test_adaptive_plans_train_and_upload_by_depth(adaptive_run):
     plan = json.loads((Path(settings.out_dir) / "plan.json").read_text())
     assert [c["training_depth"] for c in plan["clients"]] == [2, 4, 4]
     assert plan["clients"][0]["candidates"][1]["fits_deadline"] is False  # depth 4 too slow for dev0
-    model = app.build_model(settings)
+    model = task.build_model(settings)
     assert [r["round"] for r in records] == [1, 2]
     for record in records:
         clients = {c["client"]: c for c in record["clients"]}
@@ -123,7 +123,7 @@ def test_clients_pay_for_their_cnn_features_once(adaptive_run):
 
 def test_layers_nobody_trained_keep_their_global_value(adaptive_run):
     settings, _ = adaptive_run
-    initial = app.build_model(settings)
+    initial = task.build_model(settings)
     folder = round_dir(Path(settings.out_dir), 2)
     backbone = load_file(str(folder / "model.safetensors"))
     start = initial.backbone.state_dict()
@@ -131,7 +131,7 @@ def test_layers_nobody_trained_keep_their_global_value(adaptive_run):
         assert torch.equal(backbone[key], start[key])
     assert not torch.equal(backbone["encoder.layers.0.attention.k_proj.weight"],
                            start["encoder.layers.0.attention.k_proj.weight"])
-    trained = app.load_early_exit(folder)
+    trained = task.load_early_exit(folder)
     assert torch.equal(trained.state_dict()["heads.6.proj.weight"], initial.state_dict()["heads.6.proj.weight"])
     assert not torch.equal(trained.state_dict()["heads.4.proj.weight"], initial.state_dict()["heads.4.proj.weight"])
 
@@ -151,7 +151,7 @@ def test_full_depth_baseline_costs_more_per_client(adaptive_run, tmp_path):
     assert clients[0]["device_seconds"] > DEADLINE
     assert full[0]["simulated_round_seconds"] > adaptive[0]["simulated_round_seconds"]
     assert full[0]["layers_not_trained"] == []
-    costs = app.depth_costs(settings)
+    costs = task.depth_costs(settings)
     assert [costs[d].at(1.0, 4).train_flops for d in (2, 4, 6)] == sorted(costs[d].at(1.0, 4).train_flops
                                                                            for d in (2, 4, 6))
 
@@ -254,7 +254,7 @@ def test_fleet_specs(tmp_path):
         parse_fleet("a40:0.5,raspberry-pi-4:0.2")
     with pytest.raises(ValueError, match="device:fraction"):
         parse_fleet("a40:lots")
-    from fedspeech.federated.earlyexit_plan import client_device
+    from fedspeech.apps.earlyexit.plan import client_device
 
     from fedspeech.profiling.catalogue import load_catalogue
 
@@ -284,7 +284,7 @@ def test_settings_round_trip_and_errors():
 
 
 def test_cli_report_and_flower_app(adaptive_run, tmp_path, capsys):
-    from fedspeech.federated import earlyexit_cli
+    from fedspeech.apps.earlyexit import cli as earlyexit_cli
     from fedspeech.federated.engines import app_config
 
     settings, _ = adaptive_run

@@ -19,11 +19,11 @@ from fedspeech.data.partition import Partition, client_utterances
 from fedspeech.downstream.metrics import cer, wer
 from fedspeech.downstream.tasks import asr_utterances
 from fedspeech.downstream.text import ctc_greedy_decode, normalize_transcript
-from fedspeech.federated import earlyexit_app as app
+from fedspeech.apps.earlyexit import client_app, task
 from fedspeech.federated.checkpoints import round_dir
-from fedspeech.federated.earlyexit_report import comparison_table, summarize
-from fedspeech.federated.earlyexit_runner import run_early_exit
-from fedspeech.federated.earlyexit_settings import EarlyExitSettings
+from fedspeech.apps.earlyexit.report import comparison_table, summarize
+from fedspeech.apps.earlyexit.run import run_early_exit
+from fedspeech.apps.earlyexit.settings import EarlyExitSettings
 
 EXITS = (1, 2, 4)  # the tiny preset's 4 layers
 DEPTH_CAPS = [1, 2, 2]  # each client's own cap: nobody trains layers 3 and 4
@@ -76,8 +76,8 @@ def test_logged_wer_matches_the_checkpoint(asr_run, small_corpus):
     """The round's checkpoint, decoded greedily at every exit, scores what the log says."""
     settings, records = asr_run
     folder = round_dir(Path(settings.out_dir), 2)
-    model, vocab = app.load_early_exit(folder).eval(), app.load_vocab(folder)
-    assert model.task == "ctc" and model.exits == EXITS and vocab == app.run_vocab(settings)
+    model, vocab = task.load_early_exit(folder).eval(), task.load_vocab(folder)
+    assert model.task == "ctc" and model.exits == EXITS and vocab == task.run_vocab(settings)
     held_out = sorted((u for u in asr_utterances(read_manifest(small_corpus)) if u.split in ("dev", "test")),
                       key=lambda u: u.id)
     references = [normalize_transcript(u.transcript) for u in held_out]
@@ -96,7 +96,7 @@ def test_logged_wer_matches_the_checkpoint(asr_run, small_corpus):
 
 def test_shallow_client_uploads_no_deep_layers(asr_run):
     settings, records = asr_run
-    model = app.build_model(settings)
+    model = task.build_model(settings)
     clients = {c["client"]: c for c in records[0]["clients"]}
     assert clients[0]["arrays_sent"] == len(model.trainable_keys(1)) < clients[1]["arrays_sent"]
     assert clients[0]["bytes_sent"] < clients[1]["bytes_sent"]
@@ -109,7 +109,7 @@ def test_shallow_client_uploads_no_deep_layers(asr_run):
                           "config": ConfigRecord({"depth": 1, "server-round": 1, "lr": 1e-3})})
     message = Message(content, 1, MessageType.TRAIN)
     message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-    sent = set(app.client_train(message, context).content["arrays"].keys())
+    sent = set(client_app.client_train(message, context).content["arrays"].keys())
     assert sent == set(model.trainable_keys(1))
     assert any(k.startswith("backbone.encoder.layers.0.") for k in sent) and "heads.1.proj.weight" in sent
     assert not any(k.startswith(("backbone.encoder.layers.1.", "backbone.encoder.layers.3.", "heads.2.", "heads.4."))
@@ -119,21 +119,21 @@ def test_shallow_client_uploads_no_deep_layers(asr_run):
 
 def test_untrained_deep_layer_keeps_its_global_value(asr_run):
     settings, _ = asr_run
-    initial = app.build_model(settings)
+    initial = task.build_model(settings)
     folder = round_dir(Path(settings.out_dir), 2)
     backbone, start = load_file(str(folder / "model.safetensors")), initial.backbone.state_dict()
     for key in ("encoder.layers.2.attention.q_proj.weight", "encoder.layers.3.feed_forward.output_dense.weight"):
         assert torch.equal(backbone[key], start[key])
     for key in ("encoder.layers.0.attention.q_proj.weight", "encoder.layers.1.attention.q_proj.weight"):
         assert not torch.equal(backbone[key], start[key])
-    heads, initial_heads = app.load_early_exit(folder).state_dict(), initial.state_dict()
+    heads, initial_heads = task.load_early_exit(folder).state_dict(), initial.state_dict()
     assert torch.equal(heads["heads.4.proj.weight"], initial_heads["heads.4.proj.weight"])
-    assert heads["heads.1.proj.weight"].shape[0] == len(app.run_vocab(settings))  # CTC outputs: the characters
+    assert heads["heads.1.proj.weight"].shape[0] == len(task.run_vocab(settings))  # CTC outputs: the characters
     assert not torch.equal(heads["heads.2.proj.weight"], initial_heads["heads.2.proj.weight"])
 
 
 def test_report_table_and_plots_say_lower_is_better(asr_run, tmp_path):
-    from fedspeech.federated.earlyexit_cli import write_report
+    from fedspeech.apps.earlyexit.cli import write_report
 
     settings, records = asr_run
     summary = summarize(records)
@@ -160,11 +160,11 @@ def test_cost_lines_are_measured_at_the_clients_sentence_lengths(asr_run):
     settings, records = asr_run
     assert settings.asr_max_seconds == 16.0
     for client in range(3):
-        dataset = app._task_dataset(settings, settings.manifest, settings.partition, client)
+        dataset = task.task_dataset(settings, settings.manifest, settings.partition, client)
         durations = [u.duration for u in dataset.utterances]
-        assert app.cost_lengths(settings, dataset) == (min(min(durations), max(durations) / 2), max(durations))
-        work = app.client_workload(settings, client, settings.manifest, settings.partition)
-        costs = app.client_costs(settings, client, settings.manifest, settings.partition)
+        assert task.cost_lengths(settings, dataset) == (min(min(durations), max(durations) / 2), max(durations))
+        work = task.client_workload(settings, client, settings.manifest, settings.partition)
+        costs = task.client_costs(settings, client, settings.manifest, settings.partition)
         step_flops = [costs[d].at(s, work.batch).train_flops for d in EXITS for s in (min(durations), work.seconds)]
         assert all(f > 0 for f in step_flops) and step_flops == sorted(step_flops)  # deeper and longer cost more
     assert all(c["train_flops"] > 0 and c["device_seconds"] > 0 for c in records[0]["clients"])
@@ -174,7 +174,7 @@ def test_asr_settings(small_corpus, partition, tmp_path):
     settings = make_settings(small_corpus, partition, tmp_path, letters="zyx abc")
     assert EarlyExitSettings.from_run_config(settings.to_run_config()) == settings
     assert settings.train_seconds == 16.0 and settings.letter_set == "abcxyz"
-    assert app.run_vocab(settings).tokens[3:] == list("abcxyz")
+    assert task.run_vocab(settings).tokens[3:] == list("abcxyz")
     assert EarlyExitSettings().task == "kws" and EarlyExitSettings().train_seconds == 1.0
     for bad, match in [({"task": "nlu"}, "task"), ({"letters": "ab1"}, "letters"), ({"asr_max_seconds": 0.0},
                                                                                      "asr_max_seconds")]:
@@ -185,11 +185,11 @@ def test_asr_settings(small_corpus, partition, tmp_path):
         Partition.load(partition), read_manifest(small_corpus), 0)))
     limit = (durations[0] + durations[-1]) / 2
     short = make_settings(small_corpus, partition, tmp_path, asr_max_seconds=limit)
-    kept = app._task_dataset(short, short.manifest, short.partition, 0)
+    kept = task.task_dataset(short, short.manifest, short.partition, 0)
     assert 0 < len(kept) == sum(d <= limit for d in durations) < len(durations)
     assert max(len(wave) for wave, _ in kept) > 16_000  # whole sentences
-    assert app.client_workload(short, 0, short.manifest, short.partition).seconds == max(
+    assert task.client_workload(short, 0, short.manifest, short.partition).seconds == max(
         d for d in durations if d <= limit)
     with pytest.raises(ValueError, match="asr-max-seconds"):
-        app.client_workload(make_settings(small_corpus, partition, tmp_path, asr_max_seconds=0.5), 0,
+        task.client_workload(make_settings(small_corpus, partition, tmp_path, asr_max_seconds=0.5), 0,
                             str(small_corpus), str(partition))

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedspeech.federated.checkpoints import round_dir
-from fedspeech.federated.earlyexit_runner import run_modes
-from fedspeech.federated.earlyexit_settings import MODES
+from fedspeech.apps.earlyexit.run import run_modes
+from fedspeech.apps.earlyexit.settings import MODES
 from test_earlyexit_app import fleet_file, make_settings
 
 # SuperNode i names device dev{i}, made for exactly depth 6, 4 (test_earlyexit_app.fleet_file);

@@ -1,4 +1,4 @@
-"""Federated fine-tuning (``fedspeech.federated.finetune_app``) on the session corpus with a
+"""Federated fine-tuning (``fedspeech.apps.finetune``) on the session corpus with a
 very small model: round log, best-round bookkeeping, sample-weighted FedAvg of what the
 clients really sent, the shared label set, determinism of a client's round, bad settings."""
 
@@ -17,14 +17,12 @@ from fedspeech.data.manifest import read_manifest
 from fedspeech.data.partition import Partition, PartitionError
 from fedspeech.downstream.finetune import selection_key
 from fedspeech.downstream.tasks import task_data
-from fedspeech.federated import finetune_app, roundlog
-from fedspeech.federated.finetune_app import (
-    class_names,
-    local_finetune,
-    prepare,
-    run_federated_finetune,
-)
-from fedspeech.federated.finetune_settings import FinetuneSettings
+from fedspeech.federated import roundlog
+from fedspeech.apps.finetune import client_app, server_app, task
+from fedspeech.apps.finetune.run import prepare, run_federated_finetune
+from fedspeech.apps.finetune.task import class_names, local_finetune
+from fedspeech.downstream.state import trainable_state
+from fedspeech.apps.finetune.settings import FinetuneSettings
 from fedspeech.federated.inprocess import run_inprocess
 
 from synthetic import SMALL
@@ -45,7 +43,7 @@ def recording_client(calls: list[dict]) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = finetune_app.client_train(msg, context)
+        reply = client_app.client_train(msg, context)
         config = msg.content["config"]
         calls.append({
             "round": int(config["server-round"]), "client": int(context.node_config["partition-id"]),
@@ -64,7 +62,7 @@ def kws_run(small_corpus, tmp_path_factory):
     """3 clients (speaker partition of the 4 training speakers), 2 rounds, in-process."""
     settings = prepare(settings_for(small_corpus, tmp_path_factory.mktemp("fed-kws")))
     calls: list[dict] = []
-    run_inprocess(finetune_app.server_app, recording_client(calls), 3, settings.to_run_config())
+    run_inprocess(server_app.server_app, recording_client(calls), 3, settings.to_run_config())
     result = json.loads((Path(settings.out_dir) / "result.json").read_text())
     return settings, calls, roundlog.read_rounds(settings.out_dir), result
 
@@ -140,10 +138,10 @@ def test_speaker_clients_share_every_speaker_as_a_class(small_corpus, tmp_path):
     settings = prepare(settings_for(small_corpus, tmp_path, task="speaker", clients=2))
     classes = class_names("speaker", task_data(read_manifest(small_corpus), "speaker"))
     assert len(classes) == 6
-    model = finetune_app.build_model(settings, classes)
-    state, metrics = local_finetune(settings, {"partition-id": 0}, finetune_app.trainable_state(model), classes,
+    model = task.build_model(settings, classes)
+    state, metrics = local_finetune(settings, {"partition-id": 0}, trainable_state(model), classes,
                                     server_round=1, lr_scale=1.0)
-    client_speakers = {u.speaker for u in finetune_app.client_task_utterances(
+    client_speakers = {u.speaker for u in task.client_task_utterances(
         settings.manifest, settings.partition, 0, "speaker", settings.seed)}
     assert len(client_speakers) < len(classes) and state[HEAD].shape[0] == len(classes)
     assert metrics["steps"] >= 1

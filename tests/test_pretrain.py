@@ -13,8 +13,8 @@ from transformers import Wav2Vec2Model
 from fedspeech.data.manifest import read_manifest
 from fedspeech.federated.checkpoints import completed_rounds, round_dir
 from fedspeech.federated.roundlog import read_rounds
-from fedspeech.federated.runners import run_centralised, run_pretraining
-from fedspeech.federated.settings import PretrainSettings
+from fedspeech.apps.pretrain.run import run_centralised, run_pretraining
+from fedspeech.apps.pretrain.settings import PretrainSettings
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_server_optimizer_state_travels_only_when_asked(small_corpus, partition,
 def test_federated_training_lowers_the_validation_loss(small_corpus, partition, tmp_path):
     """The default recipe must learn: after a few rounds the global model's validation loss
     (held-out speaker, fixed masks) is below the untrained model's and below round 1's."""
-    from fedspeech.federated.pretrain_app import validation_loader
+    from fedspeech.apps.pretrain.task import validation_loader
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss
 

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
-from fedspeech.federated import cli as pretrain_cli
+from fedspeech.apps.pretrain import cli as pretrain_cli
 from fedspeech.federated.runners import RUNNERS
-from fedspeech.federated.settings import PretrainSettings
+from fedspeech.apps.pretrain.settings import PretrainSettings
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import Wav2Vec2Model
 
 from fedspeech.federated.checkpoints import round_dir
-from fedspeech.federated.runners import run_pretraining
+from fedspeech.apps.pretrain.run import run_pretraining
 from test_pretrain import partition, settings  # noqa: F401  (the same fixture and settings)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import Wav2Vec2ForPreTraining
 
-from fedspeech.federated.settings import PretrainSettings
+from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.models.configs import model_config
 from fedspeech.ssl.methods import Wav2Vec2Method
 from fedspeech.ssl.wav2vec2 import Wav2Vec2Objective

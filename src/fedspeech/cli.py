@@ -16,9 +16,9 @@ import sys
 _COMMAND_MODULES = (
     "fedspeech.data.cli",
     "fedspeech.profiling.cli",
-    "fedspeech.federated.cli",
-    "fedspeech.downstream.cli",
-    "fedspeech.federated.earlyexit_cli",
+    "fedspeech.apps.pretrain.cli",
+    "fedspeech.apps.finetune.cli",
+    "fedspeech.apps.earlyexit.cli",
     "fedspeech.demo",
 )
 
@@ -37,13 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool) -> None:
+    """Our log lines on the root handler; Flower's on Flower's own handler only, once each.
+
+    Flower's logger module, when first imported, sets the ``flwr`` logger's level and adds its
+    own console handler, so a level set before that import is lost, and records also
+    propagated to the root handler (every line twice). A logger filter and ``propagate`` survive
+    the import. Without ``verbose`` only Flower's errors pass: it logs every round's sampling at
+    INFO and our own round log says more."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flower = logging.getLogger("flwr")
+    flower.propagate = False
+    for old in [f for f in flower.filters if getattr(f, "fedspeech", False)]:
+        flower.removeFilter(old)
+    if not verbose:
+        flower.addFilter(_ErrorsOnly())
+
+
+class _ErrorsOnly(logging.Filter):
+    fedspeech = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not args.verbose:  # Flower logs every round's sampling at INFO; our own log says more
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+    configure_logging(args.verbose)
     if args.threads:
         import torch
 

@@ -44,8 +44,8 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
 
     from fedspeech.federated import checkpoints
     from fedspeech.federated.plots import plot_validation_curves
-    from fedspeech.federated.runners import run_pretraining
-    from fedspeech.federated.settings import PretrainSettings
+    from fedspeech.apps.pretrain.run import run_pretraining
+    from fedspeech.apps.pretrain.settings import PretrainSettings
     from fedspeech.ssl.methods import get_method
 
     console.rule(f"3. federated wav2vec 2.0 pretraining (tiny, FedAvg, {rounds} rounds, in-process Flower)")

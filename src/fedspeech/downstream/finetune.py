@@ -5,7 +5,7 @@ and an optimiser — ``train_epochs``, ``evaluate_asr``, ``evaluate_classifier``
 ``fedspeech.downstream.state`` for the weights, ``training_dataset`` /
 ``evaluation_dataset`` for the audio, ``selection_key`` and ``lr_factor``) — and
 ``finetune_asr`` / ``finetune_classifier`` are the centralised runs built from them;
-``fedspeech.federated.finetune_app`` builds the federated runs from the same pieces.
+``fedspeech.apps.finetune`` builds the federated runs from the same pieces.
 
 Determinism: a run draws every random number (head init, dropout, HF's SpecAugment masks,
 shuffling, crops) from generators seeded by ``seed``; torch's and numpy's global RNG

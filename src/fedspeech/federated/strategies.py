@@ -42,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedspeech.federated import aggregation as agg
+from fedspeech.federated.rules import RULES
 from fedspeech.federated.aggregation import StateDict
 from fedspeech.federated.server_optimizers import ServerOptimizer
 
@@ -512,27 +513,17 @@ class DepthAwarePartial(RobustFedAvg):
         return state, _by_node(updates, agg.fedavg_weights(counts)), details
 
 
-STRATEGIES: dict[str, type[RobustFedAvg]] = {
-    "fedavg": RobustFedAvg,
-    "loss": LossWeighted,
-    "mixed": MixedFedAvgLoss,
-    "ldawa": LDAWA,
-    "fedu": FedU,
-    "partial": DepthAwarePartial,
-}
-
-
 def make_strategy(name: str, **kwargs: Any) -> RobustFedAvg:
-    """Build the strategy registered as ``name`` (see ``STRATEGIES``) with ``kwargs``.
+    """Build the strategy of the rule registered as ``name`` in :data:`rules.RULES` with ``kwargs``.
 
     Flower ``FedAvg`` keyword arguments (``fraction_train``, ``min_train_nodes``, ...)
     pass through to every strategy.
     """
     try:
-        cls = STRATEGIES[name]
+        cls = globals()[RULES[name].strategy]
     except KeyError:
         raise ValueError(
-            f"unknown aggregation strategy '{name}'; choose one of {sorted(STRATEGIES)}"
+            f"unknown aggregation strategy '{name}'; choose one of {sorted(RULES)}"
         ) from None
     try:
         return cls(**kwargs)

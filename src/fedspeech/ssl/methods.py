@@ -18,7 +18,7 @@ from transformers import Wav2Vec2ForPreTraining, Wav2Vec2Model
 
 from fedspeech.federated.aggregation import fedu_client_update
 from fedspeech.federated.checkpoints import load_extra
-from fedspeech.federated.settings import PretrainSettings
+from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.models.configs import model_config
 from fedspeech.ssl.feature_matching import FeatureMatchingModel, FeatureMatchingObjective
 from fedspeech.ssl.wav2vec2 import Wav2Vec2Objective

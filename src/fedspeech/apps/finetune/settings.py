@@ -1,6 +1,6 @@
 """Settings of a federated fine-tuning run (``fedspeech finetune TASK --federated``),
 round-tripped through Flower's run config exactly like
-:class:`~fedspeech.federated.settings.PretrainSettings`: flat scalars with kebab-case keys,
+:class:`~fedspeech.apps.pretrain.settings.PretrainSettings`: flat scalars with kebab-case keys,
 so the in-process runner and Flower's engines see identical settings.
 """
 
@@ -11,13 +11,18 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from fedspeech.federated.rules import FINETUNE, rule_names
+from fedspeech.federated.runners import RUNNERS as ALL_RUNNERS
+from fedspeech.settings import Settings
+
 TASKS = ("asr", "kws", "speaker")
-# Rules that need nothing but the replies; fedu/partial exchange state fine-tuning has not.
-STRATEGIES = ("fedavg", "loss", "mixed", "ldawa")
+STRATEGIES = rule_names(FINETUNE)
+#: Fine-tuning runs in-process and on the Simulation Engine (no Deployment runner of its own yet).
+RUNNERS = tuple(r for r in ALL_RUNNERS if r != "deployment")
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(Settings):
     task: str = "kws"
     manifest: str = ""
     partition: str = ""  # "" = a speaker partition of the task's training data, written to OUT/partition.json
@@ -85,18 +90,3 @@ class FinetuneSettings:
         from fedspeech.downstream.finetune import lr_factor
 
         return lr_factor(server_round - 1, self.rounds, self.warmup_fraction)
-
-    def to_run_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_run_config(cls, config: dict[str, Any]) -> FinetuneSettings:
-        """Build from a Flower run config; unknown keys are ignored, types are coerced."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in config:
-                continue
-            kind, raw = type(f.default), config[key]
-            values[f.name] = (str(raw).lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
-        return cls(**values)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedspeech.federated.settings import METHODS, SERVER_OPTIMIZERS, STRATEGIES, PretrainSettings
-from fedspeech.settings_flags import add_settings_flags, given_settings
+from fedspeech.apps.pretrain.settings import METHODS, SERVER_OPTIMIZERS, STRATEGIES, PretrainSettings
+from fedspeech.federated.runners import RUNNERS
+from fedspeech.settings import add_settings_flags, given_settings
 
 # Client settings of the reference study (Gao et al., Interspeech 2022), 1 local epoch. Its
 # batch 4 is `--batch-size 4`; the presets keep the default batch 1, which learns faster at
@@ -15,7 +16,6 @@ PRESETS = {
     "gao10": {"clients": 10, "clients_per_round": 0, "local_epochs": 1},
     "gao100": {"clients": 100, "clients_per_round": 20, "local_epochs": 1},
 }
-RUNNERS = ("inprocess", "simulation", "deployment")  # as runners.RUNNERS, import-free for --help
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def _check_preset(preset: str | None, settings: PretrainSettings) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from fedspeech.federated.runners import run_centralised, run_pretraining
+    from fedspeech.apps.pretrain.run import run_centralised, run_pretraining
 
     settings = settings_from_args(args)
     if not settings.manifest:

@@ -8,10 +8,10 @@ import argparse
 import json
 from pathlib import Path
 
-from fedspeech.federated.earlyexit_settings import DEFAULT_FLEET, MODES, PRECISIONS, TASKS, EarlyExitSettings
-from fedspeech.settings_flags import add_settings_flags, given_settings
+from fedspeech.apps.earlyexit.settings import DEFAULT_FLEET, MODES, PRECISIONS, TASKS, EarlyExitSettings
+from fedspeech.federated.runners import RUNNERS
+from fedspeech.settings import add_settings_flags, given_settings
 
-RUNNERS = ("inprocess", "simulation", "deployment")  # same as earlyexit_runner.RUNNERS, kept import-free for --help
 _CHOICES = {"precision": PRECISIONS, "task": TASKS}
 # Set by --modes (one run folder per mode under --out), so not flags of their own.
 _NOT_FLAGS = {"mode", "out_dir"}
@@ -57,7 +57,7 @@ def settings_from_args(args: argparse.Namespace) -> EarlyExitSettings:
 def write_report(runs: dict[str, list[dict]], out: Path) -> tuple[str, list[Path]]:
     """Summary JSON, Markdown table and plots of the runs under ``out``: ``accuracy_vs_*.png``
     for kws, ``wer_vs_*.png`` for asr."""
-    from fedspeech.federated.earlyexit_report import (
+    from fedspeech.apps.earlyexit.report import (
         comparison_table,
         plot_accuracy_vs_compute,
         plot_accuracy_vs_exit,
@@ -78,7 +78,7 @@ def write_report(runs: dict[str, list[dict]], out: Path) -> tuple[str, list[Path
 
 
 def _early_exit(args: argparse.Namespace) -> int:
-    from fedspeech.federated.earlyexit_runner import run_modes
+    from fedspeech.apps.earlyexit.run import run_modes
 
     settings = settings_from_args(args)
     if not settings.manifest or not settings.partition:

@@ -5,7 +5,7 @@ Data come from one manifest: train split to train, test split to report, dev spl
 present) to pick the best epoch (federated: the best round). Speaker ID instead divides
 every speaker's utterances between train and test (see ``fedspeech.downstream.tasks``).
 Federated clients are a speaker partition of the training utterances
-(``fedspeech.federated.finetune_app``). Heavy modules load inside the command, so
+(``fedspeech.apps.finetune``). Heavy modules load inside the command, so
 ``--help`` stays fast.
 """
 
@@ -15,9 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
+from fedspeech.apps.finetune.settings import RUNNERS
+from fedspeech.apps.finetune.settings import STRATEGIES as FED_STRATEGIES
+
 TASK_CHOICES = ("asr", "kws", "speaker")
-RUNNERS = ("inprocess", "simulation")  # as finetune_app.RUNNERS, import-free for --help
-FED_STRATEGIES = ("fedavg", "loss", "mixed", "ldawa")  # as finetune_settings.STRATEGIES
 _FEDERATED_ONLY = ("clients", "clients_per_round", "rounds", "local_epochs", "runner", "out", "partition", "strategy")
 _MAX_MATRIX_LABELS = 20  # a larger confusion matrix does not fit a terminal
 
@@ -63,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            help="run folder: rounds.jsonl, result.json, best checkpoint (default runs/finetune)")
     parser.set_defaults(func=_run_finetune)
 
-    from fedspeech.downstream.compare import register as register_compare
+    from fedspeech.apps.finetune.compare import register as register_compare
 
     register_compare(subparsers)
 
@@ -128,8 +129,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_federated(args: argparse.Namespace) -> int:
-    from fedspeech.federated.finetune_app import run_federated_finetune
-    from fedspeech.federated.finetune_settings import FinetuneSettings
+    from fedspeech.apps.finetune.run import run_federated_finetune
+    from fedspeech.apps.finetune.settings import FinetuneSettings
 
     for name in ("epochs", "max_steps"):
         if getattr(args, name) is not None:

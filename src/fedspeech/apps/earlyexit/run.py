@@ -1,7 +1,7 @@
 """Run the early-exit app with a chosen runner, one mode or the method and its baselines.
 
 ``inprocess`` drives the app in this process (no Ray); ``simulation`` runs the very same
-``earlyexit_app`` under Flower's Simulation Engine from a small generated Flower app folder
+``client_app``/``server_app`` under Flower's Simulation Engine from a small generated Flower app folder
 (``OUT/flwr-app/pyproject.toml``: the repository's own pyproject.toml is the pretraining
 app); ``deployment`` runs it under Flower's Deployment Engine on this machine (a SuperLink
 and one SuperNode per client on loopback, TLS, SuperNode authentication), each SuperNode
@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING
 
 from fedspeech.data.partition import Partition
 from fedspeech.federated import roundlog
-from fedspeech.federated.earlyexit_settings import MODES, EarlyExitSettings
+from fedspeech.federated.runners import check_runner
+from fedspeech.apps.earlyexit.settings import MODES, EarlyExitSettings
 
 if TYPE_CHECKING:
     from fedspeech.federated.engines import DeploymentCluster
 
 log = logging.getLogger(__name__)
 
-RUNNERS = ("inprocess", "simulation", "deployment")
-APP_COMPONENTS = {"serverapp": "fedspeech.federated.earlyexit_app:server_app",
-                  "clientapp": "fedspeech.federated.earlyexit_app:client_app"}
+APP_COMPONENTS = {"serverapp": "fedspeech.apps.earlyexit.server_app:server_app",
+                  "clientapp": "fedspeech.apps.earlyexit.client_app:client_app"}
 
 
 def write_flower_app(folder: str | Path, settings: EarlyExitSettings) -> Path:
@@ -81,18 +81,18 @@ def run_early_exit(settings: EarlyExitSettings, runner: str = "inprocess",
     :func:`deployment_cluster` to run on (deployment only; else one is started and stopped)."""
     if not settings.manifest or not settings.partition:
         raise ValueError("--manifest and --partition are required (make a partition with `fedspeech partition`)")
-    if runner not in RUNNERS:
-        raise ValueError(f"runner: unknown {runner!r} ({', '.join(RUNNERS)})")
+    check_runner(runner)
     if cluster is not None and runner != "deployment":
         raise ValueError("cluster: only the deployment runner runs on a cluster")
     num_clients = Partition.load(settings.partition).num_clients
     if runner == "inprocess":
-        from fedspeech.federated import earlyexit_app
+        from fedspeech.apps.earlyexit.client_app import client_app
+        from fedspeech.apps.earlyexit.server_app import server_app
         from fedspeech.federated.inprocess import run_inprocess
 
         if node_configs is not None:
             node_configs = [{"partition-id": i, "num-partitions": num_clients, **c} for i, c in enumerate(node_configs)]
-        run_inprocess(earlyexit_app.server_app, earlyexit_app.client_app, num_clients, settings.to_run_config(),
+        run_inprocess(server_app, client_app, num_clients, settings.to_run_config(),
                       node_configs)
         return roundlog.read_rounds(settings.out_dir)
 

@@ -8,11 +8,12 @@ command line, so the three runners see identical settings.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-STRATEGIES = ("fedavg", "loss", "mixed", "ldawa", "fedu")
+from fedspeech.federated.rules import PRETRAIN, RULES, check_rule, rule_names
+from fedspeech.settings import Settings, round_lr
+
+STRATEGIES = rule_names(PRETRAIN)
 METHODS = ("wav2vec2", "byol")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # as server_optimizers, import-free
 #: What happens to a client's AdamW moments between rounds: "reset" (fresh every round),
@@ -25,7 +26,7 @@ LR_SCHEDULES = ("round", "step")
 
 
 @dataclass
-class PretrainSettings:
+class PretrainSettings(Settings):
     manifest: str = ""
     partition: str = ""
     out_dir: str = "runs/pretrain"
@@ -63,8 +64,7 @@ class PretrainSettings:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy: must be one of {STRATEGIES}, got {self.strategy!r}")
+        check_rule(self.strategy, PRETRAIN)
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {METHODS}, got {self.method!r}")
         for name, allowed in (("server_optimizer", SERVER_OPTIMIZERS), ("optimizer_state", OPTIMIZER_STATES),
@@ -74,8 +74,8 @@ class PretrainSettings:
         if not (self.server_lr > 0 and 0 <= self.server_momentum < 1 and self.server_tau > 0):
             raise ValueError(f"server_lr must be > 0, server_momentum in [0, 1), server_tau > 0; got "
                              f"{self.server_lr}, {self.server_momentum}, {self.server_tau}")
-        if self.strategy == "fedu" and self.method != "byol":
-            raise ValueError("strategy 'fedu' needs a method with a predictor: use --method byol")
+        if RULES[self.strategy].needs == "predictor" and self.method != "byol":
+            raise ValueError(f"strategy {self.strategy!r} needs a method with a predictor: use --method byol")
         for name in ("rounds", "local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -88,22 +88,6 @@ class PretrainSettings:
     @property
     def probe_tasks(self) -> list[str]:
         return [t.strip() for t in self.probes.split(",") if t.strip()]
-
-    def to_run_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_run_config(cls, config: dict[str, Any]) -> "PretrainSettings":
-        """Build from a Flower run config; unknown keys are ignored, types are coerced."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in config:
-                continue
-            kind = type(f.default)
-            raw = config[key]
-            values[f.name] = (str(raw).lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
-        return cls(**values)
 
     def lr_at_progress(self, rounds_done: float) -> float:
         """Learning rate after ``rounds_done`` (fractional) rounds, for ``lr_schedule="step"``:
@@ -133,16 +117,4 @@ class PretrainSettings:
         return multiplier
 
     def lr_at_round(self, server_round: int) -> float:
-        """Learning rate for a round: linear warm-up, then cosine decay to ``min_lr_ratio``.
-
-        Scheduled per round (not per local step) because clients run different step counts;
-        a round-indexed schedule makes every client and a resumed run agree.
-        """
-        import math
-
-        if server_round <= self.warmup_rounds:
-            return self.lr * server_round / max(1, self.warmup_rounds)
-        span = max(1, self.rounds - self.warmup_rounds)
-        progress = min(1.0, (server_round - self.warmup_rounds) / span)
-        floor = self.lr * self.min_lr_ratio
-        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return round_lr(self.lr, server_round, self.warmup_rounds, self.rounds, self.min_lr_ratio)

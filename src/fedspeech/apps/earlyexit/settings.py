@@ -1,5 +1,5 @@
 """Settings of a federated early-exit fine-tuning run (METHODS.md §3), round-tripped
-through Flower's run config exactly like :class:`~fedspeech.federated.settings.PretrainSettings`.
+through Flower's run config exactly like :class:`~fedspeech.apps.pretrain.settings.PretrainSettings`.
 
 ``mode`` picks the method or a baseline, all under the same data, rounds and budget:
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from fedspeech.federated.settings import PretrainSettings
+from fedspeech.settings import Settings, round_lr
 
 MODES = ("adaptive", "full", "exclusion", "smallest")
 TASKS = ("kws", "asr")
@@ -34,7 +34,7 @@ DEFAULT_FLEET = "raspberry-pi-4:0.4,jetson-xavier-nx:0.3,macbook-pro-2019:0.3"
 
 
 @dataclass
-class EarlyExitSettings:
+class EarlyExitSettings(Settings):
     manifest: str = ""
     partition: str = ""
     out_dir: str = "runs/early-exit"
@@ -164,7 +164,5 @@ class EarlyExitSettings:
             overrides["num_hidden_layers"] = self.num_layers
         return overrides
 
-    # Same flat kebab-case run config as the pretraining settings: one implementation.
-    to_run_config = PretrainSettings.to_run_config
-    from_run_config = classmethod(PretrainSettings.from_run_config.__func__)
-    lr_at_round = PretrainSettings.lr_at_round  # reads lr, warmup_rounds, rounds, min_lr_ratio
+    def lr_at_round(self, server_round: int) -> float:
+        return round_lr(self.lr, server_round, self.warmup_rounds, self.rounds, self.min_lr_ratio)

@@ -1,0 +1,1 @@
+"""Adaptive federated fine-tuning with early exits, one depth per device."""

@@ -1,0 +1,1 @@
+"""Downstream fine-tuning (centralised or federated) and backbone comparison."""

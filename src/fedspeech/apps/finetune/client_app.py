@@ -1,0 +1,24 @@
+"""The fine-tuning ``ClientApp``: unpacks the global weights, the class list and the round's
+learning-rate scale, runs :func:`task.local_finetune` and packs the reply."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedspeech.apps.finetune.settings import FinetuneSettings
+from fedspeech.apps.finetune.task import CLASSES_KEY, LR_SCALE_KEY, local_finetune
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    state, metrics = local_finetune(
+        FinetuneSettings.from_run_config(context.run_config), dict(context.node_config),
+        msg.content["arrays"].to_torch_state_dict(), [str(c) for c in config[CLASSES_KEY]],
+        server_round=int(config["server-round"]), lr_scale=float(config[LR_SCALE_KEY]),
+    )
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,1 @@
+"""Federated self-supervised pretraining (wav2vec 2.0 or feature matching)."""

@@ -1,0 +1,116 @@
+"""The one server round loop every workload runs.
+
+Each round: sample this round's nodes (seeded, :mod:`sampling`), let the strategy build the
+train messages, let the workload add to them, send and receive, let the workload check the
+replies, screen and aggregate (the strategy), then hand the outcome to the workload's
+``after_round`` (evaluate, checkpoint, probe) and append the record it returns to the round
+log. Workloads plug in through the small :class:`RoundHooks` methods and keep the science.
+
+Why not Flower's ``Strategy.start``: it samples nodes unseeded, has no place to attach
+per-node content (optimizer moments, depths) or to resume from a checkpoint mid-run, and
+keeps its per-round evaluation to a single ``evaluate_fn``. The aggregation itself is
+Flower's strategies' (``configure_train``/``aggregate_train``), which this loop calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedspeech.federated import checkpoints, roundlog
+from fedspeech.federated.sampling import SampledGrid, sampled_nodes
+from fedspeech.federated.strategies import RobustFedAvg, RoundReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundOutcome:
+    """What one round produced, for the workload's ``after_round``."""
+
+    server_round: int
+    config: ConfigRecord  # the train config sent to every client
+    messages: list[Message]  # as sent
+    replies: list[Message]  # in node order, errors included
+    arrays: ArrayRecord  # the global model after aggregation
+    report: RoundReport | None  # the strategy's screening and weights
+
+
+class RoundHooks:
+    """Per-workload behaviour of the round loop; override what the workload needs."""
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        """The config every client gets this round (learning rate, step, ...)."""
+        return {}
+
+    def prepare_messages(self, server_round: int, messages: list[Message]) -> None:
+        """Add per-node content to the strategy's messages before they are sent."""
+
+    def check_replies(self, server_round: int, replies: list[Message]) -> None:
+        """Raise to stop the run on these replies (default: screening decides)."""
+
+    def after_round(self, outcome: RoundOutcome) -> dict[str, Any]:
+        """Evaluate / checkpoint / probe the new global model; return the round record."""
+        raise NotImplementedError
+
+
+def run_rounds(grid: Grid, strategy: RobustFedAvg, hooks: RoundHooks, arrays: ArrayRecord, *, nodes: list[int],
+               clients_per_round: int, seed: int, rounds: int, out: Path, first_round: int = 1,
+               label: str = "federated rounds") -> list[dict[str, Any]]:
+    """Run rounds ``first_round``..``rounds``; returns the records appended to the round log
+    (each with ``round_seconds`` added)."""
+    from rich.progress import Progress
+
+    records = []
+    with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
+        task = progress.add_task(label, total=rounds, completed=first_round - 1)
+        for server_round in range(first_round, rounds + 1):
+            started = time.perf_counter()
+            chosen = sampled_nodes(nodes, clients_per_round, server_round, seed)
+            config = ConfigRecord(hooks.train_config(server_round))
+            messages = list(strategy.configure_train(server_round, arrays, config, SampledGrid(grid, chosen)))
+            hooks.prepare_messages(server_round, messages)
+            replies = sorted(grid.send_and_receive(messages), key=lambda m: int(m.metadata.src_node_id))
+            hooks.check_replies(server_round, replies)
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:  # our strategies return the full global record
+                arrays = new_arrays
+            record = hooks.after_round(RoundOutcome(server_round, config, messages, replies, arrays,
+                                                    strategy.last_report))
+            record["round_seconds"] = time.perf_counter() - started
+            roundlog.append_round(out, record)
+            records.append(record)
+            progress.advance(task)
+    return records
+
+
+def resume_point(out: Path, resume: bool, *, resumable: bool = True) -> tuple[Path | None, dict[str, Any]]:
+    """Where a run starts: ``(latest complete round's checkpoint, its state)`` when resuming
+    (the round log is cut back to that round), ``(None, {})`` for a fresh run. A folder that
+    already holds a run is refused unless resuming, so nothing is overwritten."""
+    latest = checkpoints.latest_checkpoint(out) if resume and resumable else None
+    if latest is None:
+        if roundlog.log_path(out).exists() and not (resume and resumable):
+            hint = "pass --resume to continue it" if resumable else "this workload does not resume"
+            raise ValueError(f"{out}: holds an earlier run ({hint}); choose another --out")
+        return None, {}
+    state = checkpoints.load_state(latest)
+    roundlog.truncate_after(out, state["round"])
+    log.info("resuming after round %d from %s", state["round"], latest)
+    return latest, state
+
+
+def round_totals(clients: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields every workload's record shares, from its accepted client rows."""
+    examples = sum(c["examples"] for c in clients)
+    return {
+        "sampled": sorted(c["client"] for c in clients),
+        "train_loss": sum(c["train_loss"] * c["examples"] for c in clients) / max(1, examples),
+    }

@@ -1,0 +1,61 @@
+"""The one registry of aggregation rules: CLI choices, settings validation and app
+construction all read it.
+
+Import-free on purpose (no torch, no Flower), so ``--help`` and settings validation stay
+fast. A rule is a strategy class in :mod:`fedspeech.federated.strategies` (looked up by
+name there) plus the settings fields that feed its options. Adding a rule = a strategy class
++ one entry here (docs/architecture.md shows it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PRETRAIN, FINETUNE, EARLYEXIT = "pretrain", "finetune", "earlyexit"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``options`` maps a strategy keyword to the settings field that holds its value;
+    ``workloads`` are the apps that offer the rule; ``needs`` is a one-line requirement the
+    workload checks (e.g. FedU needs a method with a predictor)."""
+
+    name: str
+    strategy: str  # class name in fedspeech.federated.strategies
+    summary: str
+    options: Mapping[str, str] = field(default_factory=dict)
+    workloads: tuple[str, ...] = (PRETRAIN, FINETUNE)
+    needs: str = ""
+
+
+RULES: dict[str, Rule] = {rule.name: rule for rule in (
+    Rule("fedavg", "RobustFedAvg", "FedAvg: average weighted by examples"),
+    Rule("loss", "LossWeighted", "weights softmax(-loss / T)", {"temperature": "loss_temperature"}),
+    Rule("mixed", "MixedFedAvgLoss", "beta x loss weights + (1 - beta) x FedAvg weights",
+         {"beta": "mixed_beta", "temperature": "loss_temperature"}),
+    Rule("ldawa", "LDAWA", "layer-wise divergence-aware weights after FedAvg warm-up rounds",
+         {"warmup_rounds": "ldawa_warmup"}),
+    Rule("fedu", "FedU", "feature matching: online encoder averaged, divergence-aware predictor update",
+         {"mu": "fedu_mu"}, workloads=(PRETRAIN,), needs="predictor"),
+    Rule("partial", "DepthAwarePartial", "each layer averaged over the clients that trained it",
+         workloads=(EARLYEXIT,)),
+)}
+
+
+def rule_names(workload: str) -> tuple[str, ...]:
+    """The rules ``workload`` offers, in registry order (its CLI choices)."""
+    return tuple(name for name, rule in RULES.items() if workload in rule.workloads)
+
+
+def check_rule(name: str, workload: str) -> Rule:
+    """The rule called ``name``; a ``ValueError`` naming the field and the choices otherwise."""
+    if name not in RULES or workload not in RULES[name].workloads:
+        raise ValueError(f"strategy: must be one of {rule_names(workload)}, got {name!r}")
+    return RULES[name]
+
+
+def rule_options(name: str, settings: Any) -> dict[str, Any]:
+    """The strategy keywords of rule ``name``, read from ``settings``' fields."""
+    return {option: getattr(settings, field_name) for option, field_name in RULES[name].options.items()}
