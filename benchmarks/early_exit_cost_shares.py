@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModel
 
 from fedspeech.models.configs import model_config
-from fedspeech.models.depth_planner import measure_depth_costs
+from fedspeech.profiling.depth_planner import measure_depth_costs
 from fedspeech.models.early_exit import EarlyExitModel
 
 MODELS = {

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedspeech.federated import aggregation as agg
+from fedspeech.ssl import fedu
 
 
 def f32(*values: float) -> np.ndarray:
@@ -207,22 +208,22 @@ def test_fedu_divergence_and_predictor_rule() -> None:
     before = {"enc.w": f32(0, 0), "enc.b": f32(1), "enc.n": i64(5), "pred.w": f32(9)}
     after = {"enc.w": f32(3, 4), "enc.b": f32(1), "enc.n": i64(7), "pred.w": f32(0)}
     # encoder float tensors: ||[3,4]|| = 5, ||[0]|| = 0 -> mean 2.5 (int buffer skipped)
-    assert agg.fedu_divergence(before, after, prefixes="enc.") == pytest.approx(2.5)
+    assert fedu.fedu_divergence(before, after, prefixes="enc.") == pytest.approx(2.5)
 
     local = {"enc.w": f32(0, 0), "pred.w": f32(1, 1), "target.w": f32(9, 9)}
     glob = {"enc.w": f32(0.3, 0.4), "pred.w": f32(2, 2)}
     # divergence = ||[0.3, 0.4]|| = 0.5
-    keep = agg.fedu_client_update(local, glob, encoder_prefixes="enc.", predictor_prefixes="pred.", mu=0.4)
+    keep = fedu.fedu_client_update(local, glob, encoder_prefixes="enc.", predictor_prefixes="pred.", mu=0.4)
     assert keep.divergence == pytest.approx(0.5) and not keep.took_global_predictor
     np.testing.assert_allclose(keep.state["enc.w"], [0.3, 0.4])  # encoder always global
     np.testing.assert_allclose(keep.state["pred.w"], [1, 1])  # 0.5 >= 0.4: own predictor
     np.testing.assert_allclose(keep.state["target.w"], [9, 9])  # target stays local
-    take = agg.fedu_client_update(local, glob, encoder_prefixes="enc.", predictor_prefixes="pred.", mu=0.6)
+    take = fedu.fedu_client_update(local, glob, encoder_prefixes="enc.", predictor_prefixes="pred.", mu=0.6)
     assert take.took_global_predictor
     np.testing.assert_allclose(take.state["pred.w"], [2, 2])
     assert list(take.state) == list(local)
     with pytest.raises(ValueError, match="encoder keys differ"):
-        agg.fedu_client_update(local, {"enc.x": f32(1)}, encoder_prefixes="enc.", predictor_prefixes="pred.")
+        fedu.fedu_client_update(local, {"enc.x": f32(1)}, encoder_prefixes="enc.", predictor_prefixes="pred.")
 
 
 # Heterogeneous depth: l3 is trained by nobody, n by nobody.

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from fedspeech.models.depth_planner import (
+from fedspeech.models.early_exit import EarlyExitModel, training_flops
+from fedspeech.profiling.depth_planner import (
     DepthCost,
     DepthCostModel,
     Device,
@@ -16,7 +17,6 @@ from fedspeech.models.depth_planner import (
     measure_depth_costs,
     plan_depth,
 )
-from fedspeech.models.early_exit import EarlyExitModel, training_flops
 
 GB = 1e9
 # Step costs that grow with depth: 1/2/3 GB peak, 1/2/3 TFLOP per step.
@@ -24,7 +24,8 @@ COSTS = [DepthCost(d, train_flops=d / 2 * 1e12, peak_bytes=d / 2 * GB) for d in 
 
 
 def device(memory_gb=8.0, tflops=1.0, headroom=0.2, **kwargs) -> Device:
-    return Device("test", memory_gb * GB, tflops * 1e12, headroom, **kwargs)
+    return Device.from_dict({"memory_bytes": memory_gb * GB, "throughput_flops": tflops * 1e12, "headroom": headroom,
+                             **kwargs}, "test")
 
 
 def test_picks_deepest_depth_that_fits_memory():
@@ -104,7 +105,7 @@ def test_device_from_dict():
     with pytest.raises(ValueError, match="missing field"):
         Device.from_dict({"throughput_flops": 1e9}, "rpi4")
     with pytest.raises(ValueError, match="headroom"):
-        Device("x", 1e9, 1e9, headroom=1.0)
+        Device("x", "x", memory_bytes=1e9, throughput_flops=1e9, headroom=1.0)
 
 
 def tiny_model() -> EarlyExitModel:
@@ -147,7 +148,7 @@ def test_plan_from_model_builder_chooses_by_memory(measured):
     _, costs = measured
     shallow, deep = (c.at(seconds=0.5, batch=2) for c in costs)
     between = (shallow.peak_bytes + deep.peak_bytes) / 2
-    budget = Device("small", between, 1e12, headroom=0.0)
+    budget = Device("small", "small", memory_bytes=between, throughput_flops=1e12, headroom=0.0)
     plan = plan_depth(tiny_model, budget, deadline_seconds=60, steps_per_round=1, batch=2,
                       seconds=0.5)
     assert plan.depth == 2  # measured at (0.25 s, 0.5 s): the planned length itself

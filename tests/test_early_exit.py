@@ -313,7 +313,7 @@ def test_step_flops_count_grouped_conv_backward_correctly():
     """torch 2.13's FlopCounterMode counts a grouped conv's weight gradient as if it were not
     grouped; early-exit steps count with the profiler's corrected formula, so halving the
     positional conv's work (twice the groups) removes 3x its forward FLOPs from a step."""
-    from fedspeech.profiling.accounting import flop_counter
+    from fedspeech.models.accounting import flop_counter
 
     def step_and_pos_conv(groups: int) -> tuple[int, float]:
         model = EarlyExitModel(tiny_backbone(num_conv_pos_embedding_groups=groups), "classify", 3, every=1)

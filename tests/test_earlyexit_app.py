@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedspeech.apps.earlyexit import client_app, task
+from fedspeech.apps.earlyexit import task
 from fedspeech.federated.checkpoints import round_dir
 from fedspeech.apps.earlyexit.plan import (
     ClientPlan,

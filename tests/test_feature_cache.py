@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from fedspeech.models.depth_planner import measure_depth_costs
+from fedspeech.profiling.depth_planner import measure_depth_costs
 from fedspeech.models.early_exit import EarlyExitModel, step_inputs
 from fedspeech.models.feature_cache import FrozenFeatureCache
-from fedspeech.profiling.accounting import flop_counter
+from fedspeech.models.accounting import flop_counter
 
 TINY = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
             conv_dim=(8, 8), conv_kernel=(10, 4), conv_stride=(5, 4), num_conv_pos_embeddings=8,

@@ -12,7 +12,6 @@ from transformers import Wav2Vec2Model
 
 from fedspeech.data.manifest import read_manifest
 from fedspeech.federated.checkpoints import completed_rounds, round_dir
-from fedspeech.federated.roundlog import read_rounds
 from fedspeech.apps.pretrain.run import run_centralised, run_pretraining
 from fedspeech.apps.pretrain.settings import PretrainSettings
 

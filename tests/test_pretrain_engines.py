@@ -13,7 +13,7 @@ from transformers import Wav2Vec2Model
 
 from fedspeech.federated.checkpoints import round_dir
 from fedspeech.apps.pretrain.run import run_pretraining
-from test_pretrain import partition, settings  # noqa: F401  (the same fixture and settings)
+from test_pretrain import partition, settings  # noqa: F401, F811  (the same fixture and settings)
 
 
 def assert_same_run(engine: list[dict], inprocess: list[dict], engine_dir: Path, inprocess_dir: Path) -> None:

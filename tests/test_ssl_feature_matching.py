@@ -18,7 +18,7 @@ from fedspeech.ssl.feature_matching import (
 )
 from fedspeech.ssl.train import LRSchedule, evaluate_loss, train_local
 
-from synthetic import SR, synthetic_batch
+from synthetic import synthetic_batch
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from fedspeech.models.configs import model_config
 from fedspeech.ssl.train import LRSchedule, evaluate_loss, train_local
 from fedspeech.ssl.wav2vec2 import GumbelSchedule, Wav2Vec2Objective, contrastive_logits
 
-from synthetic import SR, synthetic_batch
+from synthetic import synthetic_batch
 
 
 @pytest.fixture(scope="module")

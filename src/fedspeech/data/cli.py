@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     partition.add_argument("--manifest", required=True, type=Path, metavar="M", help="manifest TSV")
     partition.add_argument("--clients", required=True, type=_positive_int, metavar="N", help="number of clients")
     partition.add_argument(
-        "--scheme", required=True, choices=("speaker", "iid", "dirichlet"), help="how to split (see METHODS.md §5)"
+        "--scheme", required=True, choices=("speaker", "iid", "dirichlet"), help="how to split (see docs/methods.md §5)"
     )
     partition.add_argument("--alpha", type=float, metavar="A", help="Dirichlet concentration (dirichlet only)")
     partition.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")

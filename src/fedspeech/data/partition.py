@@ -6,7 +6,7 @@ A partition is made once, written to a small JSON file, and read by every later 
 holds. Only utterance ids are stored; the manifest stays the one source of paths and
 labels.
 
-Schemes (see docs METHODS.md §5):
+Schemes (see docs docs/methods.md §5):
 
 - ``speaker``: speaker-disjoint clients with roughly equal speech duration, the natural
   split of crowd-sourced speech.

@@ -1,5 +1,5 @@
 """Cheap frozen-feature probes, run on the global model after every federated round
-(METHODS.md §4) to pick the best round per downstream task.
+(docs/methods.md §4) to pick the best round per downstream task.
 
 Cheap means: audio is decoded and batched once, when the suite is built; each round does
 one no-grad forward pass over a few hundred short utterances, then fits a tiny model on

@@ -1,4 +1,4 @@
-"""Per-task best-round bookkeeping during federated pretraining (METHODS.md §4).
+"""Per-task best-round bookkeeping during federated pretraining (docs/methods.md §4).
 
 The tracker only keeps numbers; it never touches model files. ``update`` returns the tasks
 whose best round just became this round, and the caller saves its checkpoint for each of

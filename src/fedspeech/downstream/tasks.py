@@ -121,7 +121,7 @@ def probe_sets(
     speaker_per_speaker: tuple[int, int] = (6, 3),
     asr_counts: tuple[int, int] = (32, 16),
 ) -> dict[str, tuple[list[Utterance], list[Utterance]]]:
-    """Small labelled (train, eval) sets per task for per-round probes (METHODS.md §4).
+    """Small labelled (train, eval) sets per task for per-round probes (docs/methods.md §4).
 
     Model selection must not look at test data, so kws and asr evaluate on ``eval_split``
     (dev by default) and train on the train split; speaker ID uses ``speakers`` speakers

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from fedspeech.models.loading import EXTRA_FILE, load_extra  # noqa: F401 (round checkpoints hold it)
 
 _ROUND_DIR = re.compile(r"^round_(\d{4,})$")
 STATE_FILE = "fedspeech_state.json"
-EXTRA_FILE = "extra.safetensors"
 #: Server-side training state that is not the model (server-optimiser moments, the averaged
 #: client optimiser state), so a resumed run continues exactly.
 SERVER_FILE = "server_state.safetensors"
@@ -85,11 +86,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def load_state(folder: Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text())
-
-
-def load_extra(folder: Path) -> dict[str, torch.Tensor]:
-    path = Path(folder) / EXTRA_FILE
-    return load_file(str(path)) if path.is_file() else {}
 
 
 def load_server_arrays(folder: Path) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """In-process runner: drive a Flower ``ServerApp`` and ``ClientApp`` inside one process.
 
 Why our own ``Grid``: Flower's Simulation Engine always goes through Ray (about 1.5 GB and
-~25 s of start-up on a 2-core machine, see ``../shared/docs/FLOWER.md``), which is too heavy
+~25 s of start-up on a 2-core machine, see ``docs/flower.md``), which is too heavy
 for a laptop demo and for tests. ``Grid`` is the interface a ServerApp talks to, so a Grid
 that hands each message straight to the ClientApp runs *the same* ServerApp and ClientApp
 code with no serialisation, sockets or actors. Clients run one after another, which is

@@ -407,7 +407,7 @@ class FedU(RobustFedAvg):
     Only keys under ``encoder_prefixes`` + ``predictor_prefixes`` are exchanged (unless
     ``backbone_prefixes`` overrides that set); each train config carries ``fedu-mu`` and
     both prefix lists so the client can apply
-    :func:`~fedspeech.federated.aggregation.fedu_client_update`.
+    :func:`~fedspeech.ssl.fedu.fedu_client_update`.
     """
 
     rule_name = "fedu"

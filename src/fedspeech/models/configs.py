@@ -3,7 +3,7 @@ any local Hugging Face checkpoint folder.
 
 Why not just ``Wav2Vec2Config()``: the HF defaults are fine-tuning settings (e.g.
 ``mask_time_prob=0.05``, layer dropout); pretraining needs the paper's masking
-(``../shared/docs/METHODS.md`` §1). Nothing here downloads anything.
+(``docs/methods.md`` §1). Nothing here downloads anything.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Early-exit models on a pretrained SSL speech backbone (METHODS.md §3).
+"""Early-exit models on a pretrained SSL speech backbone (docs/methods.md §3).
 
 A client of depth ``d`` runs the CNN feature encoder, the feature projection, the
 positional convolution and Transformer layers ``1..d`` only, and trains the heads at the
@@ -745,7 +745,7 @@ def training_flops(
     formulas (``profiling.accounting.flop_counter``), in train mode with LayerDrop off; the model's mode and existing ``.grad`` values are restored.
     ``cached_cnn``: the step starts from precomputed CNN features (their cost not counted).
     """
-    from fedspeech.profiling.accounting import flop_counter
+    from fedspeech.models.accounting import flop_counter
 
     depth = model.check_depth(depth)
     audio, targets = synthetic_batch(model, seconds, batch, sample_rate)

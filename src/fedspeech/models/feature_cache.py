@@ -74,7 +74,7 @@ class FrozenFeatureCache:
     def features(self, model: EarlyExitModel, batch: Mapping) -> tuple[Tensor, Tensor]:
         """(padded CNN features (batch, frames, channels), valid frames per item) of a
         ``make_loader`` batch: ``input_values``, ``attention_mask`` and ``utterances``."""
-        from fedspeech.profiling.accounting import flop_counter
+        from fedspeech.models.accounting import flop_counter
 
         if not model.freeze_feature_encoder:
             raise ValueError("a feature cache needs a frozen feature encoder (its output changes otherwise)")

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from transformers import AutoModel, PreTrainedModel
 
 from fedspeech.models.configs import PRESETS, model_config
@@ -66,3 +67,14 @@ def load_backbone(source: str | Path, **config_overrides: Any) -> PreTrainedMode
     if str(source) in PRESETS:
         return AutoModel.from_config(model_config(source, **config_overrides))
     return from_pretrained(AutoModel, source, **config_overrides)
+
+
+#: Tensors saved beside an HF folder that are not part of the HF model (SSL heads, the
+#: feature-matching predictor and target, classifier heads).
+EXTRA_FILE = "extra.safetensors"
+
+
+def load_extra(folder: str | Path) -> dict:
+    """The ``extra.safetensors`` tensors of a checkpoint folder ({} when it has none)."""
+    path = Path(folder) / EXTRA_FILE
+    return load_file(str(path)) if path.is_file() else {}

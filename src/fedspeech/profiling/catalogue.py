@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,13 +40,21 @@ _REQUIRED = ("id", "name", "class", "headroom")
 
 @dataclass(frozen=True)
 class Device:
-    """One device of the catalogue, as the planner sees it."""
+    """A training device, the one type the feasibility planner, the depth planner and the
+    early-exit fleets share: an entry of the catalogue, or a device described in a fleet
+    file (:meth:`from_dict`).
+
+    ``throughput_flops``: sustained training FLOP/s at fp32; ``None`` for memory-only
+    devices (phones with no published timing), whose plans check memory only.
+    ``mixed_precision``: the mixed precisions it has (empty: none), each
+    ``mixed_precision_speedup`` times faster than fp32.
+    """
 
     id: str
     name: str
-    device_class: str
-    memory_bytes: int | None
-    headroom: float
+    device_class: str = "custom"
+    memory_bytes: float | None = None
+    headroom: float = 0.2
     mixed_precision: tuple[str, ...] = ()
     mixed_precision_speedup: float = 1.0
     throughput_flops: float | None = None
@@ -53,19 +62,78 @@ class Device:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.memory_bytes is not None and not self.memory_bytes > 0:
+            raise ValueError(f"device {self.name!r}: memory_bytes must be > 0")
+        if self.throughput_flops is not None and not self.throughput_flops > 0:
+            raise ValueError(f"device {self.name!r}: throughput_flops must be > 0")
+        if not 0.0 <= self.headroom < 1.0:
+            raise ValueError(f"device {self.name!r}: headroom must be in [0, 1)")
+        if not self.mixed_precision_speedup > 0:
+            raise ValueError(f"device {self.name!r}: mixed_precision_speedup must be > 0")
+
     @property
-    def usable_bytes(self) -> int | None:
-        return None if self.memory_bytes is None else int(self.memory_bytes * (1.0 - self.headroom))
+    def usable_bytes(self) -> float | None:
+        """Memory less headroom (whole bytes for catalogue sizes, which are whole bytes)."""
+        if self.memory_bytes is None:
+            return None
+        usable = self.memory_bytes * (1.0 - self.headroom)
+        return int(usable) if isinstance(self.memory_bytes, int) else usable
 
     @property
     def memory_only(self) -> bool:
         return self.throughput_flops is None
+
+    @property
+    def mixed_speedup(self) -> float:
+        """The step-time factor of mixed precision (used only where the device has it)."""
+        return self.mixed_precision_speedup
 
     def speedup(self, precision: str) -> float:
         return self.mixed_precision_speedup if precision in self.mixed_precision else 1.0
 
     def supports(self, precision: str) -> bool:
         return precision == "fp32" or precision in self.mixed_precision
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], name: str | None = None) -> Device:
+        """A device described by hand (a fleet file's ``devices`` table, a test), named ``name``.
+
+        Memory: ``memory_bytes``, ``memory_gb`` (10^9) or ``memory_gib`` (2^30); speed:
+        ``throughput_flops`` or ``seconds_per_flop`` (both may be absent: memory only);
+        ``mixed_precision``: ``true`` or a list of precisions (non-empty = available);
+        ``mixed_speedup`` or ``mixed_precision_speedup``.
+        """
+        fields = dict(data)
+        label = str(fields.pop("name", name or "?"))
+        known = {"memory_bytes", "memory_gb", "memory_gib", "throughput_flops", "seconds_per_flop", "headroom",
+                 "mixed_precision", "mixed_speedup", "mixed_precision_speedup"}
+        if unknown := sorted(set(fields) - known):
+            raise ValueError(f"device {label!r}: unknown fields {unknown} (known: {sorted(known)})")
+        try:
+            if "memory_gb" in fields:
+                fields["memory_bytes"] = float(fields.pop("memory_gb")) * 1e9  # type: ignore[arg-type]
+            if "memory_gib" in fields:
+                fields["memory_bytes"] = float(fields.pop("memory_gib")) * 2**30  # type: ignore[arg-type]
+            throughput = fields.get("throughput_flops")
+            if "seconds_per_flop" in fields:
+                throughput = 1.0 / float(fields.pop("seconds_per_flop"))  # type: ignore[arg-type]
+            mixed = fields.get("mixed_precision", False)
+            precisions = tuple(str(p) for p in mixed) if isinstance(mixed, (list, tuple)) else (
+                ("mixed",) if mixed else ())
+            return cls(
+                id=label, name=label,
+                memory_bytes=float(fields["memory_bytes"]),  # type: ignore[arg-type]
+                throughput_flops=None if throughput is None else float(throughput),  # type: ignore[arg-type]
+                headroom=float(fields.get("headroom", 0.2)),  # type: ignore[arg-type]
+                mixed_precision=precisions,
+                mixed_precision_speedup=float(fields.get("mixed_speedup",  # type: ignore[arg-type]
+                                                         fields.get("mixed_precision_speedup", 1.0))),
+            )
+        except KeyError as missing:
+            raise ValueError(f"device {label!r}: missing field {missing}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as bad:
+            raise ValueError(f"device {label!r}: {bad}") from None
 
 
 def _local_memory_bytes() -> int | None:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fedspeech.profiling.accounting import (
+from fedspeech.models.accounting import (
     OTHER,
     UnitAttribution,
     UnitFlopCounter,
@@ -143,9 +143,9 @@ def _peak_memory(step: TrainStep, batch) -> tuple[int, dict[str, int], dict[str,
             return int(torch.cuda.max_memory_allocated(step.device))
 
         before = torch.cuda.memory_allocated(step.device)
-        loss = []
-        phases = {"forward": phase_peak(lambda: loss.append(step.forward_loss(batch))),
-                  "backward": phase_peak(lambda: step.backward(loss.pop())),
+        pending: list = []  # the forward loss, handed to the backward phase
+        phases = {"forward": phase_peak(lambda: pending.append(step.forward_loss(batch))),
+                  "backward": phase_peak(lambda: step.backward(pending.pop())),
                   "optimizer": phase_peak(step.update)}
         phases["forward_backward"] = max(phases["forward"], phases["backward"])
         peak = max(phases.values())

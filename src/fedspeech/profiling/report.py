@@ -4,7 +4,7 @@ JSON schema (``fedspeech.profile/1``), all FLOPs in GFLOPs (2 FLOPs per multiply
 
 - ``modules``: ``cnn_encoder``, ``transformer``, ``quantization``, ``other``, ``total`` ->
   ``params``, ``gflops`` (inference: one utterance of S seconds, batch 1). ``other`` holds what
-  METHODS.md §1 puts in no group (``masked_spec_embed``), so the groups add up to ``total``.
+  docs/methods.md §1 puts in no group (``masked_spec_embed``), so the groups add up to ``total``.
 - ``layers``: every conv layer, feature projection, positional conv, encoder layer norm, each
   Transformer layer, quantizer and the two projections -> ``name``, ``module``, ``group``,
   ``params``, ``forward_gflops``, ``train_gflops``, ``activation_bytes`` at the requested batch.
@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fedspeech.profiling.accounting import GROUPS, OTHER
+from fedspeech.models.accounting import GROUPS, OTHER
 from fedspeech.profiling.measure import GIGA, LayerFigures, StepMeasurement, inference_flops, measure_step
 from fedspeech.profiling.savers import PRECISIONS, Savers
 

@@ -24,7 +24,7 @@ from fedspeech.models.configs import model_config
 from fedspeech.profiling.savers import Savers, apply_model_savers, check_precision
 
 SAMPLE_RATE = 16_000
-# Span masking of METHODS.md §1, used whatever the checkpoint's (fine-tuning) config says.
+# Span masking of docs/methods.md §1, used whatever the checkpoint's (fine-tuning) config says.
 MASK_PROB, MASK_LENGTH, MIN_MASKS = 0.65, 10, 2
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

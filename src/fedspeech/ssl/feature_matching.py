@@ -5,7 +5,7 @@ pooling over valid frames → projector → predictor) and a target network (EMA
 backbone + projector); the loss is 2 − 2·cos(prediction of one view, target of the other),
 summed over both directions as in BYOL (Grill et al., 2020; BYOL-A, Niizumi et al., 2021).
 
-Because this method has a predictor, it is the one FedU (METHODS.md §2) applies to: the
+Because this method has a predictor, it is the one FedU (docs/methods.md §2) applies to: the
 model names its parameter groups by key prefix (online encoder, predictor, backbone, target)
 so the server can aggregate encoder + predictor and the client can apply FedU's divergence
 rule and ``load_global(state, keep_predictor=...)``.

@@ -9,21 +9,54 @@ wav2vec 2.0 and feature-matching specifics stay here, not in the app.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from transformers import Wav2Vec2ForPreTraining, Wav2Vec2Model
 
-from fedspeech.federated.aggregation import fedu_client_update
-from fedspeech.federated.checkpoints import load_extra
-from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.models.configs import model_config
+from fedspeech.models.loading import load_extra
 from fedspeech.ssl.feature_matching import FeatureMatchingModel, FeatureMatchingObjective
+from fedspeech.ssl.fedu import fedu_client_update
 from fedspeech.ssl.wav2vec2 import Wav2Vec2Objective
 
 State = dict[str, torch.Tensor]
+
+
+class MethodSettings(Protocol):
+    """The settings a method reads (``PretrainSettings`` has them); a Protocol so that this
+    package does not import the app that uses it."""
+
+    method: str
+    model: str
+    seed: int
+    backbone_only: bool
+    max_seconds: float
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What builds a method: hashable, so a process builds each method once.
+    ``fedu_mu``: FedU's divergence threshold, which the FedU strategy sends in its train
+    config (``fedu-mu``); ``None`` = no FedU predictor update."""
+
+    method: str = "wav2vec2"
+    model: str = "tiny"
+    seed: int = 0
+    backbone_only: bool = False
+    max_seconds: float = 4.0
+    fedu_mu: float | None = None
+
+    @classmethod
+    def of(cls, settings: MethodSettings | MethodConfig, fedu_mu: float | None = None) -> MethodConfig:
+        if isinstance(settings, MethodConfig):
+            return settings if fedu_mu is None else replace(settings, fedu_mu=fedu_mu)
+        return cls(settings.method, settings.model, settings.seed, settings.backbone_only, settings.max_seconds,
+                   fedu_mu)
 
 
 def _numpy(state: State) -> dict[str, np.ndarray]:
@@ -35,9 +68,9 @@ class SSLMethod:
 
     backbone_prefixes: tuple[str, ...] = ()
 
-    def __init__(self, settings: PretrainSettings) -> None:
-        self.settings = settings
-        torch.manual_seed(settings.seed)  # every client and the server start from one init
+    def __init__(self, settings: MethodSettings | MethodConfig) -> None:
+        self.settings = MethodConfig.of(settings)
+        torch.manual_seed(self.settings.seed)  # every client and the server start from one init
         self._template = self.build()
         self.objective = self.make_objective()
 
@@ -130,7 +163,7 @@ class FeatureMatchingMethod(SSLMethod):
         return FeatureMatchingModel.online_encoder_keys() + FeatureMatchingModel.predictor_keys()
 
     def local_state(self, model: torch.nn.Module) -> State:
-        if self.settings.strategy == "fedu":  # FedU compares against the client's own last encoder
+        if self.settings.fedu_mu is not None:  # FedU compares against the client's own last encoder
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
         return super().local_state(model)
 
@@ -140,7 +173,7 @@ class FeatureMatchingMethod(SSLMethod):
             model.load_state_dict(local_state, strict=False)
         metrics: dict[str, float] = {}
         keep_predictor = False
-        if self.settings.strategy == "fedu" and not first_time:
+        if self.settings.fedu_mu is not None and not first_time:
             update = fedu_client_update(
                 _numpy(model.state_dict()), _numpy(global_state),
                 encoder_prefixes=FeatureMatchingModel.online_encoder_keys(),
@@ -166,12 +199,11 @@ _METHODS = {"wav2vec2": Wav2Vec2Method, "byol": FeatureMatchingMethod}
 
 
 @lru_cache(maxsize=8)
-def _cached(settings_key: tuple) -> SSLMethod:
-    settings = PretrainSettings(**dict(settings_key))
-    return _METHODS[settings.method](settings)
+def _cached(config: MethodConfig) -> SSLMethod:
+    return _METHODS[config.method](config)
 
 
-def get_method(settings: PretrainSettings) -> SSLMethod:
-    """The method for these settings, built once per process (clients are called every round)."""
-    relevant = ("method", "model", "seed", "backbone_only", "strategy", "fedu_mu", "max_seconds")
-    return _cached(tuple((name, getattr(settings, name)) for name in relevant))
+def get_method(settings: MethodSettings | MethodConfig, fedu_mu: float | None = None) -> SSLMethod:
+    """The method for these settings, built once per process (clients are called every round);
+    ``fedu_mu`` as the FedU strategy's train config gives it."""
+    return _cached(MethodConfig.of(settings, fedu_mu))

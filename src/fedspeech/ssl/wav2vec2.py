@@ -1,4 +1,4 @@
-"""The complete wav2vec 2.0 pretraining objective (METHODS.md §1) on HF ``Wav2Vec2ForPreTraining``.
+"""The complete wav2vec 2.0 pretraining objective (docs/methods.md §1) on HF ``Wav2Vec2ForPreTraining``.
 
 What HF gives us: the model (CNN, masking embedding, Transformer, Gumbel quantizer, the two
 projections), ``_compute_mask_indices`` and ``_sample_negative_indices``. What its built-in

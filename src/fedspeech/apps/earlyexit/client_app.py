@@ -34,8 +34,9 @@ from fedspeech.apps.earlyexit.task import (
 )
 from fedspeech.data.audio import make_loader
 from fedspeech.data.partition import Partition
-from fedspeech.models.depth_planner import DepthCostModel, Device
 from fedspeech.models.feature_cache import FrozenFeatureCache
+from fedspeech.profiling.catalogue import Device
+from fedspeech.profiling.depth_planner import DepthCostModel
 from fedspeech.ssl.train import train_local
 
 log = logging.getLogger(__name__)

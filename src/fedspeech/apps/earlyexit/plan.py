@@ -2,8 +2,8 @@
 
 A federation's fleet assigns every client a device of the profiling catalogue
 (``profiling/devices.json`` plus user files), by fractions or one per client
-(:class:`~fedspeech.models.depth_planner.FleetConfig`). Each client plans its own depth
-with :func:`~fedspeech.models.depth_planner.plan_depth` from its device's memory (less
+(:class:`~fedspeech.profiling.depth_planner.FleetConfig`). Each client plans its own depth
+with :func:`~fedspeech.profiling.depth_planner.plan_depth` from its device's memory (less
 headroom), its throughput and the round deadline; the server then assigns the training
 depth per mode (:func:`training_depths`). The simulated device time of a client is the
 work it really did (training FLOPs counted per batch) over its device's throughput.
@@ -11,29 +11,23 @@ work it really did (training FLOPs counted per batch) over its device's throughp
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from fedspeech.models.depth_planner import DepthCostModel, DepthPlan, Device, FleetConfig, plan_depth
-
+from fedspeech.profiling.catalogue import Device
+from fedspeech.profiling.depth_planner import DepthCostModel, DepthPlan, FleetConfig, plan_depth
 
 # ----------------------------------------------------------------------------- devices
 
 
-def _planner_device(entry) -> Device:
-    """A catalogue entry as the depth planner's :class:`Device`, named by its catalogue id."""
-    return Device(
-        name=entry.id,
-        memory_bytes=float(entry.memory_bytes),
-        throughput_flops=entry.throughput_flops,
-        headroom=entry.headroom,
-        mixed_precision=bool(entry.mixed_precision),
-        mixed_speedup=entry.mixed_precision_speedup,
-    )
+def _planner_device(entry: Device) -> Device:
+    """A catalogue entry as a fleet sees it: named by its catalogue id (the round log's
+    device tiers), its memory in (fractional) bytes as a fleet file gives them."""
+    return dataclasses.replace(entry, name=entry.id, memory_bytes=float(entry.memory_bytes))
 
 
 @lru_cache(maxsize=8)

@@ -19,10 +19,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedspeech.apps.earlyexit.settings import MODES, EarlyExitSettings
 from fedspeech.data.partition import Partition
 from fedspeech.federated import roundlog
 from fedspeech.federated.runners import check_runner
-from fedspeech.apps.earlyexit.settings import MODES, EarlyExitSettings
 
 if TYPE_CHECKING:
     from fedspeech.federated.engines import DeploymentCluster

@@ -1,4 +1,4 @@
-"""Settings of a federated early-exit fine-tuning run (METHODS.md §3), round-tripped
+"""Settings of a federated early-exit fine-tuning run (docs/methods.md §3), round-tripped
 through Flower's run config exactly like :class:`~fedspeech.apps.pretrain.settings.PretrainSettings`.
 
 ``mode`` picks the method or a baseline, all under the same data, rounds and budget:

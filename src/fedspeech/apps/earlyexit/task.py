@@ -29,9 +29,9 @@ from fedspeech.data.partition import Partition, client_utterances
 from fedspeech.downstream.tasks import asr_utterances
 from fedspeech.downstream.text import CharVocab, pad_targets
 from fedspeech.federated import checkpoints
-from fedspeech.models.depth_planner import DepthCostModel, measure_depth_costs
 from fedspeech.models.early_exit import EarlyExitModel, early_exit_loss
 from fedspeech.models.feature_cache import FrozenFeatureCache
+from fedspeech.profiling.depth_planner import DepthCostModel, measure_depth_costs
 from fedspeech.ssl.train import LRSchedule
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,9 @@ from fedspeech.apps.finetune.settings import RUNNERS
 from fedspeech.apps.finetune.settings import STRATEGIES as FED_STRATEGIES
 
 TASK_CHOICES = ("asr", "kws", "speaker")
-_FEDERATED_ONLY = ("clients", "clients_per_round", "rounds", "local_epochs", "runner", "out", "partition", "strategy")
+_RULE_OPTIONS = ("loss_temperature", "mixed_beta", "ldawa_warmup")
+_FEDERATED_ONLY = ("clients", "clients_per_round", "rounds", "local_epochs", "runner", "out", "partition", "strategy",
+                   *_RULE_OPTIONS)
 _MAX_MATRIX_LABELS = 20  # a larger confusion matrix does not fit a terminal
 
 
@@ -58,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     federated.add_argument("--rounds", type=_positive_int, metavar="R", help="default 10")
     federated.add_argument("--local-epochs", type=_positive_int, metavar="E", help="per client and round (default 1)")
     federated.add_argument("--strategy", choices=FED_STRATEGIES, help="aggregation rule (default fedavg)")
+    federated.add_argument("--loss-temperature", type=_positive_float, metavar="T",
+                           help="loss and mixed rules: softmax temperature (default 1.0)")
+    federated.add_argument("--mixed-beta", type=float, metavar="B", help="mixed rule: FedAvg share (default 0.2)")
+    federated.add_argument("--ldawa-warmup", type=int, metavar="R",
+                           help="ldawa: plain FedAvg for this many rounds (default 2)")
     federated.add_argument("--runner", choices=RUNNERS,
                            help="inprocess (default, no Ray) or Flower's Simulation Engine")
     federated.add_argument("--out", type=Path, metavar="DIR",
@@ -138,6 +145,7 @@ def _run_federated(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag}: federated fine-tuning counts --rounds and --local-epochs instead")
     given = {"clients": args.clients, "clients_per_round": args.clients_per_round, "rounds": args.rounds,
              "local_epochs": args.local_epochs, "strategy": args.strategy,
+             **{name: getattr(args, name) for name in _RULE_OPTIONS},
              "out_dir": str(args.out) if args.out else None,
              "partition": str(args.partition) if args.partition else None}
     settings = FinetuneSettings(

@@ -36,6 +36,7 @@ from fedspeech.downstream.tasks import task_data
 from fedspeech.federated import checkpoints
 from fedspeech.federated.inprocess import client_rows, message_bytes
 from fedspeech.federated.round_loop import RoundHooks, RoundOutcome, resume_point, round_totals, run_rounds
+from fedspeech.federated.rules import rule_options
 from fedspeech.federated.sampling import wait_for_nodes
 from fedspeech.federated.strategies import make_strategy
 
@@ -139,7 +140,7 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
     nodes = wait_for_nodes(grid, num_clients)
     # Sampling is the round loop's (SampledGrid): the strategy addresses every node it is shown.
     strategy = make_strategy(settings.strategy, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                             min_available_nodes=1)
+                             min_available_nodes=1, **rule_options(settings.strategy, settings))
     hooks = FinetuneRounds(settings, model, classes, dev_loader)
     started_run = time.perf_counter()
     history = run_rounds(grid, strategy, hooks, ArrayRecord(trainable_state(model)), nodes=nodes,

@@ -6,7 +6,6 @@ so the in-process runner and Flower's engines see identical settings.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,9 @@ class FinetuneSettings(Settings):
     backbone: str = "tiny"  # preset (random init) or a local HF folder, e.g. a pretraining checkpoint
     model_overrides: str = ""  # JSON object of HF config overrides, e.g. '{"hidden_size": 32}'
     strategy: str = "fedavg"
+    loss_temperature: float = 1.0  # loss-weighted and mixed rules
+    mixed_beta: float = 0.2  # mixed FedAvg/loss rule
+    ldawa_warmup: int = 2  # L-DAWA: plain FedAvg for this many rounds
     rounds: int = 10
     clients_per_round: int = 0  # 0 = every client, every round
     local_epochs: int = 1

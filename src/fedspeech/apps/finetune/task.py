@@ -27,7 +27,13 @@ from fedspeech.data.audio import AudioDataset, make_loader
 from fedspeech.data.manifest import Utterance, read_manifest
 from fedspeech.data.partition import Partition, client_utterances
 from fedspeech.downstream.finetune import evaluate_asr, evaluate_classifier, seeded, train_epochs, training_dataset
-from fedspeech.downstream.heads import CTCModel, DownstreamModel, UtteranceClassifier, make_optimizer, wants_normalized_audio
+from fedspeech.downstream.heads import (
+    CTCModel,
+    DownstreamModel,
+    UtteranceClassifier,
+    make_optimizer,
+    wants_normalized_audio,
+)
 from fedspeech.downstream.state import load_trainable_state, trainable_state
 from fedspeech.downstream.tasks import TaskData, asr_utterances, in_split, kws_utterances, speaker_id_split
 from fedspeech.downstream.text import CharVocab

@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.apps.pretrain.task import LOCAL_STATE_KEY, OPTIMIZER_RECORD, OPTIMIZER_STATE_KEY, local_round
+from fedspeech.federated.strategies import FEDU_MU_KEY
 
 client_app = ClientApp()
 
@@ -28,6 +29,7 @@ def client_train(msg: Message, context: Context) -> Message:
         msg.content["arrays"].to_torch_state_dict(), kept.to_torch_state_dict() if kept is not None else {},
         server_round=int(config["server-round"]), lr=float(config["lr"]), global_step=int(config["global-step"]),
         optimizer_state=moments,
+        fedu_mu=float(config[FEDU_MU_KEY]) if FEDU_MU_KEY in config else None,  # sent by the FedU strategy
     )
     context.state[LOCAL_STATE_KEY] = ArrayRecord(update.kept)
     content = RecordDict({"arrays": ArrayRecord(update.sent), "metrics": MetricRecord(update.metrics)})

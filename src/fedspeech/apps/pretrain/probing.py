@@ -1,5 +1,5 @@
 """Per-round probes of the global model and best-round-per-task bookkeeping (FASSL,
-METHODS.md §4): after every round the server scores the global backbone on each downstream
+docs/methods.md §4): after every round the server scores the global backbone on each downstream
 task with a cheap frozen-feature probe and keeps, per task, the best round's checkpoint in
 ``out/best/TASK/``."""
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.data.audio import AudioDataset, make_loader
 from fedspeech.data.manifest import read_manifest
 from fedspeech.data.partition import Partition, client_utterances
 from fedspeech.federated import checkpoints, roundlog
 from fedspeech.federated.runners import check_runner
-from fedspeech.apps.pretrain.settings import PretrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
     it has seen the same number of examples as the federated run. Writes the same round
     log and checkpoints, so the two compare directly.
     """
-    from fedspeech.data.partition import sample_clients
     from fedspeech.apps.pretrain.task import round_lr_schedule, validation_loader
+    from fedspeech.data.partition import sample_clients
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss, train_local
 

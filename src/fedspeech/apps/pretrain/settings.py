@@ -58,7 +58,7 @@ class PretrainSettings(Settings):
     ldawa_warmup: int = 2  # L-DAWA: plain FedAvg for this many rounds
     fedu_mu: float = 0.4  # FedU divergence threshold
     val_max_utterances: int = 64  # held-out speakers' utterances used for validation loss
-    probes: str = ""  # per-round frozen-feature probes, e.g. "kws,speaker,asr" (METHODS.md §4)
+    probes: str = ""  # per-round frozen-feature probes, e.g. "kws,speaker,asr" (docs/methods.md §4)
     probe_method: str = "linear"  # or "knn"
     keep_checkpoints: int = 0  # 0 = keep a checkpoint for every round
     resume: bool = False

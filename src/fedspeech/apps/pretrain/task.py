@@ -83,10 +83,12 @@ class ClientUpdate:
 
 def local_round(settings: PretrainSettings, node_config: dict, global_state: dict[str, torch.Tensor],
                 kept: dict[str, torch.Tensor], server_round: int, lr: float, global_step: int,
-                optimizer_state: dict[str, torch.Tensor] | None = None) -> ClientUpdate:
+                optimizer_state: dict[str, torch.Tensor] | None = None,
+                fedu_mu: float | None = None) -> ClientUpdate:
     """One client's round: apply the global model, train on its partition, report.
+    ``fedu_mu``: FedU's threshold, when the strategy's train config carries one.
 
-    Plain tensors in and out, so the ClientApp below is a thin Flower wrapper and the
+    Plain tensors in and out, so the ClientApp is a thin Flower wrapper and the
     runner-overhead benchmark can time the same work without Flower.
     """
     client_id = int(node_config["partition-id"])
@@ -94,7 +96,7 @@ def local_round(settings: PretrainSettings, node_config: dict, global_state: dic
     manifest = str(node_config.get("manifest", settings.manifest))
     partition = str(node_config.get("partition", settings.partition))
     start = time.perf_counter()
-    method = get_method(settings)
+    method = get_method(settings, fedu_mu)
     model = method.fresh_model()
     load_info = method.load_global(model, global_state, kept)
 

@@ -36,6 +36,7 @@ from fedspeech.models.early_exit import (
     synthetic_batch,
     training_step_loss,
 )
+from fedspeech.profiling.catalogue import Device
 
 PRECISIONS: tuple[str, ...] = ("fp32", "mixed")
 # AdamW keeps two fp32 moments per trained parameter.
@@ -74,91 +75,16 @@ class DepthCostModel:
         return DepthCost(self.depth, flops, self.static_bytes + activations)
 
 
-@dataclass(frozen=True)
-class Device:
-    """What the planner needs to know about a client device.
-
-    ``throughput_flops``: sustained training FLOP/s at fp32 (calibrate from a measured
-    step time: step FLOPs / seconds); ``None`` for memory-only devices (phones with no
-    published timing), whose plans check memory only. ``mixed_speedup``: throughput
-    factor when training in mixed precision, used only if ``mixed_precision``.
-    """
-
-    name: str
-    memory_bytes: float
-    throughput_flops: float | None
-    headroom: float = 0.2
-    mixed_precision: bool = False
-    mixed_speedup: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.memory_bytes > 0:
-            raise ValueError(f"device {self.name!r}: memory_bytes must be > 0")
-        if self.throughput_flops is not None and not self.throughput_flops > 0:
-            raise ValueError(f"device {self.name!r}: throughput_flops must be > 0")
-        if not 0.0 <= self.headroom < 1.0:
-            raise ValueError(f"device {self.name!r}: headroom must be in [0, 1)")
-        if not self.mixed_speedup > 0:
-            raise ValueError(f"device {self.name!r}: mixed_speedup must be > 0")
-
-    @property
-    def usable_bytes(self) -> float:
-        return self.memory_bytes * (1.0 - self.headroom)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object], name: str | None = None) -> Device:
-        """Fields as above, plus the spellings of the profiling catalogue.
-
-        Memory: ``memory_bytes``, ``memory_gb`` (10^9) or ``memory_gib`` (2^30); speed:
-        ``throughput_flops`` or ``seconds_per_flop`` (both may be absent: memory only);
-        ``mixed_precision`` may be a list of precisions (non-empty = available);
-        ``mixed_precision_speedup`` is read as ``mixed_speedup``.
-        """
-        fields = dict(data)
-        label = str(fields.pop("name", name or "?"))
-        known = {"memory_bytes", "memory_gb", "memory_gib", "throughput_flops",
-                 "seconds_per_flop", "headroom", "mixed_precision", "mixed_speedup",
-                 "mixed_precision_speedup"}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"device {label!r}: unknown fields {unknown} (known: {sorted(known)})")
-        try:
-            if "memory_gb" in fields:
-                fields["memory_bytes"] = float(fields.pop("memory_gb")) * 1e9
-            if "memory_gib" in fields:
-                fields["memory_bytes"] = float(fields.pop("memory_gib")) * 2**30
-            throughput = fields.get("throughput_flops")
-            if "seconds_per_flop" in fields:
-                throughput = 1.0 / float(fields.pop("seconds_per_flop"))
-            return cls(
-                name=label,
-                memory_bytes=float(fields["memory_bytes"]),
-                throughput_flops=None if throughput is None else float(throughput),
-                headroom=float(fields.get("headroom", 0.2)),
-                mixed_precision=bool(fields.get("mixed_precision", False)),
-                mixed_speedup=float(
-                    fields.get("mixed_speedup", fields.get("mixed_precision_speedup", 1.0))
-                ),
-            )
-        except KeyError as missing:
-            raise ValueError(f"device {label!r}: missing field {missing}") from None
-        except (TypeError, ValueError, ZeroDivisionError) as bad:
-            raise ValueError(f"device {label!r}: {bad}") from None
-
-
 def as_device(device: object) -> Device:
-    """A :class:`Device` from itself, a dict, or any object with the same attributes
-    (e.g. a profiling-catalogue entry; read by name so this module need not import it)."""
+    """A :class:`~fedspeech.profiling.catalogue.Device` from itself, a dict of its fields
+    (:meth:`Device.from_dict` spellings) or any object with the same attributes."""
     if isinstance(device, Device):
         return device
     if isinstance(device, Mapping):
         return Device.from_dict(device)
-    fields = {
-        key: getattr(device, key)
-        for key in ("memory_bytes", "throughput_flops", "headroom", "mixed_precision",
-                    "mixed_speedup", "mixed_precision_speedup")
-        if getattr(device, key, None) is not None
-    }
+    fields = {key: getattr(device, key) for key in ("memory_bytes", "throughput_flops", "headroom",
+                                                    "mixed_precision", "mixed_precision_speedup")
+              if getattr(device, key, None) is not None}
     return Device.from_dict(fields, str(getattr(device, "name", type(device).__name__)))
 
 
@@ -179,7 +105,7 @@ def _measure_step(
 ) -> tuple[float, float]:
     """(FLOPs, saved-activation bytes) of one batch-1 training step (from cached CNN
     features with ``cached_cnn``)."""
-    from fedspeech.profiling.accounting import flop_counter
+    from fedspeech.models.accounting import flop_counter
 
     param_storages = {_storage_key(p) for p in model.parameters()}
     saved: set[tuple[int, int]] = set()

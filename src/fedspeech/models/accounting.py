@@ -3,7 +3,7 @@
 Layers ("units") follow the naming every HF wav2vec2-family model shares: conv layers of
 ``feature_extractor``, ``feature_projection``, the children of ``encoder`` (positional conv,
 layer norm, each Transformer layer) and, with a pretraining head, ``quantizer``,
-``project_hid``, ``project_q``. Groups follow METHODS.md §1. Whatever belongs to no unit
+``project_hid``, ``project_q``. Groups follow docs/methods.md §1. Whatever belongs to no unit
 (``masked_spec_embed``, glue ops between layers) is reported as ``other``, never dropped.
 
 Why not just ``FlopCounterMode.get_flop_counts()`` per module: its module tracker assigns
@@ -52,7 +52,7 @@ def _short_name(relative_path: str) -> str:
 
 
 def discover_units(model: nn.Module) -> list[Unit]:
-    """The layers of the model, in forward order, with their METHODS.md §1 group."""
+    """The layers of the model, in forward order, with their docs/methods.md §1 group."""
     base = model.base_model
     prefix = "" if base is model else model.base_model_prefix + "."
     units: list[Unit] = []
