@@ -48,19 +48,28 @@ from pathlib import Path
 
 import torch
 
-from fedspeech.data.manifest import read_manifest
-from fedspeech.data.partition import make_partition
-from fedspeech.data.synth import build_corpus
 from fedspeech.apps.earlyexit.cli import write_report
 from fedspeech.apps.earlyexit.report import summarize
 from fedspeech.apps.earlyexit.run import run_early_exit
 from fedspeech.apps.earlyexit.settings import DEFAULT_FLEET, MODES, EarlyExitSettings
+from fedspeech.data.manifest import read_manifest
+from fedspeech.data.partition import make_partition
+from fedspeech.data.synth import build_corpus
 
 # The backbone: a 12-layer wav2vec 2.0 (the tiny preset's width, base's depth; pre-LN as in
 # large, which trains a deep stack stably at this learning rate) pretrained with centralised
 # SSL on its own synthetic corpus (`pretrained_backbone`). ~11 min on 2 cores, once, cached.
-PRETRAIN = dict(speakers=30, corpus_seed=1000, seed=0, rounds=6, batch_size=8, max_seconds=1.5, lr=2e-3,
-                warmup_rounds=2, overrides={"num_hidden_layers": 12, "do_stable_layer_norm": True})
+PRETRAIN = dict(
+    speakers=30,
+    corpus_seed=1000,
+    seed=0,
+    rounds=6,
+    batch_size=8,
+    max_seconds=1.5,
+    lr=2e-3,
+    warmup_rounds=2,
+    overrides={"num_hidden_layers": 12, "do_stable_layer_norm": True},
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,25 +84,37 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients-per-round", type=int, default=0, help="0: all clients every round")
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="4: the reference study's batch (METHODS §5)")
+    parser.add_argument("--batch-size", type=int, default=4, help="4: the reference study's batch (METHODS §5)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--num-layers", type=int, default=0, help="0: the model's own")
     parser.add_argument("--exit-every", type=int, default=1)
     parser.add_argument("--exits", default="", help="explicit exit layers instead of --exit-every")
     parser.add_argument("--model-overrides", default="")
-    parser.add_argument("--model", default="pretrained",
-                        help="'pretrained' (PRETRAIN above, cached in --pretrain-work), a preset (random init) "
-                             "or a local HF folder")
+    parser.add_argument(
+        "--model",
+        default="pretrained",
+        help="'pretrained' (PRETRAIN above, cached in --pretrain-work), a preset (random init) or a local HF folder",
+    )
     parser.add_argument("--pretrain-work", default="runs/ee-pretrain", help="cache of the pretrained backbone")
-    parser.add_argument("--no-cnn-cache", action="store_true",
-                        help="recompute the frozen CNN at every step (the cost without FrozenFeatureCache)")
-    parser.add_argument("--distill-lambda", type=float, default=1.0,
-                        help="DepthFL self-distillation between a client's exits, in every mode (1: DepthFL's "
-                             "own loss; 0: exit losses only)")
+    parser.add_argument(
+        "--no-cnn-cache",
+        action="store_true",
+        help="recompute the frozen CNN at every step (the cost without FrozenFeatureCache)",
+    )
+    parser.add_argument(
+        "--distill-lambda",
+        type=float,
+        default=1.0,
+        help="DepthFL self-distillation between a client's exits, in every mode (1: DepthFL's "
+        "own loss; 0: exit losses only)",
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: tiny models gain nothing from more, and lose a lot on shared cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: tiny models gain nothing from more, and lose a lot on shared cores)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="corpus voices, partition, fleet, init and training")
     parser.add_argument("--summarize", nargs="+", metavar="WORK", help="only summarise finished runs over seeds")
     return parser.parse_args()
@@ -122,9 +143,9 @@ def pretrained_backbone(work: Path, recipe: dict) -> Path:
     """
     from transformers import Wav2Vec2ForPreTraining
 
-    from fedspeech.federated import checkpoints
     from fedspeech.apps.pretrain.run import run_centralised
     from fedspeech.apps.pretrain.settings import PretrainSettings
+    from fedspeech.federated import checkpoints
     from fedspeech.models.configs import model_config
 
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
@@ -138,18 +159,38 @@ def pretrained_backbone(work: Path, recipe: dict) -> Path:
     torch.manual_seed(recipe["seed"])
     Wav2Vec2ForPreTraining(model_config("tiny", **recipe["overrides"])).save_pretrained(init)
     settings = PretrainSettings(
-        manifest=str(manifest), out_dir=str(folder / "run"), model=str(init), method="wav2vec2",
-        rounds=recipe["rounds"], local_epochs=1, batch_size=recipe["batch_size"], max_seconds=recipe["max_seconds"],
-        lr=recipe["lr"], warmup_rounds=recipe["warmup_rounds"], seed=recipe["seed"], val_max_utterances=64,
-        keep_checkpoints=1)
+        manifest=str(manifest),
+        out_dir=str(folder / "run"),
+        model=str(init),
+        method="wav2vec2",
+        rounds=recipe["rounds"],
+        local_epochs=1,
+        batch_size=recipe["batch_size"],
+        max_seconds=recipe["max_seconds"],
+        lr=recipe["lr"],
+        warmup_rounds=recipe["warmup_rounds"],
+        seed=recipe["seed"],
+        val_max_utterances=64,
+        keep_checkpoints=1,
+    )
     started = time.perf_counter()
     records = run_centralised(settings)
     checkpoint = checkpoints.latest_checkpoint(folder / "run")
     losses = " ".join(f"{r['val_loss']:.3f}" for r in records if r.get("val_loss") is not None)
-    print(f"pretrained {checkpoint} in {(time.perf_counter() - started) / 60:.1f} min; val loss by round {losses}",
-          flush=True)
-    done.write_text(json.dumps({"checkpoint": str(checkpoint.relative_to(folder)), "seconds": time.perf_counter() - started,
-                                "val_losses": [r.get("val_loss") for r in records]}) + "\n")
+    print(
+        f"pretrained {checkpoint} in {(time.perf_counter() - started) / 60:.1f} min; val loss by round {losses}",
+        flush=True,
+    )
+    done.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint.relative_to(folder)),
+                "seconds": time.perf_counter() - started,
+                "val_losses": [r.get("val_loss") for r in records],
+            }
+        )
+        + "\n"
+    )
     return checkpoint
 
 
@@ -163,16 +204,28 @@ def targets(s: dict[str, dict]) -> list[tuple[str, bool, str]]:
         speedup = f["mean_simulated_round_seconds"] / a["mean_simulated_round_seconds"]
         gap = 100 * (a["accuracy_deepest"] - f["accuracy_deepest"])
         rows += [
-            (">= 40% less total client training FLOPs than full-depth FedAvg", flops >= 0.40, f"{100 * flops:.1f}% less"),
+            (
+                ">= 40% less total client training FLOPs than full-depth FedAvg",
+                flops >= 0.40,
+                f"{100 * flops:.1f}% less",
+            ),
             (">= 40% less upload than full-depth FedAvg", upload >= 0.40, f"{100 * upload:.1f}% less"),
             (">= 2x shorter simulated round time", speedup >= 2.0, f"{speedup:.2f}x shorter"),
-            ("deepest-exit accuracy within 2 points of full-depth FedAvg", gap >= -2.0,
-             f"{100 * a['accuracy_deepest']:.1f}% vs {100 * f['accuracy_deepest']:.1f}% ({gap:+.1f} points)"),
+            (
+                "deepest-exit accuracy within 2 points of full-depth FedAvg",
+                gap >= -2.0,
+                f"{100 * a['accuracy_deepest']:.1f}% vs {100 * f['accuracy_deepest']:.1f}% ({gap:+.1f} points)",
+            ),
         ]
     if "adaptive" in s and "exclusion" in s:
         a, e = s["adaptive"], s["exclusion"]
-        rows.append(("deepest-exit accuracy better than exclusion", a["accuracy_deepest"] > e["accuracy_deepest"],
-                     f"{100 * a['accuracy_deepest']:.1f}% vs {100 * e['accuracy_deepest']:.1f}%"))
+        rows.append(
+            (
+                "deepest-exit accuracy better than exclusion",
+                a["accuracy_deepest"] > e["accuracy_deepest"],
+                f"{100 * a['accuracy_deepest']:.1f}% vs {100 * e['accuracy_deepest']:.1f}%",
+            )
+        )
     return rows
 
 
@@ -192,21 +245,28 @@ def summarize_seeds(folders: list[str]) -> None:
     quantities = {
         "client FLOPs saved vs full (%)": lambda a, f, e: 100 * (1 - a["client_flops"] / f["client_flops"]),
         "upload saved vs full (%)": lambda a, f, e: 100 * (1 - a["upload_bytes"] / f["upload_bytes"]),
-        "round time speed-up vs full (x)": lambda a, f, e: f["mean_simulated_round_seconds"] / a["mean_simulated_round_seconds"],
-        "deepest-exit accuracy, adaptive minus full (points)": lambda a, f, e: 100 * (a["accuracy_deepest"] - f["accuracy_deepest"]),
-        "deepest-exit accuracy, adaptive minus exclusion (points)":
-            lambda a, f, e: None if e is None else 100 * (a["accuracy_deepest"] - e["accuracy_deepest"]),
+        "round time speed-up vs full (x)": lambda a, f, e: f["mean_simulated_round_seconds"]
+        / a["mean_simulated_round_seconds"],
+        "deepest-exit accuracy, adaptive minus full (points)": lambda a, f, e: 100
+        * (a["accuracy_deepest"] - f["accuracy_deepest"]),
+        "deepest-exit accuracy, adaptive minus exclusion (points)": lambda a, f, e: None
+        if e is None
+        else 100 * (a["accuracy_deepest"] - e["accuracy_deepest"]),
     }
     width = max(12, 8 * len(results))
     print(f"{'quantity':58s} {'per seed':>{width}s} {'mean':>7s} {'sd':>6s} {'se':>6s}")
     for name, value in quantities.items():
-        values = [value(r["summaries"]["adaptive"], r["summaries"]["full"], r["summaries"].get("exclusion")) for r in results]
+        values = [
+            value(r["summaries"]["adaptive"], r["summaries"]["full"], r["summaries"].get("exclusion")) for r in results
+        ]
         values = [v for v in values if v is not None]
         if not values:
             continue
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-        print(f"{name:58s} {' '.join(f'{v:7.2f}' for v in values):>{width}s} {statistics.mean(values):7.2f} "
-              f"{spread:6.2f} {spread / len(values) ** 0.5:6.2f}")
+        print(
+            f"{name:58s} {' '.join(f'{v:7.2f}' for v in values):>{width}s} {statistics.mean(values):7.2f} "
+            f"{spread:6.2f} {spread / len(values) ** 0.5:6.2f}"
+        )
     seeds = [r["args"]["seed"] for r in results]
     print(f"seeds {seeds}; each: {results[0]['args']['rounds']} rounds, {results[0]['args']['speakers']} speakers")
 
@@ -223,17 +283,33 @@ def main() -> int:
     work = Path(args.work)
     started = time.perf_counter()
     manifest = corpus(work, args.speakers, args.keywords_per_speaker, args.seed)
-    partition = make_partition(read_manifest(manifest), "speaker", args.clients, seed=args.seed,
-                               manifest=str(manifest)).save(work / "partition.json")
+    partition = make_partition(
+        read_manifest(manifest), "speaker", args.clients, seed=args.seed, manifest=str(manifest)
+    ).save(work / "partition.json")
     runs_dir = work / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     model = str(pretrained_backbone(Path(args.pretrain_work), PRETRAIN)) if args.model == "pretrained" else args.model
     settings = EarlyExitSettings(
-        manifest=str(manifest), partition=str(partition), out_dir=str(runs_dir), model=model,
-        num_layers=args.num_layers, exit_every=args.exit_every, exits=args.exits,
-        model_overrides=args.model_overrides, fleet=args.fleet, cache_cnn_features=not args.no_cnn_cache,
-        deadline=args.deadline, rounds=args.rounds, clients_per_round=args.clients_per_round, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        lr=args.lr, distill_lambda=args.distill_lambda, eval_splits="dev,test", seed=args.seed, keep_checkpoints=1,
+        manifest=str(manifest),
+        partition=str(partition),
+        out_dir=str(runs_dir),
+        model=model,
+        num_layers=args.num_layers,
+        exit_every=args.exit_every,
+        exits=args.exits,
+        model_overrides=args.model_overrides,
+        fleet=args.fleet,
+        cache_cnn_features=not args.no_cnn_cache,
+        deadline=args.deadline,
+        rounds=args.rounds,
+        clients_per_round=args.clients_per_round,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        distill_lambda=args.distill_lambda,
+        eval_splits="dev,test",
+        seed=args.seed,
+        keep_checkpoints=1,
     )
     runs, wall = {}, {}
     for mode in args.modes:
@@ -250,18 +326,27 @@ def main() -> int:
         shutil.copy(plot, img_dir / plot.name)
     checks = targets(summaries)
     print()
-    print(f"deadline {summaries[args.modes[0]]['deadline']:.4g} s of device time per round; {args.rounds} rounds, "
-          f"{args.clients_per_round or args.clients} of {args.clients} clients per round, fleet {args.fleet}")
+    print(
+        f"deadline {summaries[args.modes[0]]['deadline']:.4g} s of device time per round; {args.rounds} rounds, "
+        f"{args.clients_per_round or args.clients} of {args.clients} clients per round, fleet {args.fleet}"
+    )
     print(table)
     print()
     for name, met, measured in checks:
         print(f"{'PASS' if met else 'FAIL'}  {name}: {measured}")
     total = time.perf_counter() - started
-    print(f"\nwall time {total / 60:.1f} min ({', '.join(f'{m} {w:.0f} s' for m, w in wall.items())}); "
-          f"plots in {img_dir}")
-    results = {"settings": asdict(settings), "args": vars(args), "summaries": summaries, "table": table,
-               "targets": [{"target": n, "met": m, "measured": v} for n, m, v in checks],
-               "wall_seconds": wall, "depths_by_device": {m: depths_by_device(runs_dir / m) for m in runs}}
+    print(
+        f"\nwall time {total / 60:.1f} min ({', '.join(f'{m} {w:.0f} s' for m, w in wall.items())}); plots in {img_dir}"
+    )
+    results = {
+        "settings": asdict(settings),
+        "args": vars(args),
+        "summaries": summaries,
+        "table": table,
+        "targets": [{"target": n, "met": m, "measured": v} for n, m, v in checks],
+        "wall_seconds": wall,
+        "depths_by_device": {m: depths_by_device(runs_dir / m) for m in runs},
+    }
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

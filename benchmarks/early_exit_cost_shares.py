@@ -16,8 +16,8 @@ import torch
 from transformers import AutoModel
 
 from fedspeech.models.configs import model_config
-from fedspeech.profiling.depth_planner import measure_depth_costs
 from fedspeech.models.early_exit import EarlyExitModel
+from fedspeech.profiling.depth_planner import measure_depth_costs
 
 MODELS = {
     "wav2vec 2.0 base": ("base", {}),
@@ -35,8 +35,9 @@ def shares(preset: str, overrides: dict) -> tuple[int, float, float]:
     depths = (1, model.num_layers)
     result = []
     for cached in (False, True):
-        lines = {c.depth: c for c in measure_depth_costs(model, depths, lengths=(SECONDS / 2, SECONDS),
-                                                         cached_cnn=cached)}
+        lines = {
+            c.depth: c for c in measure_depth_costs(model, depths, lengths=(SECONDS / 2, SECONDS), cached_cnn=cached)
+        }
         result.append(lines[1].at(SECONDS, 1).train_flops / lines[model.num_layers].at(SECONDS, 1).train_flops)
     return model.num_layers, result[0], result[1]
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +54,17 @@ class Setting:
 
 SETTINGS = {
     # ssl_quality.py's data: 32 training speakers, 10 clients all every round, 6 x 3 epochs.
-    "gao10": Setting(RECIPE["speakers"], 36, 30, RECIPE["pretrain_per_speaker"], 10, 0, RECIPE["rounds"],
-                     RECIPE["local_epochs"], RECIPE["warmup_rounds"]),
+    "gao10": Setting(
+        RECIPE["speakers"],
+        36,
+        30,
+        RECIPE["pretrain_per_speaker"],
+        10,
+        0,
+        RECIPE["rounds"],
+        RECIPE["local_epochs"],
+        RECIPE["warmup_rounds"],
+    ),
     # 104 training speakers, 100 clients, 20 per round; 60 rounds of 1 epoch: each client's data
     # is seen 12 times on average, about the gao10 run's number of examples.
     "gao100": Setting(130, 8, 3, 11, 100, 20, 60, 1, 20),
@@ -64,8 +73,15 @@ SETTINGS = {
 }
 
 #: The optimiser settings before this benchmark (every row starts from them).
-OLD_DEFAULTS = dict(lr_schedule="round", optimizer_state="reset", server_optimizer="none", server_lr=1.0,
-                    server_momentum=0.0, server_tau=1e-3, max_grad_norm=5.0)
+OLD_DEFAULTS = dict(
+    lr_schedule="round",
+    optimizer_state="reset",
+    server_optimizer="none",
+    server_lr=1.0,
+    server_momentum=0.0,
+    server_tau=1e-3,
+    max_grad_norm=5.0,
+)
 
 #: What the ablation found to learn (the library's defaults follow it): more, smaller local
 #: steps at the same examples (client batch 1). Larger steps (server lr > 1, server momentum,
@@ -73,48 +89,109 @@ OLD_DEFAULTS = dict(lr_schedule="round", optimizer_state="reset", server_optimiz
 RECIPE_OVERRIDES = dict(batch_size=1)
 
 #: name -> (setting, overrides of the setting's federated baseline, centralised?, what it tests)
-MORE_ROUNDS = dict(rounds=3 * RECIPE["rounds"], local_epochs=RECIPE["local_epochs"] // 3,
-                   warmup_rounds=3 * RECIPE["warmup_rounds"])  # same examples: 3x the rounds, 1/3 the epochs
+MORE_ROUNDS = dict(
+    rounds=3 * RECIPE["rounds"], local_epochs=RECIPE["local_epochs"] // 3, warmup_rounds=3 * RECIPE["warmup_rounds"]
+)  # same examples: 3x the rounds, 1/3 the epochs
 ONE_OPTIMIZER = dict(optimizer_state="client", lr_schedule="step")  # a plain centralised run's optimiser
 VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
-    "centralised-reset": ("gao10", {}, True, "pooled data, same examples, batch, crops, per-round lr; AdamW reset every round"),
-    "centralised": ("gao10", ONE_OPTIMIZER, True, "pooled data, same examples, batch, crops; one AdamW and one per-step lr schedule for the whole run"),
+    "centralised-reset": (
+        "gao10",
+        {},
+        True,
+        "pooled data, same examples, batch, crops, per-round lr; AdamW reset every round",
+    ),
+    "centralised": (
+        "gao10",
+        ONE_OPTIMIZER,
+        True,
+        "pooled data, same examples, batch, crops; one AdamW and one per-step lr schedule for the whole run",
+    ),
     "fedavg": ("gao10", {}, False, "FedAvg, fresh AdamW every round, lr constant within a round (the old default)"),
     "step-lr": ("gao10", {"lr_schedule": "step"}, False, "lr follows the global schedule step by step"),
-    "moments-client": ("gao10", {"optimizer_state": "client"}, False, "each client keeps its AdamW moments (node state)"),
-    "moments-server": ("gao10", {"optimizer_state": "server"}, False, "AdamW moments averaged by the server, sent back"),
+    "moments-client": (
+        "gao10",
+        {"optimizer_state": "client"},
+        False,
+        "each client keeps its AdamW moments (node state)",
+    ),
+    "moments-server": (
+        "gao10",
+        {"optimizer_state": "server"},
+        False,
+        "AdamW moments averaged by the server, sent back",
+    ),
     "more-rounds": ("gao10", MORE_ROUNDS, False, "3x the rounds with 1/3 the local epochs each"),
-    "server-lr3": ("gao10", {"server_optimizer": "fedavgm", "server_lr": 3.0}, False,
-                   "server learning rate 3 (FedAvgM, no momentum)"),
-    "fedavgm": ("gao10", {"server_optimizer": "fedavgm", "server_momentum": 0.9}, False,
-                "server momentum 0.9 (Flower FedAvgM)"),
-    "fedadam": ("gao10", {"server_optimizer": "fedadam", "server_lr": 0.01, "server_momentum": 0.9}, False,
-                "Flower FedAdam, eta 0.01, beta1 0.9, tau 1e-3"),
-    "fedyogi": ("gao10", {"server_optimizer": "fedyogi", "server_lr": 0.01, "server_momentum": 0.9}, False,
-                "Flower FedYogi, eta 0.01, beta1 0.9, tau 1e-3"),
-    "more-rounds-fedavgm": ("gao10", {**MORE_ROUNDS, "server_optimizer": "fedavgm", "server_momentum": 0.9}, False,
-                            "3x the rounds and server momentum 0.9"),
+    "server-lr3": (
+        "gao10",
+        {"server_optimizer": "fedavgm", "server_lr": 3.0},
+        False,
+        "server learning rate 3 (FedAvgM, no momentum)",
+    ),
+    "fedavgm": (
+        "gao10",
+        {"server_optimizer": "fedavgm", "server_momentum": 0.9},
+        False,
+        "server momentum 0.9 (Flower FedAvgM)",
+    ),
+    "fedadam": (
+        "gao10",
+        {"server_optimizer": "fedadam", "server_lr": 0.01, "server_momentum": 0.9},
+        False,
+        "Flower FedAdam, eta 0.01, beta1 0.9, tau 1e-3",
+    ),
+    "fedyogi": (
+        "gao10",
+        {"server_optimizer": "fedyogi", "server_lr": 0.01, "server_momentum": 0.9},
+        False,
+        "Flower FedYogi, eta 0.01, beta1 0.9, tau 1e-3",
+    ),
+    "more-rounds-fedavgm": (
+        "gao10",
+        {**MORE_ROUNDS, "server_optimizer": "fedavgm", "server_momentum": 0.9},
+        False,
+        "3x the rounds and server momentum 0.9",
+    ),
     "batch4": ("gao10", {"batch_size": 4}, False, "client batch 4 (the reference study's): 2x the local steps"),
     "batch2": ("gao10", {"batch_size": 2}, False, "client batch 2: 4x the local steps"),
     "batch1": ("gao10", {"batch_size": 1}, False, "client batch 1: 8x the local steps"),
     "local-lr3x": ("gao10", {"lr": 3 * RECIPE["lr"]}, False, "3x the client learning rate"),
     "no-clip": ("gao10", {"max_grad_norm": 1e9}, False, "no gradient clipping (default clips at norm 5)"),
-    "centralised-batch2": ("gao10", {**ONE_OPTIMIZER, "batch_size": 2}, True,
-                           "the centralised run at batch 2 (4x its steps)"),
+    "centralised-batch2": (
+        "gao10",
+        {**ONE_OPTIMIZER, "batch_size": 2},
+        True,
+        "the centralised run at batch 2 (4x its steps)",
+    ),
     "batch2-lr1e-3": ("gao10", {"batch_size": 2, "lr": 1e-3}, False, "batch 2 at half the learning rate"),
-    "batch2-moments-server": ("gao10", {"batch_size": 2, "optimizer_state": "server"}, False,
-                              "batch 2, AdamW moments averaged by the server"),
-    "batch2-moments-client": ("gao10", {"batch_size": 2, "optimizer_state": "client"}, False,
-                              "batch 2, each client keeps its AdamW moments"),
+    "batch2-moments-server": (
+        "gao10",
+        {"batch_size": 2, "optimizer_state": "server"},
+        False,
+        "batch 2, AdamW moments averaged by the server",
+    ),
+    "batch2-moments-client": (
+        "gao10",
+        {"batch_size": 2, "optimizer_state": "client"},
+        False,
+        "batch 2, each client keeps its AdamW moments",
+    ),
     # The recipe that learns (the library's defaults since this benchmark), under every rule.
     "recipe": ("gao10", RECIPE_OVERRIDES, False, "the recipe: FedAvg at client batch 1"),
-    "recipe-probed": ("gao10", {**RECIPE_OVERRIDES, "probes": "kws"}, False,
-                      "the recipe with a per-round keyword probe (probes do not change training)"),
+    "recipe-probed": (
+        "gao10",
+        {**RECIPE_OVERRIDES, "probes": "kws"},
+        False,
+        "the recipe with a per-round keyword probe (probes do not change training)",
+    ),
     "recipe-loss": ("gao10", {**RECIPE_OVERRIDES, "strategy": "loss"}, False, "the recipe, loss-weighted rule"),
     "recipe-mixed": ("gao10", {**RECIPE_OVERRIDES, "strategy": "mixed"}, False, "the recipe, mixed FedAvg/loss rule"),
     "recipe-ldawa": ("gao10", {**RECIPE_OVERRIDES, "strategy": "ldawa"}, False, "the recipe, L-DAWA rule"),
-    "recipe-byol-fedu": ("gao10", {**RECIPE_OVERRIDES, "method": "byol", "strategy": "fedu"}, False,
-                         "the recipe, feature matching (BYOL-style) with FedU; its loss is not contrastive"),
+    "recipe-byol-fedu": (
+        "gao10",
+        {**RECIPE_OVERRIDES, "method": "byol", "strategy": "fedu"},
+        False,
+        "the recipe, feature matching (BYOL-style) with FedU; its loss is not contrastive",
+    ),
     "gao100-centralised": ("gao100", ONE_OPTIMIZER, True, "gao100 data pooled, one AdamW, per-step lr"),
     "gao100-fedavg": ("gao100", {}, False, "gao100, FedAvg, the old default"),
     "gao100-recipe": ("gao100", RECIPE_OVERRIDES, False, "gao100, the recipe"),
@@ -134,13 +211,19 @@ def setting_data(work: Path, name: str) -> tuple[Path, Path]:
         folder = work / f"corpus-{setting.speakers}spk-{setting.keywords}kw-{setting.sentences}sent-seed0"
         manifest = folder / "manifest.tsv"
         if not manifest.is_file():
-            build_corpus(folder, setting.speakers, 0, keywords_per_speaker=setting.keywords,
-                         sentences_per_speaker=setting.sentences)
+            build_corpus(
+                folder,
+                setting.speakers,
+                0,
+                keywords_per_speaker=setting.keywords,
+                sentences_per_speaker=setting.sentences,
+            )
     unlabelled = ssl_quality.pretraining_manifest(manifest, setting.per_speaker, 0)
     partition = unlabelled.with_suffix(f".speaker{setting.clients}.json")
     if not partition.is_file():
-        make_partition(read_manifest(unlabelled), "speaker", setting.clients, seed=0,
-                       manifest=str(unlabelled)).save(partition)
+        make_partition(read_manifest(unlabelled), "speaker", setting.clients, seed=0, manifest=str(unlabelled)).save(
+            partition
+        )
     return unlabelled, partition
 
 
@@ -152,9 +235,9 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
 
     import torch
 
-    from fedspeech.federated import roundlog
     from fedspeech.apps.pretrain.run import run_centralised, run_pretraining
     from fedspeech.apps.pretrain.settings import PretrainSettings
+    from fedspeech.federated import roundlog
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -164,12 +247,26 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     folder = Path(work)
     unlabelled, partition = setting_data(folder, setting_name)
     init = ssl_quality.untrained_checkpoint(folder, seed)
-    fields = dict(rounds=setting.rounds, local_epochs=setting.local_epochs, batch_size=RECIPE["batch_size"],
-                  max_seconds=RECIPE["max_seconds"], lr=RECIPE["lr"], warmup_rounds=setting.warmup_rounds,
-                  strategy="fedavg", method="wav2vec2", clients_per_round=setting.clients_per_round)
+    fields = dict(
+        rounds=setting.rounds,
+        local_epochs=setting.local_epochs,
+        batch_size=RECIPE["batch_size"],
+        max_seconds=RECIPE["max_seconds"],
+        lr=RECIPE["lr"],
+        warmup_rounds=setting.warmup_rounds,
+        strategy="fedavg",
+        method="wav2vec2",
+        clients_per_round=setting.clients_per_round,
+    )
     fields.update(overrides)
-    fields.update(manifest=str(unlabelled), partition=str(partition), model=str(init), seed=seed,
-                  val_max_utterances=16, keep_checkpoints=1)
+    fields.update(
+        manifest=str(unlabelled),
+        partition=str(partition),
+        model=str(init),
+        seed=seed,
+        val_max_utterances=16,
+        keep_checkpoints=1,
+    )
     # Every optimiser setting is given explicitly, so a row never changes with the library's
     # defaults; the folder key leaves out those equal to the old defaults (older caches stay valid).
     key = {k: v for k, v in fields.items() if OLD_DEFAULTS.get(k, object()) != v}
@@ -203,11 +300,21 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     else:
         examples = [sum(c["examples"] for c in r["clients"]) * epochs for r in rounds]
         steps = sum(c["steps"] for r in rounds for c in r["clients"]) / max(1, sum(len(r["clients"]) for r in rounds))
-    return {"variant": name, "setting": setting_name, "seed": seed, "centralised": centralised, "folder": str(out),
-            "rounds": len(rounds), "local_steps": steps, "examples": sum(examples),
-            "examples_by_round": examples, "seconds": json.loads(done.read_text())["seconds"],
-            "val_loss": [r["val_loss"] for r in rounds], "final": final,
-            "probes": [r.get("probes") or {} for r in rounds]}
+    return {
+        "variant": name,
+        "setting": setting_name,
+        "seed": seed,
+        "centralised": centralised,
+        "folder": str(out),
+        "rounds": len(rounds),
+        "local_steps": steps,
+        "examples": sum(examples),
+        "examples_by_round": examples,
+        "seconds": json.loads(done.read_text())["seconds"],
+        "val_loss": [r["val_loss"] for r in rounds],
+        "final": final,
+        "probes": [r.get("probes") or {} for r in rounds],
+    }
 
 
 def final_val_loss(out: Path, settings) -> float:
@@ -218,8 +325,8 @@ def final_val_loss(out: Path, settings) -> float:
     cache = out / "val_loss_fixed.json"
     if cache.is_file():
         return json.loads(cache.read_text())["val_loss"]
-    from fedspeech.federated import checkpoints
     from fedspeech.apps.pretrain.task import VAL_BATCH_SIZE, validation_loader
+    from fedspeech.federated import checkpoints
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss
 
@@ -251,14 +358,16 @@ def summarise(rows: list[dict]) -> None:
     probed = [r for r in rows if any(r.get("probes") or [])]
     rows = [{**r, "variant": SAME_TRAINING.get(r["variant"], r["variant"])} for r in rows]
     central = {(r["setting"], r["seed"]): r["final"] for r in rows if r["variant"] == REFERENCE[r["setting"]]}
-    print("\n| setting | variant | what it tests | rounds | local steps / client / round | examples seen | wall (seed "
-          f"{rows[0]['seed']}) | val loss by round, as logged (seed {rows[0]['seed']}) | final val loss, batches of 8 | ÷ centralised |")
+    print(
+        "\n| setting | variant | what it tests | rounds | local steps / client / round | examples seen | wall (seed "
+        f"{rows[0]['seed']}) | val loss by round, as logged (seed {rows[0]['seed']}) "
+        "| final val loss, batches of 8 | ÷ centralised |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---|---:|---:|")
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         mean, sd = _mean_sd([r["final"] for r in mine])
-        ratios = [r["final"] / central[(r["setting"], r["seed"])] for r in mine
-                  if (r["setting"], r["seed"]) in central]
+        ratios = [r["final"] / central[(r["setting"], r["seed"])] for r in mine if (r["setting"], r["seed"]) in central]
         ratio = "-"
         if ratios:
             ratio_mean, ratio_sd = _mean_sd(ratios)
@@ -267,17 +376,24 @@ def summarise(rows: list[dict]) -> None:
         steps = f"{first['local_steps']:.1f}" if first["local_steps"] is not None else "-"
         curve = " ".join(f"{v:.2f}" for v in first["val_loss"][:: max(1, len(first["val_loss"]) // 12)])
         spread = f" ± {sd:.3f}" if len(mine) > 1 else ""
-        print(f"| {first['setting']} | {name} | {VARIANTS[name][3]} | {first['rounds']} | {steps} | {first['examples']} | "
-              f"{first['seconds'] / 60:.1f} min | {curve} | {mean:.3f}{spread} (n={len(mine)}) | {ratio} |")
-    print(f"\n(contrastive chance level ln(101) = {math.log(101):.3f}; the loss also holds 0.1 x diversity; "
-          "curves longer than 12 rounds are shown every few rounds)")
+        print(
+            f"| {first['setting']} | {name} | {VARIANTS[name][3]} | {first['rounds']} | {steps} "
+            f"| {first['examples']} | "
+            f"{first['seconds'] / 60:.1f} min | {curve} | {mean:.3f}{spread} (n={len(mine)}) | {ratio} |"
+        )
+    print(
+        f"\n(contrastive chance level ln(101) = {math.log(101):.3f}; the loss also holds 0.1 x diversity; "
+        "curves longer than 12 rounds are shown every few rounds)"
+    )
     for r in probed:
         for task in sorted({t for p in r["probes"] for t in p}):
             scores = [p.get(task) for p in r["probes"]]
             best = max(s for s in scores if s is not None)
-            print(f"{r['variant']} seed {r['seed']}: per-round {task} probe (dev accuracy) "
-                  + " ".join(f"{s:.3f}" for s in scores if s is not None)
-                  + f"; best {best:.3f} vs round 1 {scores[0]:.3f}: {'rises' if best > scores[0] else 'does not rise'}")
+            print(
+                f"{r['variant']} seed {r['seed']}: per-round {task} probe (dev accuracy) "
+                + " ".join(f"{s:.3f}" for s in scores if s is not None)
+                + f"; best {best:.3f} vs round 1 {scores[0]:.3f}: {'rises' if best > scores[0] else 'does not rise'}"
+            )
 
 
 def plot(rows: list[dict], out: str, seed: int) -> Path:
@@ -317,8 +433,11 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--plot", default=None, help="also plot validation loss vs examples seen (PNG)")
     parser.add_argument("--cached-only", action="store_true", help="tabulate the finished runs only; run nothing")
-    parser.add_argument("--without-reference", action="store_true",
-                        help="do not add each setting's centralised run (no ratio column for it)")
+    parser.add_argument(
+        "--without-reference",
+        action="store_true",
+        help="do not add each setting's centralised run (no ratio column for it)",
+    )
     args = parser.parse_args()
     if args.list:
         for name, (setting, overrides, central, what) in VARIANTS.items():
@@ -345,8 +464,11 @@ def main() -> None:
             if row is None:
                 continue
             rows.append(row)
-            print(f"  {row['variant']} seed {row['seed']}: final val loss {row['final']:.3f} "
-                  f"({row['seconds'] / 60:.1f} min)", flush=True)
+            print(
+                f"  {row['variant']} seed {row['seed']}: final val loss {row['final']:.3f} "
+                f"({row['seconds'] / 60:.1f} min)",
+                flush=True,
+            )
     summarise(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -30,8 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MID_CONFIG = dict(
-    hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536, codevector_dim=128,
-    proj_codevector_dim=128, conv_dim=(256,) * 7, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=8,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    intermediate_size=1536,
+    codevector_dim=128,
+    proj_codevector_dim=128,
+    conv_dim=(256,) * 7,
+    num_conv_pos_embeddings=64,
+    num_conv_pos_embedding_groups=8,
 )
 
 
@@ -110,9 +117,17 @@ def child(spec: dict) -> None:
 
 
 def measure_rss(setting: Setting, path: str, threads: int) -> int:
-    spec = {"model": path, "batch": setting.batch, "seconds": setting.seconds, "precision": setting.precision,
-            "savers": list(setting.savers), "threads": threads}
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True, capture_output=True, text=True)
+    spec = {
+        "model": path,
+        "batch": setting.batch,
+        "seconds": setting.seconds,
+        "precision": setting.precision,
+        "savers": list(setting.savers),
+        "threads": threads,
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["rss_growth_bytes"]
 
 
@@ -147,37 +162,65 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fedspeech-prediction-"))
     mid_folder = work / "mid"
     catalogue_file = work / "devices.json"
-    entry = calibrate_local(catalogue_file, CALIBRATION.model, CALIBRATION.seconds, CALIBRATION.batch, args.repeats, args.clock)
+    entry = calibrate_local(
+        catalogue_file, CALIBRATION.model, CALIBRATION.seconds, CALIBRATION.batch, args.repeats, args.clock
+    )
     device = load_catalogue([catalogue_file], include_user=False)[LOCAL_DEVICE_ID]
-    print(f"calibrated at {CALIBRATION.label}: {device.throughput_flops / 1e9:.2f} GFLOP/s, "
-          f"bf16 factor {device.mixed_precision_speedup:.3f} ({args.clock} clock, {args.threads} thread(s))", flush=True)
+    print(
+        f"calibrated at {CALIBRATION.label}: {device.throughput_flops / 1e9:.2f} GFLOP/s, "
+        f"bf16 factor {device.mixed_precision_speedup:.3f} ({args.clock} clock, {args.threads} thread(s))",
+        flush=True,
+    )
 
     rows, templates = [], {}
     for setting in SETTINGS:
         path = model_path(setting.model, mid_folder)
         template = templates.setdefault(setting.model, build_model(path))
         savers = Savers.parse(list(setting.savers))
-        workloads = {setting.precision: measure_workload(path, setting.seconds, setting.batch, setting.precision, savers, template)}
+        workloads = {
+            setting.precision: measure_workload(
+                path, setting.seconds, setting.batch, setting.precision, savers, template
+            )
+        }
         if not device.supports(setting.precision):
             workloads["fp32"] = measure_workload(path, setting.seconds, setting.batch, "fp32", savers, template)
         prediction = predict(device, workloads[setting.precision], workloads.get("fp32"))
         repeats = args.repeats if setting.model in ("tiny", "mid") else 1  # keep the run near 10 minutes
-        measured = measure_step(template, path, setting.seconds, setting.batch, setting.precision, savers,
-                                repeats=repeats, with_layers=False)
+        measured = measure_step(
+            template,
+            path,
+            setting.seconds,
+            setting.batch,
+            setting.precision,
+            savers,
+            repeats=repeats,
+            with_layers=False,
+        )
         seconds = min(measured.step_cpu_seconds if args.clock == "cpu" else measured.step_seconds)
         rss = measure_rss(setting, path, args.threads)
-        rows.append({
-            "setting": setting.label, "model": setting.model, "batch": setting.batch, "seconds": setting.seconds,
-            "precision": setting.precision, "savers": list(setting.savers),
-            "train_gflops": measured.train_flops / 1e9,
-            "predicted_step_seconds": prediction.compute_seconds_per_batch, "measured_step_seconds": seconds,
-            "measured_wall_seconds": min(measured.step_seconds),
-            "predicted_peak_bytes": prediction.peak_bytes, "measured_peak_bytes": measured.peak_bytes,
-            "rss_growth_bytes": rss,
-        })
-        print(f"{setting.label}: predicted {prediction.compute_seconds_per_batch:.3f} s, measured {seconds:.3f} s; "
-              f"peak predicted {prediction.peak_bytes / 2**20:.1f} MiB, measured {measured.peak_bytes / 2**20:.1f} MiB, "
-              f"RSS +{rss / 2**20:.1f} MiB  [{time.time() - started:.0f} s]", flush=True)
+        rows.append(
+            {
+                "setting": setting.label,
+                "model": setting.model,
+                "batch": setting.batch,
+                "seconds": setting.seconds,
+                "precision": setting.precision,
+                "savers": list(setting.savers),
+                "train_gflops": measured.train_flops / 1e9,
+                "predicted_step_seconds": prediction.compute_seconds_per_batch,
+                "measured_step_seconds": seconds,
+                "measured_wall_seconds": min(measured.step_seconds),
+                "predicted_peak_bytes": prediction.peak_bytes,
+                "measured_peak_bytes": measured.peak_bytes,
+                "rss_growth_bytes": rss,
+            }
+        )
+        print(
+            f"{setting.label}: predicted {prediction.compute_seconds_per_batch:.3f} s, measured {seconds:.3f} s; "
+            f"peak predicted {prediction.peak_bytes / 2**20:.1f} MiB, measured {measured.peak_bytes / 2**20:.1f} MiB, "
+            f"RSS +{rss / 2**20:.1f} MiB  [{time.time() - started:.0f} s]",
+            flush=True,
+        )
 
     # (a) the same predictions from a mid-size calibration point instead of tiny
     mid_row = next(r for r in rows if r["setting"] == MID_CALIBRATION.label)
@@ -192,29 +235,90 @@ def main() -> int:
         path = model_path(name, mid_folder)
         fitted = measure_workload(path, 2.0, 1, "fp32", Savers(), templates.get(name) or build_model(path))
         for length in lengths:
-            row = next(r for r in rows if r["model"] == name and r["batch"] == 1 and r["seconds"] == length and r["precision"] == "fp32" and not r["savers"])
-            extrapolation.append({"model": name, "seconds": length, "predicted_peak_bytes": fitted.peak_bytes(seconds=length, batch=1),
-                                  "measured_peak_bytes": row["measured_peak_bytes"]})
+            row = next(
+                r
+                for r in rows
+                if r["model"] == name
+                and r["batch"] == 1
+                and r["seconds"] == length
+                and r["precision"] == "fp32"
+                and not r["savers"]
+            )
+            extrapolation.append(
+                {
+                    "model": name,
+                    "seconds": length,
+                    "predicted_peak_bytes": fitted.peak_bytes(seconds=length, batch=1),
+                    "measured_peak_bytes": row["measured_peak_bytes"],
+                }
+            )
 
     mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
     print("\n## Predicted vs measured (calibrated at " + CALIBRATION.label + ")\n")
-    print(format_table(
-        ["setting", "train GFLOPs", "pred s", "meas s", "err %", "err % (mid-cal)", "pred peak MiB", "meas peak MiB", "err %", "RSS growth MiB", "pred vs RSS %"],
-        [[r["setting"], f"{r['train_gflops']:.1f}", f"{r['predicted_step_seconds']:.3f}", f"{r['measured_step_seconds']:.3f}",
-          f"{percent(r['predicted_step_seconds'], r['measured_step_seconds']):+.0f}",
-          f"{percent(r['predicted_step_seconds_mid_calibration'], r['measured_step_seconds']):+.0f}",
-          mib(r["predicted_peak_bytes"]), mib(r["measured_peak_bytes"]), f"{percent(r['predicted_peak_bytes'], r['measured_peak_bytes']):+.1f}",
-          mib(r["rss_growth_bytes"]), f"{percent(r['predicted_peak_bytes'], r['rss_growth_bytes']):+.0f}"]
-         for r in rows],
-    ))
+    print(
+        format_table(
+            [
+                "setting",
+                "train GFLOPs",
+                "pred s",
+                "meas s",
+                "err %",
+                "err % (mid-cal)",
+                "pred peak MiB",
+                "meas peak MiB",
+                "err %",
+                "RSS growth MiB",
+                "pred vs RSS %",
+            ],
+            [
+                [
+                    r["setting"],
+                    f"{r['train_gflops']:.1f}",
+                    f"{r['predicted_step_seconds']:.3f}",
+                    f"{r['measured_step_seconds']:.3f}",
+                    f"{percent(r['predicted_step_seconds'], r['measured_step_seconds']):+.0f}",
+                    f"{percent(r['predicted_step_seconds_mid_calibration'], r['measured_step_seconds']):+.0f}",
+                    mib(r["predicted_peak_bytes"]),
+                    mib(r["measured_peak_bytes"]),
+                    f"{percent(r['predicted_peak_bytes'], r['measured_peak_bytes']):+.1f}",
+                    mib(r["rss_growth_bytes"]),
+                    f"{percent(r['predicted_peak_bytes'], r['rss_growth_bytes']):+.0f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     print("\n## Memory line fitted at 1 s and 2 s, extrapolated (batch 1, fp32)\n")
-    print(format_table(["model", "seconds", "pred peak MiB", "meas peak MiB", "err %"],
-                       [[e["model"], f"{e['seconds']:g}", mib(e["predicted_peak_bytes"]), mib(e["measured_peak_bytes"]),
-                         f"{percent(e['predicted_peak_bytes'], e['measured_peak_bytes']):+.1f}"] for e in extrapolation]))
+    print(
+        format_table(
+            ["model", "seconds", "pred peak MiB", "meas peak MiB", "err %"],
+            [
+                [
+                    e["model"],
+                    f"{e['seconds']:g}",
+                    mib(e["predicted_peak_bytes"]),
+                    mib(e["measured_peak_bytes"]),
+                    f"{percent(e['predicted_peak_bytes'], e['measured_peak_bytes']):+.1f}",
+                ]
+                for e in extrapolation
+            ],
+        )
+    )
     print(f"\ntotal {time.time() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"calibration": entry, "rows": rows, "extrapolation": extrapolation,
-                                         "clock": args.clock, "threads": args.threads}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "calibration": entry,
+                    "rows": rows,
+                    "extrapolation": extrapolation,
+                    "clock": args.clock,
+                    "threads": args.threads,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -31,28 +31,58 @@ def modules(folder: Path) -> str:
     headers = ["module"] + [f"{n} params" for n in reports] + [f"{n} GFLOPs" for n in reports]
     rows = []
     for module in reports["base"]["modules"]:
-        rows.append([f"`{module}`"] + [f"{r['modules'][module]['params']:,}" for r in reports.values()]
-                    + [f"{r['modules'][module]['gflops']:.3f}" for r in reports.values()])
-    steps = ["train step (batch 1, 5 s): train GFLOPs / activations MiB / peak MiB"] + [""] * 3 + [
-        f"{r['train_step']['train_gflops']:.1f} / {r['train_step']['activation_bytes'] / MIB:,.0f} / "
-        f"{r['train_step']['peak_bytes'] / MIB:,.0f}" for r in reports.values()]
+        rows.append(
+            [f"`{module}`"]
+            + [f"{r['modules'][module]['params']:,}" for r in reports.values()]
+            + [f"{r['modules'][module]['gflops']:.3f}" for r in reports.values()]
+        )
+    steps = (
+        ["train step (batch 1, 5 s): train GFLOPs / activations MiB / peak MiB"]
+        + [""] * 3
+        + [
+            f"{r['train_step']['train_gflops']:.1f} / {r['train_step']['activation_bytes'] / MIB:,.0f} / "
+            f"{r['train_step']['peak_bytes'] / MIB:,.0f}"
+            for r in reports.values()
+        ]
+    )
     return table(headers, rows + [steps])
 
 
 def sweep(folder: Path) -> str:
     report = json.loads((folder / "base.json").read_text())
-    return table(["input s", "inference GFLOPs", "train GFLOPs", "activations MiB", "peak MiB", "CPU s/step", "wall s/step"],
-                 [[f"{r['audio_seconds']:g}", f"{r['inference_gflops']:.1f}", f"{r['train_gflops']:.1f}",
-                   f"{r['activation_bytes'] / MIB:,.1f}", f"{r['peak_bytes'] / MIB:,.1f}", sec(r.get("cpu_seconds")),
-                   sec(r["seconds"])] for r in report["sweep"]])
+    return table(
+        ["input s", "inference GFLOPs", "train GFLOPs", "activations MiB", "peak MiB", "CPU s/step", "wall s/step"],
+        [
+            [
+                f"{r['audio_seconds']:g}",
+                f"{r['inference_gflops']:.1f}",
+                f"{r['train_gflops']:.1f}",
+                f"{r['activation_bytes'] / MIB:,.1f}",
+                f"{r['peak_bytes'] / MIB:,.1f}",
+                sec(r.get("cpu_seconds")),
+                sec(r["seconds"]),
+            ]
+            for r in report["sweep"]
+        ],
+    )
 
 
 def precision(folder: Path) -> str:
     report = json.loads((folder / "base_prec.json").read_text())
-    return table(["precision", "activations MiB", "peak MiB", "train GFLOPs", "CPU s/step", "wall s/step"],
-                 [[r["precision"], f"{r['activation_bytes'] / MIB:,.1f}", f"{r['peak_bytes'] / MIB:,.1f}",
-                   f"{r['train_gflops']:.1f}", sec(r.get("cpu_seconds")), sec(r["seconds"])]
-                  for r in report["precision_comparison"]])
+    return table(
+        ["precision", "activations MiB", "peak MiB", "train GFLOPs", "CPU s/step", "wall s/step"],
+        [
+            [
+                r["precision"],
+                f"{r['activation_bytes'] / MIB:,.1f}",
+                f"{r['peak_bytes'] / MIB:,.1f}",
+                f"{r['train_gflops']:.1f}",
+                sec(r.get("cpu_seconds")),
+                sec(r["seconds"]),
+            ]
+            for r in report["precision_comparison"]
+        ],
+    )
 
 
 def savers(folder: Path) -> str:
@@ -60,9 +90,16 @@ def savers(folder: Path) -> str:
     rows = []
     for r in report["savers"]:
         cost = r.get("cpu_time_cost_percent")
-        rows.append([r["label"], f"{r['activation_bytes'] / MIB:,.1f}", f"{r['peak_bytes'] / MIB:,.1f}",
-                     f"{r['peak_saved_bytes'] / MIB:,.1f}", f"{r['train_gflops']:.1f}",
-                     "-" if cost is None else f"{cost:+.0f} %"])
+        rows.append(
+            [
+                r["label"],
+                f"{r['activation_bytes'] / MIB:,.1f}",
+                f"{r['peak_bytes'] / MIB:,.1f}",
+                f"{r['peak_saved_bytes'] / MIB:,.1f}",
+                f"{r['train_gflops']:.1f}",
+                "-" if cost is None else f"{cost:+.0f} %",
+            ]
+        )
     return table(["savers", "activations MiB", "peak MiB", "peak saved MiB", "train GFLOPs", "CPU time cost"], rows)
 
 
@@ -72,19 +109,36 @@ def catalogue() -> str:
     rows = []
     for d in load_catalogue(include_user=False).values():
         cal = d.calibration or {}
-        rows.append([d.name, d.device_class, "this machine" if d.id == "local-cpu" else
-                     "-" if d.memory_bytes is None else f"{d.memory_bytes / 2**30:g}",
-                     f"{d.headroom:g}", sec(cal.get("seconds_per_batch")) if cal else "-",
-                     "-" if d.throughput_flops is None else f"{d.throughput_flops / 1e9:,.0f}",
-                     ", ".join(d.mixed_precision) or "-"])
-    return table(["device", "class", "memory GiB", "headroom", "published s/batch", "throughput GFLOP/s", "mixed precision"], rows)
+        rows.append(
+            [
+                d.name,
+                d.device_class,
+                "this machine"
+                if d.id == "local-cpu"
+                else "-"
+                if d.memory_bytes is None
+                else f"{d.memory_bytes / 2**30:g}",
+                f"{d.headroom:g}",
+                sec(cal.get("seconds_per_batch")) if cal else "-",
+                "-" if d.throughput_flops is None else f"{d.throughput_flops / 1e9:,.0f}",
+                ", ".join(d.mixed_precision) or "-",
+            ]
+        )
+    return table(
+        ["device", "class", "memory GiB", "headroom", "published s/batch", "throughput GFLOP/s", "mixed precision"],
+        rows,
+    )
 
 
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/profiling_docs")
-    for name, make in (("MODULES", lambda: modules(folder)), ("SWEEP", lambda: sweep(folder)),
-                       ("PRECISION", lambda: precision(folder)), ("SAVERS", lambda: savers(folder)),
-                       ("CATALOGUE", catalogue)):
+    for name, make in (
+        ("MODULES", lambda: modules(folder)),
+        ("SWEEP", lambda: sweep(folder)),
+        ("PRECISION", lambda: precision(folder)),
+        ("SAVERS", lambda: savers(folder)),
+        ("CATALOGUE", catalogue),
+    ):
         try:
             print(f"<!-- {name} -->\n{make()}\n")
         except FileNotFoundError as missing:

@@ -35,18 +35,30 @@ VARIANTS: dict[str, tuple[dict, dict, float]] = {
     "neg20-span5-penalty0.1": ({**SHORT, "feature_penalty_weight": 0.1}, {}, 2e-3),
     "neg20-span5-penalty0": ({**SHORT, "feature_penalty_weight": 0.0}, {}, 2e-3),
     "penalty0": (dict(feature_penalty_weight=0.0), {}, 1e-3),  # the paper's objective otherwise
-    "layernorm-cnn": ({**SHORT, "feature_penalty_weight": 10.0, "feat_extract_norm": "layer", "conv_bias": True}, {}, 2e-3),
-    "layernorm-cnn-diversity1": ({**SHORT, "feature_penalty_weight": 10.0, "feat_extract_norm": "layer",
-                                  "conv_bias": True, "diversity_loss_weight": 1.0}, {}, 2e-3),
+    "layernorm-cnn": (
+        {**SHORT, "feature_penalty_weight": 10.0, "feat_extract_norm": "layer", "conv_bias": True},
+        {},
+        2e-3,
+    ),
+    "layernorm-cnn-diversity1": (
+        {
+            **SHORT,
+            "feature_penalty_weight": 10.0,
+            "feat_extract_norm": "layer",
+            "conv_bias": True,
+            "diversity_loss_weight": 1.0,
+        },
+        {},
+        2e-3,
+    ),
 }
 
 
 def pool(work: Path) -> list:
     """The ssl_quality benchmark's unlabelled pool (built on first use, then reused)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from ssl_quality import corpus, pretraining_manifest
-
     from fedspeech.data.manifest import read_manifest
+    from ssl_quality import corpus, pretraining_manifest
 
     return read_manifest(pretraining_manifest(corpus(work, 40, 0), 20, 0))
 
@@ -90,20 +102,33 @@ def run(name: str, utterances: list, steps: int, seed: int, one_batch: bool, fix
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = LRSchedule(warmup_steps=30, decay="constant")
     chance = math.log(1 + objective.num_negatives)
-    print(f"{name}: overrides {overrides}, objective {objective_overrides}, lr {lr:g}, seed {seed}; "
-          f"chance ln(1 + {objective.num_negatives}) = {chance:.3f}", flush=True)
+    print(
+        f"{name}: overrides {overrides}, objective {objective_overrides}, lr {lr:g}, seed {seed}; "
+        f"chance ln(1 + {objective.num_negatives}) = {chance:.3f}",
+        flush=True,
+    )
     step = 0
     while step < steps:
-        result = train_local(model, trained, itertools.islice(stream, 50), optimizer_factory=lambda _: optimizer,
-                             lr_schedule=schedule, max_grad_norm=5.0, start_step=step)
+        result = train_local(
+            model,
+            trained,
+            itertools.islice(stream, 50),
+            optimizer_factory=lambda _: optimizer,
+            lr_schedule=schedule,
+            max_grad_norm=5.0,
+            start_step=step,
+        )
         step = result.end_step
         with torch.no_grad():
             model.eval()
             first = {k: v for k, v in next(iter(dev)).items() if k != "utterances"}
             perplexity = float(objective(model, first, np.random.default_rng(0)).perplexity)
-        print(f"{name} step {step}: train loss {result.mean_loss_last_epoch:.3f}, "
-              f"val loss {evaluate_loss(model, objective, dev):.3f}, perplexity {perplexity:.1f} of "
-              f"{config.num_codevector_groups * config.num_codevectors_per_group}, chance {chance:.3f}", flush=True)
+        print(
+            f"{name} step {step}: train loss {result.mean_loss_last_epoch:.3f}, "
+            f"val loss {evaluate_loss(model, objective, dev):.3f}, perplexity {perplexity:.1f} of "
+            f"{config.num_codevector_groups * config.num_codevectors_per_group}, chance {chance:.3f}",
+            flush=True,
+        )
 
 
 class _FixedMasks:

@@ -42,10 +42,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fed_ssl_recipe besid
 # local_epochs: passes over them per round (both runs see the same examples: centralised
 # draws as many per round from the pooled data). FULL gives the centralised run 1440
 # optimiser steps of batch 8 x 1.5 s and every federated client 144 local steps.
-FULL = dict(speakers=40, pretrain_per_speaker=30, rounds=6, local_epochs=3, batch_size=8, max_seconds=1.5,
-            lr=2e-3, warmup_rounds=2, labelled_speakers=6, kws_steps=120, asr_steps=300, dev_cap=48)
-QUICK = dict(speakers=20, pretrain_per_speaker=8, rounds=2, local_epochs=1, batch_size=8, max_seconds=1.5,
-             lr=2e-3, warmup_rounds=1, labelled_speakers=4, kws_steps=20, asr_steps=20, dev_cap=16)
+FULL = dict(
+    speakers=40,
+    pretrain_per_speaker=30,
+    rounds=6,
+    local_epochs=3,
+    batch_size=8,
+    max_seconds=1.5,
+    lr=2e-3,
+    warmup_rounds=2,
+    labelled_speakers=6,
+    kws_steps=120,
+    asr_steps=300,
+    dev_cap=48,
+)
+QUICK = dict(
+    speakers=20,
+    pretrain_per_speaker=8,
+    rounds=2,
+    local_epochs=1,
+    batch_size=8,
+    max_seconds=1.5,
+    lr=2e-3,
+    warmup_rounds=1,
+    labelled_speakers=4,
+    kws_steps=20,
+    asr_steps=20,
+    dev_cap=16,
+)
 # feature_penalty_weight=0: the paper's weight 10 (and 1, and 0.1 for its first ~200 steps)
 # keeps a tiny model's contrastive loss at chance — the penalty shrinks the CNN output, the
 # context network collapses to a constant vector (docs/evaluation.md). Everything else is
@@ -53,8 +77,17 @@ QUICK = dict(speakers=20, pretrain_per_speaker=8, rounds=2, local_epochs=1, batc
 MODEL_OVERRIDES: dict = {"feature_penalty_weight": 0.0}
 # ASR gets its own, higher learning rates and 300 steps: at 3e-4/2e-3 and 120 steps CTC
 # never left the all-blank stage (CER ~1 for every backbone), so CER could not discriminate.
-FINETUNE = dict(lr_backbone=3e-4, lr_head=2e-3, asr_lr_backbone=5e-4, asr_lr_head=5e-3, freeze_cnn=False,
-                kws_batch=16, asr_batch=8, kws_max_seconds=1.0, asr_max_seconds=4.0)
+FINETUNE = dict(
+    lr_backbone=3e-4,
+    lr_head=2e-3,
+    asr_lr_backbone=5e-4,
+    asr_lr_head=5e-3,
+    freeze_cnn=False,
+    kws_batch=16,
+    asr_batch=8,
+    kws_max_seconds=1.0,
+    asr_max_seconds=4.0,
+)
 
 
 def _key(payload: dict) -> str:
@@ -113,7 +146,6 @@ def pretrain(variant: str, work: Path, seed: int, quick: bool) -> tuple[Path, fl
     """Run (or reuse) one of ``fed_ssl_recipe.py``'s pretraining variants on this benchmark's
     data; returns its last checkpoint, wall time and validation loss per round."""
     import fed_ssl_recipe
-
     from fedspeech.federated import checkpoints
 
     row = fed_ssl_recipe.run_variant(variant, seed, str(work), setting="quick" if quick else None)
@@ -169,20 +201,45 @@ def finetune(backbone: Path, utterances, recipe: dict, seed: int, extra_kws_test
 
     common = dict(freeze_cnn=FINETUNE["freeze_cnn"], seed=seed)
     kws = task_data(utterances, "kws", seed=seed)
-    kws_result = finetune_classifier(backbone, kws.train, kws.test, task="kws", dev_utts=_cap(kws.dev, recipe["dev_cap"], seed),
-                                     epochs=1000, max_steps=recipe["kws_steps"], batch_size=FINETUNE["kws_batch"],
-                                     max_seconds=FINETUNE["kws_max_seconds"], lr_backbone=FINETUNE["lr_backbone"],
-                                     lr_head=FINETUNE["lr_head"],
-                                     extra_eval_utts={"extra": extra_kws_test} if extra_kws_test else None, **common)
+    kws_result = finetune_classifier(
+        backbone,
+        kws.train,
+        kws.test,
+        task="kws",
+        dev_utts=_cap(kws.dev, recipe["dev_cap"], seed),
+        epochs=1000,
+        max_steps=recipe["kws_steps"],
+        batch_size=FINETUNE["kws_batch"],
+        max_seconds=FINETUNE["kws_max_seconds"],
+        lr_backbone=FINETUNE["lr_backbone"],
+        lr_head=FINETUNE["lr_head"],
+        extra_eval_utts={"extra": extra_kws_test} if extra_kws_test else None,
+        **common,
+    )
     asr = task_data(utterances, "asr", seed=seed)
-    asr_result = finetune_asr(backbone, asr.train, asr.test, dev_utts=_cap(asr.dev, recipe["dev_cap"], seed), epochs=1000,
-                              max_steps=recipe["asr_steps"], batch_size=FINETUNE["asr_batch"],
-                              max_seconds=FINETUNE["asr_max_seconds"], lr_backbone=FINETUNE["asr_lr_backbone"],
-                              lr_head=FINETUNE["asr_lr_head"], **common)
-    result = {"kws_accuracy": kws_result["accuracy"], "cer": asr_result["cer"], "wer": asr_result["wer"],
-              "kws_train": kws_result["num_train"], "asr_train": asr_result["num_train"],
-              "kws_test": kws_result["num_eval"], "asr_test": asr_result["num_eval"],
-              "asr_example": asr_result["examples"][0] if asr_result["examples"] else None}
+    asr_result = finetune_asr(
+        backbone,
+        asr.train,
+        asr.test,
+        dev_utts=_cap(asr.dev, recipe["dev_cap"], seed),
+        epochs=1000,
+        max_steps=recipe["asr_steps"],
+        batch_size=FINETUNE["asr_batch"],
+        max_seconds=FINETUNE["asr_max_seconds"],
+        lr_backbone=FINETUNE["asr_lr_backbone"],
+        lr_head=FINETUNE["asr_lr_head"],
+        **common,
+    )
+    result = {
+        "kws_accuracy": kws_result["accuracy"],
+        "cer": asr_result["cer"],
+        "wer": asr_result["wer"],
+        "kws_train": kws_result["num_train"],
+        "asr_train": asr_result["num_train"],
+        "kws_test": kws_result["num_eval"],
+        "asr_test": asr_result["num_eval"],
+        "asr_example": asr_result["examples"][0] if asr_result["examples"] else None,
+    }
     if extra_kws_test:
         result["extra_kws_accuracy"] = kws_result["extra"]["extra"]["accuracy"]
         result["extra_kws_test"] = kws_result["extra"]["extra"]["num_eval"]
@@ -190,23 +247,40 @@ def finetune(backbone: Path, utterances, recipe: dict, seed: int, extra_kws_test
 
 
 #: The rows: (name, fed_ssl_recipe variant or None for the untrained init).
-BACKBONES = (("random init", None), ("centralised SSL", "centralised"),
-             ("federated SSL, old (batch 8)", "fedavg"), ("federated SSL, recipe (batch 1)", "recipe"))
+BACKBONES = (
+    ("random init", None),
+    ("centralised SSL", "centralised"),
+    ("federated SSL, old (batch 8)", "fedavg"),
+    ("federated SSL, recipe (batch 1)", "recipe"),
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke version of the recipe")
     parser.add_argument("--work", default=None, help="cache folder for corpus and runs (default: a temp dir)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1 measured faster than 2 for the tiny model on a loaded 2-core box)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="init, pretraining and fine-tuning seeds (the corpus stays seed 0)")
-    parser.add_argument("--test-manifest", default=None,
-                        help="also score keyword spotting on this manifest's test split (any corpus, e.g. one "
-                             "imported with `fedspeech corpus import speech_commands`; other words -> _unknown_)")
-    parser.add_argument("--backbones", nargs="+", default=[name for name, _ in BACKBONES],
-                        help="which rows to run (default: all)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 measured faster than 2 for the tiny model on a loaded 2-core box)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="init, pretraining and fine-tuning seeds (the corpus stays seed 0)",
+    )
+    parser.add_argument(
+        "--test-manifest",
+        default=None,
+        help="also score keyword spotting on this manifest's test split (any corpus, e.g. one "
+        "imported with `fedspeech corpus import speech_commands`; other words -> _unknown_)",
+    )
+    parser.add_argument(
+        "--backbones", nargs="+", default=[name for name, _ in BACKBONES], help="which rows to run (default: all)"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default=None, help="also draw the table as grouped bars (PNG)")
     args = parser.parse_args()
@@ -221,8 +295,11 @@ def main() -> None:
     started = time.perf_counter()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ssl_quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"work folder {work}; recipe {recipe}; model overrides {MODEL_OVERRIDES}; fine-tuning {FINETUNE}; "
-          f"threads {args.threads}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"work folder {work}; recipe {recipe}; model overrides {MODEL_OVERRIDES}; fine-tuning {FINETUNE}; "
+        f"threads {args.threads}; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
     from fedspeech.data.manifest import read_manifest
 
@@ -248,17 +325,30 @@ def main() -> None:
                 result["finetune_seconds"] = time.perf_counter() - t0
                 cache.write_text(json.dumps(result, default=str))
             rows.append({"backbone": name, "seed": seed, **result, "pretrain_seconds": seconds, "val_losses": losses})
-            print(f"  seed {seed} {name}: kws {result['kws_accuracy']:.3f}, cer {result['cer']:.3f}"
-                  + (f", extra kws {result['extra_kws_accuracy']:.3f}" if "extra_kws_accuracy" in result else ""),
-                  flush=True)
+            print(
+                f"  seed {seed} {name}: kws {result['kws_accuracy']:.3f}, cer {result['cer']:.3f}"
+                + (f", extra kws {result['extra_kws_accuracy']:.3f}" if "extra_kws_accuracy" in result else ""),
+                flush=True,
+            )
     total = time.perf_counter() - started
     report(rows, recipe, total, args.test_manifest)
     if args.plot:
         plot(rows, args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps({"recipe": recipe, "finetune": FINETUNE, "rows": rows,
-                                               "test_manifest": args.test_manifest, "total_seconds": total},
-                                              indent=2, default=str) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "recipe": recipe,
+                    "finetune": FINETUNE,
+                    "rows": rows,
+                    "test_manifest": args.test_manifest,
+                    "total_seconds": total,
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
 
 
 def plot(rows: list[dict], out: str) -> Path:
@@ -266,8 +356,12 @@ def plot(rows: list[dict], out: str) -> Path:
     knows those two metrics; the other corpus's accuracy is in the table)."""
     from fedspeech.apps.finetune.compare import plot_comparison
 
-    flat = [{"backbone": r["backbone"], "task": task, "score": r[key]}
-            for r in rows for task, key in (("kws", "kws_accuracy"), ("asr", "cer")) if key in r]
+    flat = [
+        {"backbone": r["backbone"], "task": task, "score": r[key]}
+        for r in rows
+        for task, key in (("kws", "kws_accuracy"), ("asr", "cer"))
+        if key in r
+    ]
     means: dict[tuple[str, str], list[float]] = {}
     for item in flat:
         means.setdefault((item["backbone"], item["task"]), []).append(item["score"])
@@ -322,7 +416,9 @@ def report(rows: list[dict], recipe: dict, total: float, test_manifest: str | No
         metrics.append(("extra_kws_accuracy", f"keyword accuracy ↑ on {Path(test_manifest).name}"))
     seeds = sorted({r["seed"] for r in rows})
     print(f"\nmean ± se over seeds {seeds}")
-    print("| backbone | " + " | ".join(label for _, label in metrics) + " | pretraining wall time | final SSL val loss |")
+    print(
+        "| backbone | " + " | ".join(label for _, label in metrics) + " | pretraining wall time | final SSL val loss |"
+    )
     print("|---|" + "---:|" * (len(metrics) + 2))
     for name in names:
         mine = [r for r in rows if r["backbone"] == name]
@@ -335,10 +431,13 @@ def report(rows: list[dict], recipe: dict, total: float, test_manifest: str | No
         loss = f"{sum(finals) / len(finals):.3f}" if finals else "-"
         print(f"| {name} | " + " | ".join(cells) + f" | {wall / 60:.1f} min | {loss} |")
     first = rows[0]
-    print(f"\n(fine-tuning on {recipe['labelled_speakers']} labelled training speakers: {first['kws_train']} keyword "
-          f"clips, {first['asr_train']} sentences; test: {first['kws_test']} keyword clips, {first['asr_test']} "
-          "sentences of unseen speakers"
-          + (f"; other corpus: {first['extra_kws_test']} keyword clips" if "extra_kws_test" in first else "") + ")")
+    print(
+        f"\n(fine-tuning on {recipe['labelled_speakers']} labelled training speakers: {first['kws_train']} keyword "
+        f"clips, {first['asr_train']} sentences; test: {first['kws_test']} keyword clips, {first['asr_test']} "
+        "sentences of unseen speakers"
+        + (f"; other corpus: {first['extra_kws_test']} keyword clips" if "extra_kws_test" in first else "")
+        + ")"
+    )
     random_name, central_name = names[0], next((n for n in names if n.startswith("centralised")), None)
     for name in names[1:]:
         for key, _ in metrics:
@@ -350,15 +449,24 @@ def report(rows: list[dict], recipe: dict, total: float, test_manifest: str | No
         for name in fed:
             for key in ("kws_accuracy", "extra_kws_accuracy"):
                 if any(key in r for r in rows):
-                    gap = _mean_se([r2[key] - r1[key] for r1 in rows for r2 in rows
-                                    if r1["backbone"] == central_name and r2["backbone"] == name
-                                    and r1["seed"] == r2["seed"]])
-                    print(f"{key}: {name} minus centralised = {gap[0]:+.3f}"
-                          + (f" ± {gap[1]:.3f} (se)" if gap[1] == gap[1] else "")
-                          + f"; within 0.10: {'yes' if gap[0] > -0.10 else 'no'}")
+                    gap = _mean_se(
+                        [
+                            r2[key] - r1[key]
+                            for r1 in rows
+                            for r2 in rows
+                            if r1["backbone"] == central_name and r2["backbone"] == name and r1["seed"] == r2["seed"]
+                        ]
+                    )
+                    print(
+                        f"{key}: {name} minus centralised = {gap[0]:+.3f}"
+                        + (f" ± {gap[1]:.3f} (se)" if gap[1] == gap[1] else "")
+                        + f"; within 0.10: {'yes' if gap[0] > -0.10 else 'no'}"
+                    )
     compute = sum(r["pretrain_seconds"] + r.get("finetune_seconds", 0.0) for r in rows)
-    print(f"compute behind this table (pretraining + fine-tuning, cached or not): {compute / 60:.1f} min; "
-          f"this invocation's wall time: {total / 60:.1f} min")
+    print(
+        f"compute behind this table (pretraining + fine-tuning, cached or not): {compute / 60:.1f} min; "
+        f"this invocation's wall time: {total / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

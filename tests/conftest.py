@@ -15,8 +15,9 @@ def small_corpus(tmp_path_factory) -> Path:
         pytest.skip("espeak-ng is not installed (scripts/setup.sh installs it)")
     from fedspeech.data.synth import build_corpus
 
-    return build_corpus(tmp_path_factory.mktemp("corpus"), speakers=6, seed=0,
-                        keywords_per_speaker=12, sentences_per_speaker=3)
+    return build_corpus(
+        tmp_path_factory.mktemp("corpus"), speakers=6, seed=0, keywords_per_speaker=12, sentences_per_speaker=3
+    )
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -42,7 +43,9 @@ def speaker_partition(small_corpus, tmp_path_factory):
 
     def partition(num_clients: int) -> Path:
         if num_clients not in made:
-            part = make_partition(read_manifest(small_corpus), "speaker", num_clients, seed=0, manifest=str(small_corpus))
+            part = make_partition(
+                read_manifest(small_corpus), "speaker", num_clients, seed=0, manifest=str(small_corpus)
+            )
             made[num_clients] = part.save(tmp_path_factory.mktemp(f"partition{num_clients}") / "partition.json")
         return made[num_clients]
 

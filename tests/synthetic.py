@@ -25,7 +25,17 @@ def synthetic_batch(lengths: list[int], seed: int) -> dict[str, torch.Tensor]:
         mask[row, :n] = 1
     return {"input_values": values, "attention_mask": mask}
 
+
 # A much smaller "tiny" (config overrides) so each forward/backward takes milliseconds.
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-             codevector_dim=32, proj_codevector_dim=32, num_codevectors_per_group=16)
+SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    conv_dim=(32,) * 7,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    codevector_dim=32,
+    proj_codevector_dim=32,
+    num_codevectors_per_group=16,
+)

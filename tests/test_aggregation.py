@@ -52,10 +52,18 @@ def test_dtypes_are_kept_for_int_uint_bool_and_half() -> None:
         "flag": np.array([False]),
         "h": np.array([0.0], np.float16),
     }
-    a = {"i32": np.array([1, 10], np.int32), "u8": np.array([200], np.uint8),
-         "flag": np.array([True]), "h": np.array([1.0], np.float16)}
-    b = {"i32": np.array([2, 20], np.int32), "u8": np.array([255], np.uint8),
-         "flag": np.array([False]), "h": np.array([2.0], np.float16)}
+    a = {
+        "i32": np.array([1, 10], np.int32),
+        "u8": np.array([200], np.uint8),
+        "flag": np.array([True]),
+        "h": np.array([1.0], np.float16),
+    }
+    b = {
+        "i32": np.array([2, 20], np.int32),
+        "u8": np.array([255], np.uint8),
+        "flag": np.array([False]),
+        "h": np.array([2.0], np.float16),
+    }
     out = agg.fedavg([a, b], [1, 3], global_state=g)
     # i32: (1*[1,10] + 3*[2,20]) / 4 = [7/4, 70/4] = [1.75, 17.5] -> [2, 18] (ties to even)
     assert out["i32"].dtype == np.int32 and out["i32"].tolist() == [2, 18]

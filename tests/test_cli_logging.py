@@ -17,8 +17,9 @@ logging.getLogger("fedspeech.x").info("own-info-line")
 
 
 def _stderr(verbose: bool) -> str:
-    done = subprocess.run([sys.executable, "-c", SCRIPT.format(verbose=verbose)], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(verbose=verbose)], capture_output=True, text=True, check=True
+    )
     return done.stderr + done.stdout
 
 

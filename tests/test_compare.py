@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from fedspeech.cli import main
 from fedspeech.apps.finetune.compare import resolve_backbone
+from fedspeech.cli import main
 
 
 def test_resolve_backbone_prefers_the_tasks_best_round(tmp_path: Path):
@@ -24,14 +24,37 @@ def test_resolve_backbone_prefers_the_tasks_best_round(tmp_path: Path):
 
 def test_compare_command_writes_table_and_plot(small_corpus, tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = main(["compare", "--manifest", str(small_corpus), "--backbone", "random=tiny",
-                 "--backbone", "random2=tiny", "--tasks", "kws", "--epochs", "1", "--max-seconds", "1",
-                 "--lr-backbone", "1e-4", "--lr-head", "3e-3", "--no-freeze-cnn", "--out", str(out)])
+    code = main(
+        [
+            "compare",
+            "--manifest",
+            str(small_corpus),
+            "--backbone",
+            "random=tiny",
+            "--backbone",
+            "random2=tiny",
+            "--tasks",
+            "kws",
+            "--epochs",
+            "1",
+            "--max-seconds",
+            "1",
+            "--lr-backbone",
+            "1e-4",
+            "--lr-head",
+            "3e-3",
+            "--no-freeze-cnn",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     import json
 
     rows = json.loads((out / "compare.json").read_text())
-    assert [(r["backbone"], r["task"], r["metric"]) for r in rows] == [("random", "kws", "accuracy"),
-                                                                        ("random2", "kws", "accuracy")]
+    assert [(r["backbone"], r["task"], r["metric"]) for r in rows] == [
+        ("random", "kws", "accuracy"),
+        ("random2", "kws", "accuracy"),
+    ]
     assert rows[0]["score"] == rows[1]["score"]  # same recipe and seed, same init: same result
     assert (out / "compare.png").stat().st_size > 0

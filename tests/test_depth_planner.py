@@ -24,8 +24,9 @@ COSTS = [DepthCost(d, train_flops=d / 2 * 1e12, peak_bytes=d / 2 * GB) for d in 
 
 
 def device(memory_gb=8.0, tflops=1.0, headroom=0.2, **kwargs) -> Device:
-    return Device.from_dict({"memory_bytes": memory_gb * GB, "throughput_flops": tflops * 1e12, "headroom": headroom,
-                             **kwargs}, "test")
+    return Device.from_dict(
+        {"memory_bytes": memory_gb * GB, "throughput_flops": tflops * 1e12, "headroom": headroom, **kwargs}, "test"
+    )
 
 
 def test_picks_deepest_depth_that_fits_memory():
@@ -111,8 +112,13 @@ def test_device_from_dict():
 def tiny_model() -> EarlyExitModel:
     torch.manual_seed(0)
     config = Wav2Vec2Config(
-        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
-        conv_dim=(8,) * 7, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
         layerdrop=0.0,
     )
     return EarlyExitModel(Wav2Vec2Model(config), "classify", 3, every=2)
@@ -149,21 +155,16 @@ def test_plan_from_model_builder_chooses_by_memory(measured):
     shallow, deep = (c.at(seconds=0.5, batch=2) for c in costs)
     between = (shallow.peak_bytes + deep.peak_bytes) / 2
     budget = Device("small", "small", memory_bytes=between, throughput_flops=1e12, headroom=0.0)
-    plan = plan_depth(tiny_model, budget, deadline_seconds=60, steps_per_round=1, batch=2,
-                      seconds=0.5)
+    plan = plan_depth(tiny_model, budget, deadline_seconds=60, steps_per_round=1, batch=2, seconds=0.5)
     assert plan.depth == 2  # measured at (0.25 s, 0.5 s): the planned length itself
     assert plan.predicted_peak_bytes == pytest.approx(shallow.peak_bytes, rel=0.01)
     assert plan.candidates[1].peak_bytes == pytest.approx(deep.peak_bytes, rel=0.01)
 
 
 def test_fleet_fractions_are_exact_and_deterministic():
-    fleet = FleetConfig.from_dict(
-        {"seed": 3, "fractions": {"rpi4": 0.4, "jetson-nx": 0.3, "laptop": 0.3}}
-    )
+    fleet = FleetConfig.from_dict({"seed": 3, "fractions": {"rpi4": 0.4, "jetson-nx": 0.3, "laptop": 0.3}})
     names = fleet.assign(10)
-    assert sorted((n, names.count(n)) for n in set(names)) == [
-        ("jetson-nx", 3), ("laptop", 3), ("rpi4", 4)
-    ]
+    assert sorted((n, names.count(n)) for n in set(names)) == [("jetson-nx", 3), ("laptop", 3), ("rpi4", 4)]
     assert fleet.assign(10) == names
     assert len(fleet.assign(7)) == 7 and fleet.assign(7).count("rpi4") == 3  # 2.8 -> 3
     other_seed = FleetConfig(fractions=fleet.fractions, seed=4).assign(10)
@@ -188,7 +189,7 @@ def test_fleet_per_client_list_and_devices(tmp_path):
     path.write_text(json.dumps(spec))
     assert FleetConfig.load(path) == fleet
     toml = tmp_path / "fleet.toml"
-    toml.write_text('seed = 1\n[fractions]\nrpi4 = 0.5\nlaptop = 0.5\n')
+    toml.write_text("seed = 1\n[fractions]\nrpi4 = 0.5\nlaptop = 0.5\n")
     assert FleetConfig.load(toml).assign(4).count("rpi4") == 2
 
 
@@ -199,8 +200,7 @@ def test_fleet_per_client_list_and_devices(tmp_path):
         ({"fractions": {"a": 1.5, "b": -0.5}}, "fractions\\['b'\\]"),
         ({"fractions": {"a": 1.0}, "clients": ["a"]}, "exactly one"),
         ({"fractions": {"a": 1.0}, "size": 3}, "unknown fields"),
-        ({"clients": ["a", "b"], "devices": {"a": {"memory_gb": 1, "throughput_flops": 1}}},
-         "missing from"),
+        ({"clients": ["a", "b"], "devices": {"a": {"memory_gb": 1, "throughput_flops": 1}}}, "missing from"),
         ({"clients": "a"}, "list of device names"),
     ],
 )

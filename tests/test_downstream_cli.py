@@ -20,9 +20,31 @@ def run_cli(argv: list[str]) -> int:
 
 def test_cli_federated_kws_runs_rounds_and_rejects_mixed_flags(small_corpus, tmp_path, capsys):
     out, result_json = tmp_path / "run", tmp_path / "result.json"
-    code = run_cli(["finetune", "kws", "--manifest", str(small_corpus), "--federated", "--clients", "2",
-                    "--rounds", "2", "--local-epochs", "1", "--batch-size", "16", "--max-seconds", "0.5",
-                    "--lr-head", "1e-2", "--out", str(out), "--json", str(result_json)])
+    code = run_cli(
+        [
+            "finetune",
+            "kws",
+            "--manifest",
+            str(small_corpus),
+            "--federated",
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--max-seconds",
+            "0.5",
+            "--lr-head",
+            "1e-2",
+            "--out",
+            str(out),
+            "--json",
+            str(result_json),
+        ]
+    )
     assert code == 0
     result = json.loads(result_json.read_text())
     assert result["federated"] and result["num_clients"] == 2 and result["rounds"] == 2

@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from fedspeech.apps.finetune import cli
 from fedspeech.data.audio import AudioDataset, make_loader
 from fedspeech.data.manifest import Utterance, write_manifest
-from fedspeech.apps.finetune import cli
 from fedspeech.downstream.finetune import (
     evaluate_classifier,
     finetune_asr,
@@ -20,7 +20,6 @@ from fedspeech.downstream.finetune import (
     train_epochs,
 )
 from fedspeech.downstream.heads import UtteranceClassifier, make_optimizer
-
 from synthetic import SMALL
 
 
@@ -38,8 +37,18 @@ def tones(folder, count: int, *, prefix: str, seed: int, split: str = "train", s
         path = folder / f"{prefix}{i}.wav"
         sf.write(str(path), wave, 16000)
         name = "high" if high else "low"
-        utts.append(Utterance(f"{prefix}{i}", str(path), seconds, 16000, f"spk_{name}",
-                              transcript="hi" if high else "lo", label=name, split=split))
+        utts.append(
+            Utterance(
+                f"{prefix}{i}",
+                str(path),
+                seconds,
+                16000,
+                f"spk_{name}",
+                transcript="hi" if high else "lo",
+                label=name,
+                split=split,
+            )
+        )
     return utts
 
 
@@ -47,8 +56,19 @@ def test_classifier_finetune_separates_low_and_high_tones(tmp_path):
     train = tones(tmp_path / "a", 24, prefix="tr", seed=0)
     dev = tones(tmp_path / "b", 6, prefix="dv", seed=1, split="dev")
     test = tones(tmp_path / "c", 16, prefix="te", seed=2, split="test")
-    result = finetune_classifier("tiny", train, test, task="kws", dev_utts=dev, epochs=6, batch_size=8,
-                                 lr_backbone=1e-4, lr_head=3e-2, seed=0, config_overrides=SMALL)
+    result = finetune_classifier(
+        "tiny",
+        train,
+        test,
+        task="kws",
+        dev_utts=dev,
+        epochs=6,
+        batch_size=8,
+        lr_backbone=1e-4,
+        lr_head=3e-2,
+        seed=0,
+        config_overrides=SMALL,
+    )
     assert result["labels"] == ["high", "low"]
     assert result["accuracy"] >= 0.85  # chance is 0.5
     assert np.array(result["confusion_matrix"]).sum() == 16
@@ -61,8 +81,12 @@ def test_classifier_finetune_separates_low_and_high_tones(tmp_path):
 def test_finetune_is_deterministic_per_seed(tmp_path):
     train = tones(tmp_path / "a", 8, prefix="tr", seed=0)
     test = tones(tmp_path / "b", 4, prefix="te", seed=1)
-    runs = [finetune_classifier("tiny", train, test, task="speaker", epochs=2, batch_size=4, seed=seed,
-                                config_overrides=SMALL) for seed in (5, 5, 6)]
+    runs = [
+        finetune_classifier(
+            "tiny", train, test, task="speaker", epochs=2, batch_size=4, seed=seed, config_overrides=SMALL
+        )
+        for seed in (5, 5, 6)
+    ]
     assert runs[0]["epoch_losses"] == runs[1]["epoch_losses"]
     assert runs[0]["confusion_matrix"] == runs[1]["confusion_matrix"]
     assert runs[0]["epoch_losses"] != runs[2]["epoch_losses"]
@@ -70,11 +94,11 @@ def test_finetune_is_deterministic_per_seed(tmp_path):
 
 
 def test_asr_finetune_returns_error_rates_and_examples(tmp_path):
-    train = tones(tmp_path / "a", 6, prefix="tr", seed=0) + tones(tmp_path / "l", 2, prefix="long", seed=3,
-                                                                   seconds=1.0)
+    train = tones(tmp_path / "a", 6, prefix="tr", seed=0) + tones(tmp_path / "l", 2, prefix="long", seed=3, seconds=1.0)
     test = tones(tmp_path / "b", 3, prefix="te", seed=1)
-    result = finetune_asr("tiny", train, test, epochs=2, max_steps=3, batch_size=4, max_seconds=0.5, seed=0,
-                          config_overrides=SMALL)
+    result = finetune_asr(
+        "tiny", train, test, epochs=2, max_steps=3, batch_size=4, max_seconds=0.5, seed=0, config_overrides=SMALL
+    )
     assert result["num_train"] == 6  # the two 1 s clips exceed max_seconds and are dropped, not cropped
     assert result["steps"] == 3 and len(result["epoch_losses"]) == 2  # 2 batches per epoch, capped at 3
     assert result["wer"] >= 0 and result["cer"] >= 0 and np.isfinite(result["loss"])
@@ -117,8 +141,22 @@ def test_cli_finetune_kws_writes_json(tmp_path, capsys):
     utts = tones(tmp_path / "tr", 4, prefix="tr", seed=0) + tones(tmp_path / "te", 2, prefix="te", seed=1, split="test")
     manifest = write_manifest(utts, tmp_path / "manifest.tsv")
     out = tmp_path / "result.json"
-    code = run_cli(["finetune", "kws", "--manifest", str(manifest), "--epochs", "1", "--batch-size", "4",
-                    "--max-seconds", "0.3", "--json", str(out)])
+    code = run_cli(
+        [
+            "finetune",
+            "kws",
+            "--manifest",
+            str(manifest),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-seconds",
+            "0.3",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["task"] == "kws" and result["num_train"] == 4 and result["num_eval"] == 2
@@ -140,8 +178,17 @@ def test_classifier_scores_extra_test_sets_with_the_kept_model(tmp_path):
     train = tones(tmp_path / "a", 16, prefix="tr", seed=0)
     test = tones(tmp_path / "c", 8, prefix="te", seed=2, split="test")
     other = tones(tmp_path / "d", 6, prefix="ot", seed=3, split="test", seconds=0.3)
-    result = finetune_classifier("tiny", train, test, task="kws", epochs=2, batch_size=8, seed=0,
-                                 config_overrides=SMALL, extra_eval_utts={"same": test, "other": other})
+    result = finetune_classifier(
+        "tiny",
+        train,
+        test,
+        task="kws",
+        epochs=2,
+        batch_size=8,
+        seed=0,
+        config_overrides=SMALL,
+        extra_eval_utts={"same": test, "other": other},
+    )
     assert result["extra"]["same"]["accuracy"] == result["accuracy"]
     assert result["extra"]["other"]["num_eval"] == 6
     assert 0.0 <= result["extra"]["other"]["accuracy"] <= 1.0

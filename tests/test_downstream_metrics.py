@@ -53,9 +53,13 @@ def test_accuracy_and_confusion_matrix():
     true = ["a", "a", "b", "c", "c", "c"]
     pred = ["a", "b", "b", "c", "a", "c"]
     matrix = confusion_matrix(true, pred, labels)
-    expected = np.array([[1, 1, 0],  # true a: 1 right, 1 called b
-                         [0, 1, 0],  # true b: right
-                         [1, 0, 2]])  # true c: 1 called a, 2 right
+    expected = np.array(
+        [
+            [1, 1, 0],  # true a: 1 right, 1 called b
+            [0, 1, 0],  # true b: right
+            [1, 0, 2],
+        ]
+    )  # true c: 1 called a, 2 right
     np.testing.assert_array_equal(matrix, expected)
     assert accuracy(true, pred) == pytest.approx(4 / 6)
     # Mean per-class recall: (1/2 + 1/1 + 2/3) / 3.

@@ -25,13 +25,19 @@ from fedspeech.downstream.state import (
 )
 from fedspeech.downstream.text import CharVocab
 from fedspeech.models.configs import model_config
-
 from synthetic import SMALL
 
 
 def utt(i: int, *, transcript: str = "", label: str = "", speaker: str = "s0") -> Utterance:
-    return Utterance(id=f"u{i}", path=f"/nowhere/u{i}.wav", duration=0.5, sample_rate=16000, speaker=speaker,
-                     transcript=transcript, label=label)
+    return Utterance(
+        id=f"u{i}",
+        path=f"/nowhere/u{i}.wav",
+        duration=0.5,
+        sample_rate=16000,
+        speaker=speaker,
+        transcript=transcript,
+        label=label,
+    )
 
 
 def batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

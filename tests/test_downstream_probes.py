@@ -21,7 +21,6 @@ from fedspeech.downstream.probes import (
     prepare_probe_data,
 )
 from fedspeech.downstream.selection import HIGHER, LOWER
-
 from synthetic import SMALL
 
 
@@ -48,8 +47,10 @@ def test_knn_on_separable_clusters():
     train = torch.cat([c + 0.3 * torch.randn(10, 4, generator=g) for c in centres])
     test = torch.cat([c + 0.3 * torch.randn(5, 4, generator=g) for c in centres])
     names = ["a", "b", "c", "d"]
-    assert knn_accuracy(train, [n for n in names for _ in range(10)], test, [n for n in names for _ in range(5)],
-                        k=5) == 1.0
+    assert (
+        knn_accuracy(train, [n for n in names for _ in range(10)], test, [n for n in names for _ in range(5)], k=5)
+        == 1.0
+    )
 
 
 def blobs(seed: int, per_class: int, dim: int = 16, classes: int = 3, spread: float = 1.0):
@@ -98,8 +99,9 @@ def test_ctc_probe_reads_out_an_explicit_character_code():
     alphabet = "abcde "
 
     def texts(n):
-        return [" ".join("".join(rng.choice(list("abcde"), size=rng.integers(2, 4))) for _ in range(2))
-                for _ in range(n)]
+        return [
+            " ".join("".join(rng.choice(list("abcde"), size=rng.integers(2, 4))) for _ in range(2)) for _ in range(n)
+        ]
 
     train_texts, test_texts = texts(20), texts(8)
     train = [char_frames(t, alphabet, rng) for t in train_texts]
@@ -126,8 +128,18 @@ def tone_utterances(folder, count: int, *, prefix: str, seed: int, split: str = 
         path = folder / f"{prefix}{i}.wav"
         sf.write(str(path), wave, 16000)
         label = "high" if high else "low"
-        utts.append(Utterance(f"{prefix}{i}", str(path), 0.4, 16000, f"spk_{label}",
-                              transcript="hi" if high else "lo", label=label, split=split))
+        utts.append(
+            Utterance(
+                f"{prefix}{i}",
+                str(path),
+                0.4,
+                16000,
+                f"spk_{label}",
+                transcript="hi" if high else "lo",
+                label=label,
+                split=split,
+            )
+        )
     return utts
 
 
@@ -148,8 +160,9 @@ def test_embeddings_and_probe_suite_on_a_tiny_model(tmp_path):
     assert [len(f) for f in frames] == [19] * 8  # 0.4 s -> 19 frames
     torch.testing.assert_close(torch.stack([f.mean(0) for f in frames]), emb)
 
-    suite = ProbeSuite.from_utterances({"kws": (train, test), "speaker": (train, test), "asr": (train, test)},
-                                       method="knn", k=3, ctc_steps=20)
+    suite = ProbeSuite.from_utterances(
+        {"kws": (train, test), "speaker": (train, test), "asr": (train, test)}, method="knn", k=3, ctc_steps=20
+    )
     assert suite.directions == {"kws": HIGHER, "speaker": HIGHER, "asr": LOWER}
     scores = suite(backbone)
     assert set(scores) == {"kws", "speaker", "asr"}

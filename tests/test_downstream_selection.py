@@ -82,8 +82,13 @@ def test_speaker_id_split_shares_speakers_and_is_seeded():
 
 
 def test_task_data_uses_manifest_splits_and_sentences_for_asr():
-    utts = [u(0, "a", "train", "yes", "yes"), u(1, "a", "train", "the cat sat"),
-            u(2, "b", "test", "go", "go"), u(3, "b", "test", "a dog"), u(4, "c", "dev", "a bird")]
+    utts = [
+        u(0, "a", "train", "yes", "yes"),
+        u(1, "a", "train", "the cat sat"),
+        u(2, "b", "test", "go", "go"),
+        u(3, "b", "test", "a dog"),
+        u(4, "c", "dev", "a bird"),
+    ]
     assert [x.id for x in asr_utterances(utts)] == ["a_1", "b_3", "c_4"]  # keyword clips are not ASR data
     asr = task_data(utts, "asr")
     assert ([x.id for x in asr.train], [x.id for x in asr.test], [x.id for x in asr.dev]) == (["a_1"], ["b_3"], ["c_4"])
@@ -94,8 +99,12 @@ def test_task_data_uses_manifest_splits_and_sentences_for_asr():
 
 
 def test_probe_sets_never_use_test_split():
-    utts = [u(i, s, split, "word", lab) for split, speakers in (("train", "abcd"), ("dev", "e"), ("test", "f"))
-            for s in speakers for i, lab in enumerate(["yes", "no", "yes", "no", "", "", ""])]
+    utts = [
+        u(i, s, split, "word", lab)
+        for split, speakers in (("train", "abcd"), ("dev", "e"), ("test", "f"))
+        for s in speakers
+        for i, lab in enumerate(["yes", "no", "yes", "no", "", "", ""])
+    ]
     utts = [x if x.label else Utterance(x.id, x.path, 1.0, 16000, x.speaker, "a sentence", "", x.split) for x in utts]
     sets = probe_sets(utts, kws_per_label=(1, 1), speakers=3, speaker_per_speaker=(2, 1), asr_counts=(2, 2))
     assert set(sets) == {"kws", "speaker", "asr"}

@@ -107,9 +107,7 @@ def test_depth_stops_at_layer_d(family):
     calls, handles = count_layer_calls(model)
     head_calls = {e: 0 for e in model.exits}
     for e in model.exits:
-        model.heads[str(e)].register_forward_hook(
-            lambda *_, e=e: head_calls.__setitem__(e, head_calls[e] + 1)
-        )
+        model.heads[str(e)].register_forward_hook(lambda *_, e=e: head_calls.__setitem__(e, head_calls[e] + 1))
     audio, mask = padded_batch()
     out = model(audio, mask, depth=2)
     assert calls == [1, 1, 0, 0]
@@ -197,9 +195,7 @@ def test_freeze_beyond_matches_trainable_keys():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(model.trainable_keys(2)) & {n for n, _ in model.named_parameters()}
     model.freeze_beyond(4)
-    assert {_layer_of(n) for n, p in model.named_parameters() if p.requires_grad} - {None} == {
-        1, 2, 3, 4
-    }
+    assert {_layer_of(n) for n, p in model.named_parameters() if p.requires_grad} - {None} == {1, 2, 3, 4}
 
 
 def test_training_flops_increase_with_depth():
@@ -248,9 +244,7 @@ def test_exit_weights():
     weighted = early_exit_loss(logits, targets, "classify", weights={2: 0.0, 4: 1.0})
     torch.testing.assert_close(weighted, only_deepest)
     summed = early_exit_loss(logits, targets, "classify")
-    torch.testing.assert_close(
-        summed, early_exit_loss(logits, targets, "classify", weights=[1.0, 1.0])
-    )
+    torch.testing.assert_close(summed, early_exit_loss(logits, targets, "classify", weights=[1.0, 1.0]))
 
 
 def test_confidence_policy_on_crafted_logits():

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from fedspeech.apps.earlyexit import task
-from fedspeech.federated.checkpoints import round_dir
 from fedspeech.apps.earlyexit.plan import (
     ClientPlan,
     inclusive_deadline,
@@ -22,6 +21,7 @@ from fedspeech.apps.earlyexit.plan import (
 )
 from fedspeech.apps.earlyexit.run import run_early_exit, write_flower_app
 from fedspeech.apps.earlyexit.settings import EarlyExitSettings
+from fedspeech.federated.checkpoints import round_dir
 
 DEADLINE = 1.0
 NUM_LAYERS = 6  # exits at 2, 4, 6
@@ -33,9 +33,19 @@ def partition(speaker_partition) -> Path:
 
 
 def make_settings(small_corpus: Path, partition: Path, out: Path, **kw) -> EarlyExitSettings:
-    base = dict(manifest=str(small_corpus), partition=str(partition), out_dir=str(out), model="tiny",
-                num_layers=NUM_LAYERS, exit_every=2, rounds=1, batch_size=4, max_seconds=1.0,
-                eval_splits="dev,test", deadline=DEADLINE)
+    base = dict(
+        manifest=str(small_corpus),
+        partition=str(partition),
+        out_dir=str(out),
+        model="tiny",
+        num_layers=NUM_LAYERS,
+        exit_every=2,
+        rounds=1,
+        batch_size=4,
+        max_seconds=1.0,
+        eval_splits="dev,test",
+        deadline=DEADLINE,
+    )
     return EarlyExitSettings(**{**base, **kw})
 
 
@@ -50,7 +60,7 @@ def fleet_file(settings: EarlyExitSettings, target_depths: list[int], folder: Pa
     for client, target in enumerate(target_depths):
         work = task.client_workload(settings, client, settings.manifest, settings.partition)
 
-        def round_flops(depth: int) -> float:
+        def round_flops(depth: int, work=work) -> float:
             return work.steps * costs[depth].at(work.seconds, work.batch).train_flops
 
         deeper = [d for d in depths if d > target]
@@ -129,8 +139,9 @@ def test_layers_nobody_trained_keep_their_global_value(adaptive_run):
     start = initial.backbone.state_dict()
     for key in ("encoder.layers.4.attention.k_proj.weight", "encoder.layers.5.feed_forward.output_dense.bias"):
         assert torch.equal(backbone[key], start[key])
-    assert not torch.equal(backbone["encoder.layers.0.attention.k_proj.weight"],
-                           start["encoder.layers.0.attention.k_proj.weight"])
+    assert not torch.equal(
+        backbone["encoder.layers.0.attention.k_proj.weight"], start["encoder.layers.0.attention.k_proj.weight"]
+    )
     trained = task.load_early_exit(folder)
     assert torch.equal(trained.state_dict()["heads.6.proj.weight"], initial.state_dict()["heads.6.proj.weight"])
     assert not torch.equal(trained.state_dict()["heads.4.proj.weight"], initial.state_dict()["heads.4.proj.weight"])
@@ -138,8 +149,9 @@ def test_layers_nobody_trained_keep_their_global_value(adaptive_run):
 
 def test_full_depth_baseline_costs_more_per_client(adaptive_run, tmp_path):
     settings, adaptive = adaptive_run
-    full = run_early_exit(EarlyExitSettings(**{**vars(settings), "mode": "full", "out_dir": str(tmp_path / "full"),
-                                               "rounds": 1}))
+    full = run_early_exit(
+        EarlyExitSettings(**{**vars(settings), "mode": "full", "out_dir": str(tmp_path / "full"), "rounds": 1})
+    )
     clients = {c["client"]: c for c in full[0]["clients"]}
     assert {c["depth"] for c in clients.values()} == {NUM_LAYERS}
     assert len({c["arrays_sent"] for c in clients.values()}) == 1
@@ -152,8 +164,9 @@ def test_full_depth_baseline_costs_more_per_client(adaptive_run, tmp_path):
     assert full[0]["simulated_round_seconds"] > adaptive[0]["simulated_round_seconds"]
     assert full[0]["layers_not_trained"] == []
     costs = task.depth_costs(settings)
-    assert [costs[d].at(1.0, 4).train_flops for d in (2, 4, 6)] == sorted(costs[d].at(1.0, 4).train_flops
-                                                                           for d in (2, 4, 6))
+    assert [costs[d].at(1.0, 4).train_flops for d in (2, 4, 6)] == sorted(
+        costs[d].at(1.0, 4).train_flops for d in (2, 4, 6)
+    )
 
 
 @pytest.mark.parametrize("mode, sampled, depths", [("exclusion", [2], {6}), ("smallest", [0, 1, 2], {2})])
@@ -180,11 +193,14 @@ def test_auto_deadline_leaves_nobody_out(small_corpus, partition, mixed_fleet, t
 
 def test_mixed_precision_where_the_device_has_it(small_corpus, partition, tmp_path):
     fleet = tmp_path / "fleet.json"
-    devices = {"gpu": {"memory_gb": 8, "throughput_flops": 1e12, "mixed_precision": True, "mixed_speedup": 2.0},
-               "cpu": {"memory_gb": 8, "throughput_flops": 1e12}}
+    devices = {
+        "gpu": {"memory_gb": 8, "throughput_flops": 1e12, "mixed_precision": True, "mixed_speedup": 2.0},
+        "cpu": {"memory_gb": 8, "throughput_flops": 1e12},
+    }
     fleet.write_text(json.dumps({"clients": ["gpu", "cpu", "gpu"], "devices": devices}))
-    settings = make_settings(small_corpus, partition, tmp_path / "mixed", precision="mixed", fleet=str(fleet),
-                             deadline=100.0)
+    settings = make_settings(
+        small_corpus, partition, tmp_path / "mixed", precision="mixed", fleet=str(fleet), deadline=100.0
+    )
     (record,) = run_early_exit(settings)
     clients = {c["client"]: c for c in record["clients"]}
     assert [clients[k]["precision"] for k in (0, 1, 2)] == ["mixed", "fp32", "mixed"]
@@ -195,8 +211,10 @@ def test_mixed_precision_where_the_device_has_it(small_corpus, partition, tmp_pa
 
 def test_full_depth_trains_a_client_that_would_not_fit(small_corpus, partition, tmp_path):
     fleet = tmp_path / "fleet.json"
-    devices = {"small": {"memory_gb": 0.005, "headroom": 0.0, "throughput_flops": 1e12},
-               "big": {"memory_gb": 8, "throughput_flops": 1e12}}
+    devices = {
+        "small": {"memory_gb": 0.005, "headroom": 0.0, "throughput_flops": 1e12},
+        "big": {"memory_gb": 8, "throughput_flops": 1e12},
+    }
     fleet.write_text(json.dumps({"clients": ["small", "big", "big"], "devices": devices}))
     settings = make_settings(small_corpus, partition, tmp_path / "oom", mode="full", fleet=str(fleet), deadline=100.0)
     (record,) = run_early_exit(settings)
@@ -212,16 +230,32 @@ def test_full_depth_trains_a_client_that_would_not_fit(small_corpus, partition, 
 
 def _plan(client: int, times: list[float | None], fits: list[bool] | None = None, cap: int | None = None) -> ClientPlan:
     fits = fits or [True] * len(times)
-    candidates = tuple({"depth": 2 * (i + 1), "peak_bytes": 1.0, "seconds_per_round": t, "fits_memory": f,
-                        "fits_deadline": True} for i, (t, f) in enumerate(zip(times, fits)))
-    return ClientPlan(client=client, device="d", depth=2 * len(times), precision="fp32", reason="", steps_per_round=1,
-                      seconds=1.0, full_depth_seconds=times[-1], full_depth_fits_memory=fits[-1],
-                      candidates=candidates, max_depth=cap)
+    candidates = tuple(
+        {"depth": 2 * (i + 1), "peak_bytes": 1.0, "seconds_per_round": t, "fits_memory": f, "fits_deadline": True}
+        for i, (t, f) in enumerate(zip(times, fits))
+    )
+    return ClientPlan(
+        client=client,
+        device="d",
+        depth=2 * len(times),
+        precision="fp32",
+        reason="",
+        steps_per_round=1,
+        seconds=1.0,
+        full_depth_seconds=times[-1],
+        full_depth_fits_memory=fits[-1],
+        candidates=candidates,
+        max_depth=cap,
+    )
 
 
 def test_auto_deadline_and_replanning():
-    plans = [_plan(0, [4.0, 8.0, 12.0]), _plan(1, [1.0, 2.0, 3.0]), _plan(2, [0.5, 1.0, 9.0], cap=4),
-             _plan(3, [100.0, 200.0, 300.0], fits=[False, False, False])]  # cannot hold any depth: ignored
+    plans = [
+        _plan(0, [4.0, 8.0, 12.0]),
+        _plan(1, [1.0, 2.0, 3.0]),
+        _plan(2, [0.5, 1.0, 9.0], cap=4),
+        _plan(3, [100.0, 200.0, 300.0], fits=[False, False, False]),
+    ]  # cannot hold any depth: ignored
     deadline = inclusive_deadline(plans)
     assert deadline == 4.0
     assert [with_deadline(p, deadline).depth for p in plans] == [2, 6, 4, 0]
@@ -255,7 +289,6 @@ def test_fleet_specs(tmp_path):
     with pytest.raises(ValueError, match="device:fraction"):
         parse_fleet("a40:lots")
     from fedspeech.apps.earlyexit.plan import client_device
-
     from fedspeech.profiling.catalogue import load_catalogue
 
     rpi = client_device("raspberry-pi-4:1.0", 0, "", 0, 3)
@@ -268,17 +301,22 @@ def test_fleet_specs(tmp_path):
 
 
 def test_settings_round_trip_and_errors():
-    settings = EarlyExitSettings(mode="smallest", deadline=3.5, distill_lambda=0.3, model_overrides='{"conv_dim": [32]}',
-                                 num_layers=8)
+    settings = EarlyExitSettings(
+        mode="smallest", deadline=3.5, distill_lambda=0.3, model_overrides='{"conv_dim": [32]}', num_layers=8
+    )
     config = settings.to_run_config()
     assert config["deadline"] == 3.5 and config["model-overrides"] == '{"conv_dim": [32]}'
     assert EarlyExitSettings.from_run_config(config) == settings
     assert settings.config_overrides == {"conv_dim": [32], "num_hidden_layers": 8}
     assert settings.label_names[-1] == "_unknown_" and len(settings.label_names) == 11
     assert settings.lr_at_round(1) == pytest.approx(settings.lr)
-    for bad, match in [({"mode": "greedy"}, "mode"), ({"deadline": -1.0}, "deadline"),
-                       ({"model_overrides": "{not json"}, "model_overrides"), ({"eval_splits": " , "}, "eval_splits"),
-                       ({"confidence_threshold": 0.0}, "confidence_threshold")]:
+    for bad, match in [
+        ({"mode": "greedy"}, "mode"),
+        ({"deadline": -1.0}, "deadline"),
+        ({"model_overrides": "{not json"}, "model_overrides"),
+        ({"eval_splits": " , "}, "eval_splits"),
+        ({"confidence_threshold": 0.0}, "confidence_threshold"),
+    ]:
         with pytest.raises(ValueError, match=match):
             EarlyExitSettings(**bad)
 
@@ -290,8 +328,24 @@ def test_cli_report_and_flower_app(adaptive_run, tmp_path, capsys):
     settings, _ = adaptive_run
     parser = argparse.ArgumentParser()
     earlyexit_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["early-exit", "--manifest", "m.tsv", "--partition", "p.json", "--out", "o",
-                              "--modes", "adaptive", "full", "--deadline", "2.5", "--num-layers", "8"])
+    args = parser.parse_args(
+        [
+            "early-exit",
+            "--manifest",
+            "m.tsv",
+            "--partition",
+            "p.json",
+            "--out",
+            "o",
+            "--modes",
+            "adaptive",
+            "full",
+            "--deadline",
+            "2.5",
+            "--num-layers",
+            "8",
+        ]
+    )
     parsed = earlyexit_cli.settings_from_args(args)
     assert (parsed.deadline, parsed.num_layers, parsed.out_dir, args.modes) == (2.5, 8, "o", ["adaptive", "full"])
     assert parsed.freeze_feature_encoder

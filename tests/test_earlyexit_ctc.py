@@ -13,17 +13,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from safetensors.torch import load_file
 
+from fedspeech.apps.earlyexit import client_app, task
+from fedspeech.apps.earlyexit.report import comparison_table, summarize
+from fedspeech.apps.earlyexit.run import run_early_exit
+from fedspeech.apps.earlyexit.settings import EarlyExitSettings
 from fedspeech.data.audio import AudioDataset, make_loader
 from fedspeech.data.manifest import read_manifest
 from fedspeech.data.partition import Partition, client_utterances
 from fedspeech.downstream.metrics import cer, wer
 from fedspeech.downstream.tasks import asr_utterances
 from fedspeech.downstream.text import ctc_greedy_decode, normalize_transcript
-from fedspeech.apps.earlyexit import client_app, task
 from fedspeech.federated.checkpoints import round_dir
-from fedspeech.apps.earlyexit.report import comparison_table, summarize
-from fedspeech.apps.earlyexit.run import run_early_exit
-from fedspeech.apps.earlyexit.settings import EarlyExitSettings
 
 EXITS = (1, 2, 4)  # the tiny preset's 4 layers
 DEPTH_CAPS = [1, 2, 2]  # each client's own cap: nobody trains layers 3 and 4
@@ -35,9 +35,19 @@ def partition(speaker_partition) -> Path:
 
 
 def make_settings(small_corpus: Path, partition: Path, out: Path, **kw) -> EarlyExitSettings:
-    base = dict(manifest=str(small_corpus), partition=str(partition), out_dir=str(out), task="asr", model="tiny",
-                exits=",".join(map(str, EXITS)), rounds=1, batch_size=4, lr=2e-3,
-                eval_splits="dev,test", deadline=100.0)
+    base = dict(
+        manifest=str(small_corpus),
+        partition=str(partition),
+        out_dir=str(out),
+        task="asr",
+        model="tiny",
+        exits=",".join(map(str, EXITS)),
+        rounds=1,
+        batch_size=4,
+        lr=2e-3,
+        eval_splits="dev,test",
+        deadline=100.0,
+    )
     return EarlyExitSettings(**{**base, **kw})
 
 
@@ -46,8 +56,9 @@ def asr_run(small_corpus, partition, tmp_path_factory):
     """Two adaptive rounds on fast made-up devices; clients cap their own depth at 1, 2, 2."""
     folder = tmp_path_factory.mktemp("ctc-run")
     fleet = folder / "fleet.json"
-    fleet.write_text(json.dumps({"clients": ["fast"] * 3, "devices": {"fast": {"memory_gb": 8,
-                                                                           "throughput_flops": 1e12}}}))
+    fleet.write_text(
+        json.dumps({"clients": ["fast"] * 3, "devices": {"fast": {"memory_gb": 8, "throughput_flops": 1e12}}})
+    )
     settings = make_settings(small_corpus, partition, folder / "run", rounds=2, fleet=str(fleet))
     records = run_early_exit(settings, node_configs=[{"max-depth": cap} for cap in DEPTH_CAPS])
     return settings, records
@@ -78,8 +89,9 @@ def test_logged_wer_matches_the_checkpoint(asr_run, small_corpus):
     folder = round_dir(Path(settings.out_dir), 2)
     model, vocab = task.load_early_exit(folder).eval(), task.load_vocab(folder)
     assert model.task == "ctc" and model.exits == EXITS and vocab == task.run_vocab(settings)
-    held_out = sorted((u for u in asr_utterances(read_manifest(small_corpus)) if u.split in ("dev", "test")),
-                      key=lambda u: u.id)
+    held_out = sorted(
+        (u for u in asr_utterances(read_manifest(small_corpus)) if u.split in ("dev", "test")), key=lambda u: u.id
+    )
     references = [normalize_transcript(u.transcript) for u in held_out]
     hypotheses = {e: [] for e in EXITS}
     with torch.no_grad():
@@ -102,18 +114,28 @@ def test_shallow_client_uploads_no_deep_layers(asr_run):
     assert clients[0]["bytes_sent"] < clients[1]["bytes_sent"]
 
     # Client 0's reply itself, called as the runner calls it: only layer 1, the shared trunk and head 1.
-    context = Context(run_id=0, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
-                      run_config=settings.to_run_config())
+    context = Context(
+        run_id=0,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=settings.to_run_config(),
+    )
     state = model.state_dict()
-    content = RecordDict({"arrays": ArrayRecord({k: state[k] for k in model.held_keys(1)}),
-                          "config": ConfigRecord({"depth": 1, "server-round": 1, "lr": 1e-3})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: state[k] for k in model.held_keys(1)}),
+            "config": ConfigRecord({"depth": 1, "server-round": 1, "lr": 1e-3}),
+        }
+    )
     message = Message(content, 1, MessageType.TRAIN)
     message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
     sent = set(client_app.client_train(message, context).content["arrays"].keys())
     assert sent == set(model.trainable_keys(1))
     assert any(k.startswith("backbone.encoder.layers.0.") for k in sent) and "heads.1.proj.weight" in sent
-    assert not any(k.startswith(("backbone.encoder.layers.1.", "backbone.encoder.layers.3.", "heads.2.", "heads.4."))
-                   for k in sent)
+    assert not any(
+        k.startswith(("backbone.encoder.layers.1.", "backbone.encoder.layers.3.", "heads.2.", "heads.4.")) for k in sent
+    )
     assert not any(k.startswith("backbone.feature_extractor.") for k in sent)  # frozen CNN: never sent
 
 
@@ -141,8 +163,12 @@ def test_report_table_and_plots_say_lower_is_better(asr_run, tmp_path):
     assert summary["wer_deepest_trained"] == records[-1]["wer"]["2"]
     table = comparison_table({"adaptive": summary})
     assert table.splitlines()[0].startswith("| WER / CER: lower is better | adaptive |")
-    for row in ("WER % at exit 1", "CER % at exit 4", "WER % at deepest trained exit",
-                "confidence exit: WER % / mean exit"):
+    for row in (
+        "WER % at exit 1",
+        "CER % at exit 4",
+        "WER % at deepest trained exit",
+        "confidence exit: WER % / mean exit",
+    ):
         assert row in table
     assert "accuracy" not in table
     _, plots = write_report({"adaptive": records}, tmp_path)
@@ -176,20 +202,26 @@ def test_asr_settings(small_corpus, partition, tmp_path):
     assert settings.train_seconds == 16.0 and settings.letter_set == "abcxyz"
     assert task.run_vocab(settings).tokens[3:] == list("abcxyz")
     assert EarlyExitSettings().task == "kws" and EarlyExitSettings().train_seconds == 1.0
-    for bad, match in [({"task": "nlu"}, "task"), ({"letters": "ab1"}, "letters"), ({"asr_max_seconds": 0.0},
-                                                                                     "asr_max_seconds")]:
+    for bad, match in [
+        ({"task": "nlu"}, "task"),
+        ({"letters": "ab1"}, "letters"),
+        ({"asr_max_seconds": 0.0}, "asr_max_seconds"),
+    ]:
         with pytest.raises(ValueError, match=match):
             EarlyExitSettings(**bad)
     # sentences longer than asr_max_seconds are dropped, not cropped; none left is a clear error
-    durations = sorted(u.duration for u in asr_utterances(client_utterances(
-        Partition.load(partition), read_manifest(small_corpus), 0)))
+    durations = sorted(
+        u.duration for u in asr_utterances(client_utterances(Partition.load(partition), read_manifest(small_corpus), 0))
+    )
     limit = (durations[0] + durations[-1]) / 2
     short = make_settings(small_corpus, partition, tmp_path, asr_max_seconds=limit)
     kept = task.task_dataset(short, short.manifest, short.partition, 0)
     assert 0 < len(kept) == sum(d <= limit for d in durations) < len(durations)
     assert max(len(wave) for wave, _ in kept) > 16_000  # whole sentences
     assert task.client_workload(short, 0, short.manifest, short.partition).seconds == max(
-        d for d in durations if d <= limit)
+        d for d in durations if d <= limit
+    )
     with pytest.raises(ValueError, match="asr-max-seconds"):
-        task.client_workload(make_settings(small_corpus, partition, tmp_path, asr_max_seconds=0.5), 0,
-                            str(small_corpus), str(partition))
+        task.client_workload(
+            make_settings(small_corpus, partition, tmp_path, asr_max_seconds=0.5), 0, str(small_corpus), str(partition)
+        )

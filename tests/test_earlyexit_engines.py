@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedspeech.federated.checkpoints import round_dir
 from fedspeech.apps.earlyexit.run import run_modes
 from fedspeech.apps.earlyexit.settings import MODES
+from fedspeech.federated.checkpoints import round_dir
 from test_earlyexit_app import fleet_file, make_settings
 
 # SuperNode i names device dev{i}, made for exactly depth 6, 4 (test_earlyexit_app.fleet_file);
@@ -42,7 +42,11 @@ def assert_same_round(a: dict, b: dict, mode: str) -> None:
     for c in a["clients"]:
         other = by_client[c["client"]]
         assert (c["device"], c["examples"], c["arrays_sent"], c["bytes_sent"]) == (
-            other["device"], other["examples"], other["arrays_sent"], other["bytes_sent"])
+            other["device"],
+            other["examples"],
+            other["arrays_sent"],
+            other["bytes_sent"],
+        )
         assert c["train_flops"] == pytest.approx(other["train_flops"], rel=1e-9)
         assert c["train_loss"] == pytest.approx(other["train_loss"], rel=1e-3)
     assert a["upload_bytes"] == b["upload_bytes"] and a["layers_not_trained"] == b["layers_not_trained"]

@@ -46,8 +46,14 @@ def fedavg_of_toy_clients(num_clients: int, server_round: int) -> float:
 
 
 def test_node_config_arg_round_trips_through_flowers_parser():
-    config = {"partition-id": 3, "num-partitions": 8, "manifest": "/data/my corpus/train.tsv",
-              "partition": "/data/parts.toml", "weight": 0.5, "augment": True}
+    config = {
+        "partition-id": 3,
+        "num-partitions": 8,
+        "manifest": "/data/my corpus/train.tsv",
+        "partition": "/data/parts.toml",
+        "weight": 0.5,
+        "augment": True,
+    }
     arg = node_config_arg(config)
     # Flower's SuperNode parses --node-config with parse_config_args([arg]).
     assert parse_config_args([arg]) == config
@@ -135,11 +141,15 @@ def test_stop_all_terminates_detached_descendants_that_ignore_sigterm(tmp_path):
     """flwr detaches its SuperExec (own session); clean-up must find it by the tag, and
     escalate to SIGKILL for a process that ignores SIGTERM."""
     ready = tmp_path / "grandchild-ready"
-    grandchild = ("import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                  f"pathlib.Path({str(ready)!r}).touch(); time.sleep(300)")
-    script = ("import subprocess, sys, time\n"
-              f"subprocess.Popen([sys.executable, '-c', {grandchild!r}], start_new_session=True)\n"
-              "time.sleep(300)\n")
+    grandchild = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(300)"
+    )
+    script = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {grandchild!r}], start_new_session=True)\n"
+        "time.sleep(300)\n"
+    )
     processes = TaggedProcesses(tmp_path / "home", tmp_path / "logs")
     try:
         processes.start("parent", [sys.executable, "-c", script])
@@ -162,10 +172,12 @@ def test_deployment_engine_over_tls_with_supernode_auth_runs_two_rounds(tmp_path
     """A SuperLink and two SuperNodes on loopback, TLS with generated certificates, only
     registered SuperNodes admitted, each SuperNode with its own node config."""
     result_path = tmp_path / "result.json"
-    node_configs = [{"manifest": str(tmp_path / f"client {i}.tsv"), "partition": str(tmp_path / "p.toml")}
-                    for i in range(2)]
-    with DeploymentCluster(tmp_path / "cluster", 2, node_configs=node_configs, tls=True,
-                           supernode_auth=True, startup_timeout=150) as cluster:
+    node_configs = [
+        {"manifest": str(tmp_path / f"client {i}.tsv"), "partition": str(tmp_path / "p.toml")} for i in range(2)
+    ]
+    with DeploymentCluster(
+        tmp_path / "cluster", 2, node_configs=node_configs, tls=True, supernode_auth=True, startup_timeout=150
+    ) as cluster:
         tag = cluster.tag
         assert len(tagged_pids(tag)) >= 3  # SuperLink, 2 SuperNodes (+ their SuperExecs)
         assert len(cluster.node_ids) == 2

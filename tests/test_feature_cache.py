@@ -9,15 +9,28 @@ import pytest
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from fedspeech.profiling.depth_planner import measure_depth_costs
+from fedspeech.models.accounting import flop_counter
 from fedspeech.models.early_exit import EarlyExitModel, step_inputs
 from fedspeech.models.feature_cache import FrozenFeatureCache
-from fedspeech.models.accounting import flop_counter
+from fedspeech.profiling.depth_planner import measure_depth_costs
 
-TINY = dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
-            conv_dim=(8, 8), conv_kernel=(10, 4), conv_stride=(5, 4), num_conv_pos_embeddings=8,
-            num_conv_pos_embedding_groups=2, feat_extract_norm="group", hidden_dropout=0.0,
-            attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0)
+TINY = dict(
+    hidden_size=16,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    intermediate_size=32,
+    conv_dim=(8, 8),
+    conv_kernel=(10, 4),
+    conv_stride=(5, 4),
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+    feat_extract_norm="group",
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    layerdrop=0.0,
+)
 
 
 @dataclass(frozen=True)
@@ -132,7 +145,8 @@ def test_cached_cost_lines_drop_exactly_the_cnn_forward():
             assert saved == pytest.approx(cnn, rel=1e-6)
     # what is left still grows with depth
     assert [cached[d].at(0.5, 1).train_flops for d in m.exits] == sorted(
-        cached[d].at(0.5, 1).train_flops for d in m.exits)
+        cached[d].at(0.5, 1).train_flops for d in m.exits
+    )
 
 
 def test_exported_cache_serves_the_same_features_after_restore():

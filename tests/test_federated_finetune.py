@@ -13,27 +13,36 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
+from fedspeech.apps.finetune import client_app, server_app, task
+from fedspeech.apps.finetune.run import prepare, run_federated_finetune
+from fedspeech.apps.finetune.settings import FinetuneSettings
+from fedspeech.apps.finetune.task import class_names, local_finetune
 from fedspeech.data.manifest import read_manifest
 from fedspeech.data.partition import Partition, PartitionError
 from fedspeech.downstream.finetune import selection_key
+from fedspeech.downstream.state import trainable_state
 from fedspeech.downstream.tasks import task_data
 from fedspeech.federated import roundlog
-from fedspeech.apps.finetune import client_app, server_app, task
-from fedspeech.apps.finetune.run import prepare, run_federated_finetune
-from fedspeech.apps.finetune.task import class_names, local_finetune
-from fedspeech.downstream.state import trainable_state
-from fedspeech.apps.finetune.settings import FinetuneSettings
 from fedspeech.federated.inprocess import run_inprocess
-
 from synthetic import SMALL
 
 HEAD = "head.weight"
 
 
 def settings_for(manifest, out, **changes) -> FinetuneSettings:
-    values = dict(task="kws", manifest=str(manifest), out_dir=str(out), model_overrides=json.dumps(SMALL),
-                  clients=3, rounds=2, local_epochs=1, batch_size=8, max_seconds=1.0, lr_backbone=1e-4,
-                  lr_head=1e-2)
+    values = dict(
+        task="kws",
+        manifest=str(manifest),
+        out_dir=str(out),
+        model_overrides=json.dumps(SMALL),
+        clients=3,
+        rounds=2,
+        local_epochs=1,
+        batch_size=8,
+        max_seconds=1.0,
+        lr_backbone=1e-4,
+        lr_head=1e-2,
+    )
     return FinetuneSettings(**{**values, **changes})
 
 
@@ -45,13 +54,17 @@ def recording_client(calls: list[dict]) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         reply = client_app.client_train(msg, context)
         config = msg.content["config"]
-        calls.append({
-            "round": int(config["server-round"]), "client": int(context.node_config["partition-id"]),
-            "classes": list(config["classes"]), "lr_scale": float(config["lr-scale"]),
-            "received": msg.content["arrays"].to_torch_state_dict(),
-            "sent": reply.content["arrays"].to_torch_state_dict(),
-            "examples": int(reply.content["metrics"]["num-examples"]),
-        })
+        calls.append(
+            {
+                "round": int(config["server-round"]),
+                "client": int(context.node_config["partition-id"]),
+                "classes": list(config["classes"]),
+                "lr_scale": float(config["lr-scale"]),
+                "received": msg.content["arrays"].to_torch_state_dict(),
+                "sent": reply.content["arrays"].to_torch_state_dict(),
+                "examples": int(reply.content["metrics"]["num-examples"]),
+            }
+        )
         return reply
 
     return app
@@ -127,8 +140,14 @@ def test_aggregate_is_the_sample_weighted_average_of_client_updates(kws_run):
 def test_a_client_round_is_reproducible(kws_run):
     settings, _, _, _ = kws_run
     call = calls_of(kws_run, 1)[1]
-    state, metrics = local_finetune(settings, {"partition-id": call["client"]}, call["received"], call["classes"],
-                                    server_round=1, lr_scale=call["lr_scale"])
+    state, metrics = local_finetune(
+        settings,
+        {"partition-id": call["client"]},
+        call["received"],
+        call["classes"],
+        server_round=1,
+        lr_scale=call["lr_scale"],
+    )
     assert metrics["num-examples"] == call["examples"]
     assert torch.equal(state[HEAD], call["sent"][HEAD])
     assert not torch.equal(state[HEAD], call["received"][HEAD])  # it did train
@@ -139,10 +158,13 @@ def test_speaker_clients_share_every_speaker_as_a_class(small_corpus, tmp_path):
     classes = class_names("speaker", task_data(read_manifest(small_corpus), "speaker"))
     assert len(classes) == 6
     model = task.build_model(settings, classes)
-    state, metrics = local_finetune(settings, {"partition-id": 0}, trainable_state(model), classes,
-                                    server_round=1, lr_scale=1.0)
-    client_speakers = {u.speaker for u in task.client_task_utterances(
-        settings.manifest, settings.partition, 0, "speaker", settings.seed)}
+    state, metrics = local_finetune(
+        settings, {"partition-id": 0}, trainable_state(model), classes, server_round=1, lr_scale=1.0
+    )
+    client_speakers = {
+        u.speaker
+        for u in task.client_task_utterances(settings.manifest, settings.partition, 0, "speaker", settings.seed)
+    }
     assert len(client_speakers) < len(classes) and state[HEAD].shape[0] == len(classes)
     assert metrics["steps"] >= 1
 

@@ -33,8 +33,11 @@ def make_server(results: dict) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord([np.zeros(3, dtype=np.float32)]),
-                                num_rounds=int(context.run_config["rounds"]))
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord([np.zeros(3, dtype=np.float32)]),
+            num_rounds=int(context.run_config["rounds"]),
+        )
         results["arrays"] = result.arrays.to_numpy_ndarrays()
         results["train"] = result.train_metrics_clientapp
 

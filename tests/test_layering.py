@@ -35,6 +35,9 @@ def imported_packages(package: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_package_imports_only_lower_layers(package):
-    wrong = {module: sorted(names - ALLOWED[package]) for module, names in imported_packages(package).items()
-             if names - ALLOWED[package]}
+    wrong = {
+        module: sorted(names - ALLOWED[package])
+        for module, names in imported_packages(package).items()
+        if names - ALLOWED[package]
+    }
     assert not wrong, f"{package} may import only {sorted(ALLOWED[package])}: {wrong}"

@@ -110,9 +110,7 @@ def test_speaker_partition_is_disjoint_complete_and_balanced():
 
 def test_speaker_partition_follows_lpt_on_a_known_case():
     # Speaker durations 7, 5, 4, 3, 1 on 2 clients: LPT gives {7, 3} and {5, 4, 1}.
-    utts = [
-        Utterance(f"u{d}", f"/x/{d}.wav", float(d), 16000, speaker=f"s{d}") for d in (1, 3, 4, 5, 7)
-    ]
+    utts = [Utterance(f"u{d}", f"/x/{d}.wav", float(d), 16000, speaker=f"s{d}") for d in (1, 3, 4, 5, 7)]
     partition = partition_by_speaker(utts, 2, seed=0)
     assert [sorted(client) for client in partition.clients] == [["u3", "u7"], ["u1", "u4", "u5"]]
 

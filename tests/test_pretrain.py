@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import Wav2Vec2Model
 
-from fedspeech.data.manifest import read_manifest
-from fedspeech.federated.checkpoints import completed_rounds, round_dir
 from fedspeech.apps.pretrain.run import run_centralised, run_pretraining
 from fedspeech.apps.pretrain.settings import PretrainSettings
+from fedspeech.data.manifest import read_manifest
+from fedspeech.federated.checkpoints import completed_rounds, round_dir
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,17 @@ def partition(speaker_partition) -> Path:
 
 
 def settings(small_corpus: Path, partition: Path, out: Path, **kw) -> PretrainSettings:
-    base = dict(manifest=str(small_corpus), partition=str(partition), out_dir=str(out), model="tiny",
-                rounds=2, max_seconds=1.0, batch_size=4, lr=5e-4, val_max_utterances=8)
+    base = dict(
+        manifest=str(small_corpus),
+        partition=str(partition),
+        out_dir=str(out),
+        model="tiny",
+        rounds=2,
+        max_seconds=1.0,
+        batch_size=4,
+        lr=5e-4,
+        val_max_utterances=8,
+    )
     return PretrainSettings(**{**base, **kw})
 
 
@@ -63,8 +72,9 @@ def test_refuses_to_overwrite_an_earlier_run(small_corpus, partition, tmp_path):
 
 def test_backbone_only_sends_less(small_corpus, partition, tmp_path):
     full = run_pretraining(settings(small_corpus, partition, tmp_path / "full", rounds=1))
-    backbone = run_pretraining(settings(small_corpus, partition, tmp_path / "bb", rounds=1, backbone_only=True,
-                                        strategy="loss"))
+    backbone = run_pretraining(
+        settings(small_corpus, partition, tmp_path / "bb", rounds=1, backbone_only=True, strategy="loss")
+    )
     assert backbone[0]["bytes_to_clients"] < full[0]["bytes_to_clients"]
     assert backbone[0]["bytes_from_clients"] < full[0]["bytes_from_clients"]
 
@@ -125,10 +135,19 @@ def test_per_round_probes_keep_the_best_round_per_task(small_corpus, partition, 
         assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("recipe", [
-    dict(optimizer_state="server", server_optimizer="fedadam", server_lr=0.01, server_momentum=0.9, lr_schedule="step"),
-    dict(server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5),
-])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        dict(
+            optimizer_state="server",
+            server_optimizer="fedadam",
+            server_lr=0.01,
+            server_momentum=0.9,
+            lr_schedule="step",
+        ),
+        dict(server_optimizer="fedavgm", server_lr=1.0, server_momentum=0.5),
+    ],
+)
 def test_recipe_options_resume_exactly(small_corpus, partition, tmp_path, recipe):
     """Server-optimiser moments and optimiser states are part of what a resumed run restores:
     stopping after round 1 and resuming gives the uninterrupted run's model."""
@@ -167,8 +186,15 @@ def test_federated_training_lowers_the_validation_loss(small_corpus, partition, 
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss
 
-    run = settings(small_corpus, partition, tmp_path / "learn", rounds=4, local_epochs=2,
-                   batch_size=PretrainSettings().batch_size, lr=PretrainSettings().lr)  # the default recipe
+    run = settings(
+        small_corpus,
+        partition,
+        tmp_path / "learn",
+        rounds=4,
+        local_epochs=2,
+        batch_size=PretrainSettings().batch_size,
+        lr=PretrainSettings().lr,
+    )  # the default recipe
     method = get_method(run)
     untrained = evaluate_loss(method.fresh_model(), method.objective, validation_loader(run))
     records = run_pretraining(run)

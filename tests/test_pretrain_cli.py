@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from fedspeech.apps.pretrain import cli as pretrain_cli
-from fedspeech.federated.runners import RUNNERS
 from fedspeech.apps.pretrain.settings import PretrainSettings
+from fedspeech.federated.runners import RUNNERS
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -21,9 +21,21 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_every_setting_is_a_flag_and_unset_flags_keep_the_defaults():
     args = parse("--manifest", "m.tsv", "--out", "runs/x", "--rounds", "7", "--lr", "0.002", "--resume")
     settings = pretrain_cli.settings_from_args(args)
-    assert (settings.manifest, settings.out_dir, settings.rounds, settings.lr, settings.resume) == ("m.tsv", "runs/x", 7, 0.002, True)
+    assert (settings.manifest, settings.out_dir, settings.rounds, settings.lr, settings.resume) == (
+        "m.tsv",
+        "runs/x",
+        7,
+        0.002,
+        True,
+    )
     defaults = PretrainSettings()
-    untouched = {f.name for f in dataclasses.fields(PretrainSettings)} - {"manifest", "out_dir", "rounds", "lr", "resume"}
+    untouched = {f.name for f in dataclasses.fields(PretrainSettings)} - {
+        "manifest",
+        "out_dir",
+        "rounds",
+        "lr",
+        "resume",
+    }
     assert all(getattr(settings, name) == getattr(defaults, name) for name in untouched)
 
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import Wav2Vec2Model
 
-from fedspeech.federated.checkpoints import round_dir
 from fedspeech.apps.pretrain.run import run_pretraining
+from fedspeech.federated.checkpoints import round_dir
 from test_pretrain import partition, settings  # noqa: F401, F811  (the same fixture and settings)
 
 
@@ -49,6 +49,7 @@ def test_deployment_engine_runs_the_pretraining_app_like_inprocess(small_corpus,
 def test_simulation_engine_runs_feature_matching_with_fedu_like_inprocess(small_corpus, partition, tmp_path):
     kw = dict(method="byol", strategy="fedu")
     inprocess = run_pretraining(settings(small_corpus, partition, tmp_path / "inprocess", **kw))
-    simulated = run_pretraining(settings(small_corpus, partition, tmp_path / "simulation", **kw),
-                                runner="simulation", timeout=600)
+    simulated = run_pretraining(
+        settings(small_corpus, partition, tmp_path / "simulation", **kw), runner="simulation", timeout=600
+    )
     assert_same_run(simulated, inprocess, tmp_path / "simulation", tmp_path / "inprocess")

@@ -28,8 +28,23 @@ def run(*argv: str) -> int:
 
 def test_profile_writes_json_and_plots(tmp_path, capsys):
     out, plots = tmp_path / "tiny.json", tmp_path / "plots"
-    code = run("profile", "--model", "tiny", "--seconds", "1", "--batch", "1", "--repeats", "0",
-               "--sweep-seconds", "0.5,1", "--json", str(out), "--plots", str(plots))
+    code = run(
+        "profile",
+        "--model",
+        "tiny",
+        "--seconds",
+        "1",
+        "--batch",
+        "1",
+        "--repeats",
+        "0",
+        "--sweep-seconds",
+        "0.5,1",
+        "--json",
+        str(out),
+        "--plots",
+        str(plots),
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert {"modules", "layers", "train_step", "sweep"} <= set(report)
@@ -41,14 +56,56 @@ def test_profile_writes_json_and_plots(tmp_path, capsys):
 
 def test_feasibility_measures_predicts_and_reuses_the_workload(tmp_path):
     catalogue = tmp_path / "devices.json"
-    catalogue.write_text(json.dumps({"devices": [
-        {"id": "roomy", "name": "Roomy", "class": "test", "memory_gib": 64, "headroom": 0.1, "throughput_gflops": 10.0},
-        {"id": "cramped", "name": "Cramped", "class": "test", "memory_gib": 0.01, "headroom": 0.1, "throughput_gflops": 10.0},
-    ]}))
+    catalogue.write_text(
+        json.dumps(
+            {
+                "devices": [
+                    {
+                        "id": "roomy",
+                        "name": "Roomy",
+                        "class": "test",
+                        "memory_gib": 64,
+                        "headroom": 0.1,
+                        "throughput_gflops": 10.0,
+                    },
+                    {
+                        "id": "cramped",
+                        "name": "Cramped",
+                        "class": "test",
+                        "memory_gib": 0.01,
+                        "headroom": 0.1,
+                        "throughput_gflops": 10.0,
+                    },
+                ]
+            }
+        )
+    )
     first = tmp_path / "plan.json"
-    assert run("feasibility", "--model", "tiny", "--seconds", "1", "--batch", "2", "--catalogue", str(catalogue),
-               "--device", "roomy", "cramped", "--utterances-per-client", "10", "--clients", "2", "--rounds", "3",
-               "--json", str(first)) == 0
+    assert (
+        run(
+            "feasibility",
+            "--model",
+            "tiny",
+            "--seconds",
+            "1",
+            "--batch",
+            "2",
+            "--catalogue",
+            str(catalogue),
+            "--device",
+            "roomy",
+            "cramped",
+            "--utterances-per-client",
+            "10",
+            "--clients",
+            "2",
+            "--rounds",
+            "3",
+            "--json",
+            str(first),
+        )
+        == 0
+    )
     result = json.loads(first.read_text())
     rows = {row["device"]: row for row in result["devices"]}
     assert rows["roomy"]["fits"] and not rows["cramped"]["fits"]
@@ -58,11 +115,31 @@ def test_feasibility_measures_predicts_and_reuses_the_workload(tmp_path):
     assert rows["roomy"]["fl"]["total_seconds"] == pytest.approx(3 * 5 * rows["roomy"]["seconds_per_batch"])
     measured = result["workload"]["measured"]  # (batch 1, S/2), (batch 2, S/2), (batch 1, S)
     assert [(p["batch"], p["seconds"]) for p in measured] == [(1, 0.5), (2, 0.5), (1, 1.0)]
-    assert measured[1]["peak_bytes"] > measured[0]["peak_bytes"] and measured[2]["peak_bytes"] > measured[0]["peak_bytes"]
+    assert (
+        measured[1]["peak_bytes"] > measured[0]["peak_bytes"] and measured[2]["peak_bytes"] > measured[0]["peak_bytes"]
+    )
 
     second = tmp_path / "plan4.json"
-    assert run("feasibility", "--model", "tiny", "--seconds", "1", "--batch", "4", "--catalogue", str(catalogue),
-               "--device", "roomy", "--workload", str(first), "--json", str(second)) == 0
+    assert (
+        run(
+            "feasibility",
+            "--model",
+            "tiny",
+            "--seconds",
+            "1",
+            "--batch",
+            "4",
+            "--catalogue",
+            str(catalogue),
+            "--device",
+            "roomy",
+            "--workload",
+            str(first),
+            "--json",
+            str(second),
+        )
+        == 0
+    )
     bigger = json.loads(second.read_text())["devices"][0]
     assert bigger["seconds_per_batch"] == pytest.approx(2 * rows["roomy"]["seconds_per_batch"])
     assert bigger["peak_bytes"] > rows["roomy"]["peak_bytes"]
@@ -75,14 +152,48 @@ def test_feasibility_measures_predicts_and_reuses_the_workload(tmp_path):
 def test_calibrate_local_writes_a_usable_catalogue_entry(tmp_path):
     catalogue, plan_file = tmp_path / "mine.json", tmp_path / "plan.json"
     stored = tmp_path / "stored.json"
-    stored.write_text(json.dumps({"workloads": {"fp32": {
-        "model": "tiny", "seconds": 1.0, "batch": 1, "precision": "fp32", "savers": [],
-        "train_flops_per_utterance": 1e9, "fixed_bytes": 1e7, "utterance_bytes_intercept": 1e6,
-        "utterance_bytes_per_second": 1e7,
-    }}}))
-    assert run("feasibility", "--calibrate-local", "--calibrate-to", str(catalogue), "--calibration-seconds", "0.5",
-               "--calibration-repeats", "1", "--model", "tiny", "--seconds", "1", "--workload", str(stored),
-               "--device", "local-cpu", "--json", str(plan_file)) == 0
+    stored.write_text(
+        json.dumps(
+            {
+                "workloads": {
+                    "fp32": {
+                        "model": "tiny",
+                        "seconds": 1.0,
+                        "batch": 1,
+                        "precision": "fp32",
+                        "savers": [],
+                        "train_flops_per_utterance": 1e9,
+                        "fixed_bytes": 1e7,
+                        "utterance_bytes_intercept": 1e6,
+                        "utterance_bytes_per_second": 1e7,
+                    }
+                }
+            }
+        )
+    )
+    assert (
+        run(
+            "feasibility",
+            "--calibrate-local",
+            "--calibrate-to",
+            str(catalogue),
+            "--calibration-seconds",
+            "0.5",
+            "--calibration-repeats",
+            "1",
+            "--model",
+            "tiny",
+            "--seconds",
+            "1",
+            "--workload",
+            str(stored),
+            "--device",
+            "local-cpu",
+            "--json",
+            str(plan_file),
+        )
+        == 0
+    )
     entry = json.loads(catalogue.read_text())["devices"][0]
     assert entry["id"] == "local-cpu" and entry["calibration"]["train_gflops"] > 0
     assert entry["mixed_precision"] == ["bf16"] and entry["mixed_precision_speedup"] > 0

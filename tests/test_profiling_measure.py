@@ -63,15 +63,20 @@ def test_layers_cover_every_layer_and_all_parameters(report, tiny):
 def test_train_flops_are_measured_forward_plus_backward(report):
     step = report["train_step"]
     layers = report["layers"]
-    assert sum(l["train_gflops"] for l in layers) + report["unattributed"]["train_gflops"] == pytest.approx(step["train_gflops"], rel=1e-6)
+    assert sum(layer["train_gflops"] for layer in layers) + report["unattributed"]["train_gflops"] == pytest.approx(
+        step["train_gflops"], rel=1e-6
+    )
     for layer in layers:
         if layer["name"].startswith(("conv_layers", "encoder.layers", "pos_conv_embed")):
             # grad wrt input and wrt weights each cost one forward (grouped pos conv included)
             assert layer["train_gflops"] == pytest.approx(3 * layer["forward_gflops"], rel=0.02), layer["name"]
     # per-layer activations are the step's total minus what runs outside the layers
-    assert sum(l["activation_bytes"] for l in layers) + report["unattributed"]["activation_bytes"] == step["activation_bytes"]
+    assert (
+        sum(layer["activation_bytes"] for layer in layers) + report["unattributed"]["activation_bytes"]
+        == step["activation_bytes"]
+    )
     # the CNN's first layers dominate activation memory (DEVICES.md)
-    biggest = max(layers, key=lambda l: l["activation_bytes"])
+    biggest = max(layers, key=lambda layer: layer["activation_bytes"])
     assert biggest["group"] == "cnn_encoder"
 
 
@@ -81,7 +86,7 @@ def test_inference_flops_of_a_transformer_layer_include_attention(tiny):
     d, ffn = tiny.config.hidden_size, tiny.config.intermediate_size
     for seconds in (1.0, 4.0):
         layers, _ = inference_flops(tiny, seconds)
-        layer = next(l for l in layers if l.name == "encoder.layers.0")
+        layer = next(x for x in layers if x.name == "encoder.layers.0")
         t = int(tiny.wav2vec2._get_feat_extract_output_lengths(int(seconds * 16000)))
         assert layer.forward_flops == 2 * t * (4 * d * d + 2 * d * ffn) + 4 * t * t * d, seconds
 
@@ -121,8 +126,13 @@ def test_local_folder_without_quantizer_reports_zero_quantization(tmp_path):
     from transformers import HubertConfig
 
     HubertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
     ).save_pretrained(tmp_path)
     model = build_model(str(tmp_path))
     layers, other = inference_flops(model, 1.0)
@@ -131,7 +141,7 @@ def test_local_folder_without_quantizer_reports_zero_quantization(tmp_path):
     assert table["total"]["params"] == sum(p.numel() for p in model.parameters())
     step = measure_step(model, str(tmp_path), 1.0, 1, repeats=0)  # surrogate loss still trains everything
     assert step.train_flops > 2 * step.forward_flops
-    assert [l.name for l in step.layers][-1] == "encoder.layers.1"
+    assert [layer.name for layer in step.layers][-1] == "encoder.layers.1"
 
 
 def test_savers_parse_and_spell_back():

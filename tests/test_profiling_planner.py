@@ -22,18 +22,37 @@ from fedspeech.profiling.planner import (
 def workload(precision: str = "fp32", batch: int = 2, per_utterance_gflops: float = 25.0) -> Workload:
     # peak = 1 GiB + batch * (0.1 GiB + 0.2 GiB/s * 5 s) = 3.2 GiB at batch 2
     return Workload(
-        model="synthetic", seconds=5.0, batch=batch, precision=precision, savers=(),
-        train_flops_per_utterance=per_utterance_gflops * 1e9, fixed_bytes=1.0 * GIB,
-        utterance_bytes_intercept=0.1 * GIB, utterance_bytes_per_second=0.2 * GIB, model_bytes=0.25 * GIB,
+        model="synthetic",
+        seconds=5.0,
+        batch=batch,
+        precision=precision,
+        savers=(),
+        train_flops_per_utterance=per_utterance_gflops * 1e9,
+        fixed_bytes=1.0 * GIB,
+        utterance_bytes_intercept=0.1 * GIB,
+        utterance_bytes_per_second=0.2 * GIB,
+        model_bytes=0.25 * GIB,
     )
 
 
 def device(memory_gib=4.0, headroom=0.1, throughput_calibration=(100.0, 2.0), **extra):
-    entry = {"id": extra.pop("id", "dev"), "name": "Dev", "class": extra.pop("cls", "test"), "memory_gib": memory_gib, "headroom": headroom}
+    entry = {
+        "id": extra.pop("id", "dev"),
+        "name": "Dev",
+        "class": extra.pop("cls", "test"),
+        "memory_gib": memory_gib,
+        "headroom": headroom,
+    }
     if throughput_calibration:
         gflops, seconds = throughput_calibration
-        entry["calibration"] = {"model": "base", "seconds": 5.5, "batch": 1, "precision": "fp32",
-                                "seconds_per_batch": seconds, "train_gflops": gflops}
+        entry["calibration"] = {
+            "model": "base",
+            "seconds": 5.5,
+            "batch": 1,
+            "precision": "fp32",
+            "seconds_per_batch": seconds,
+            "train_gflops": gflops,
+        }
     entry.update(extra)
     return device_from_entry(entry, "test")
 
@@ -59,7 +78,9 @@ def test_out_of_memory_when_memory_too_small():
 
 
 def test_max_seconds_grows_with_memory_and_is_zero_when_nothing_fits():
-    lengths = [predict(device(memory_gib=m, headroom=0.0), workload()).max_seconds_that_fit for m in (1.0, 1.5, 2.0, 4.0, 8.0)]
+    lengths = [
+        predict(device(memory_gib=m, headroom=0.0), workload()).max_seconds_that_fit for m in (1.0, 1.5, 2.0, 4.0, 8.0)
+    ]
     assert lengths[0] == 0.0
     assert all(a < b for a, b in zip(lengths, lengths[1:]))
     w = workload()
@@ -116,8 +137,13 @@ def test_trend_year_arithmetic():
 
 def test_packaged_catalogue_is_seeded_from_devices_md():
     catalogue = load_catalogue(include_user=False)
-    published = {"a40": (48, 0.12), "macbook-pro-2019": (16, 3.76), "raspberry-pi-4": (8, 16.60),
-                 "jetson-xavier-agx": (16, 0.38), "jetson-xavier-nx": (8, 0.67)}
+    published = {
+        "a40": (48, 0.12),
+        "macbook-pro-2019": (16, 3.76),
+        "raspberry-pi-4": (8, 16.60),
+        "jetson-xavier-agx": (16, 0.38),
+        "jetson-xavier-nx": (8, 0.67),
+    }
     for key, (memory, seconds) in published.items():
         d = catalogue[key]
         assert d.memory_bytes == memory * GIB
@@ -142,8 +168,9 @@ def test_user_catalogue_overrides_and_validates(tmp_path):
         load_catalogue([bad], include_user=False)
     with pytest.raises(ValueError, match="unknown device"):
         select_devices(merged, ["no-such-device"])
-    write_user_entry(user, {"id": "mine", "name": "Mine", "class": "c", "memory_gib": 2, "headroom": 0.1,
-                            "throughput_gflops": 5.0})
+    write_user_entry(
+        user, {"id": "mine", "name": "Mine", "class": "c", "memory_gib": 2, "headroom": 0.1, "throughput_gflops": 5.0}
+    )
     again = load_catalogue([user], include_user=False)
     assert again["mine"].throughput_flops == 5e9 and again["a40"].headroom == 0.5
 
@@ -156,8 +183,16 @@ def test_plan_reports_required_keys_fleet_and_trend():
         "phone": device(memory_gib=8, id="phone", cls="phone", throughput_calibration=None),
     }
     schedule = FLSchedule(clients=4, utterances_per_client=8, rounds=10)
-    result = plan(list(catalogue.values()), {"fp32": workload()}, "fp32", catalogue, schedule,
-                  fleet="big:1,small:2,slow:1", trend_months=18, trend_target="big")
+    result = plan(
+        list(catalogue.values()),
+        {"fp32": workload()},
+        "fp32",
+        catalogue,
+        schedule,
+        fleet="big:1,small:2,slow:1",
+        trend_months=18,
+        trend_target="big",
+    )
     rows = {row["device"]: row for row in result["devices"]}
     for row in rows.values():
         assert set(row) >= {"device", "fits", "seconds_per_batch", "max_seconds_that_fit", "peak_bytes"}
@@ -169,8 +204,14 @@ def test_plan_reports_required_keys_fleet_and_trend():
     # and drop out, so the round waits for "slow": 4 batches * 4 s
     assert result["fleet"]["unable_to_train"] == {"small": 2}
     assert result["fleet"]["wallclock"]["round_seconds"] == pytest.approx(4 * 4.0)
-    sampled_one = plan(list(catalogue.values()), {"fp32": workload()}, "fp32", catalogue,
-                       FLSchedule(clients=4, utterances_per_client=8, rounds=10, clients_per_round=1), fleet="big:1,small:2,slow:1")
+    sampled_one = plan(
+        list(catalogue.values()),
+        {"fp32": workload()},
+        "fp32",
+        catalogue,
+        FLSchedule(clients=4, utterances_per_client=8, rounds=10, clients_per_round=1),
+        fleet="big:1,small:2,slow:1",
+    )
     # one client per round: big (1 s), small (drops out, 0 s) twice, slow (16 s) -> mean
     assert sampled_one["fleet"]["wallclock"]["round_seconds"] == pytest.approx((1.0 + 0 + 0 + 16.0) / 4)
     # slow is 16x slower than the target: 4 doublings * 1.5 years = 6 -> 2028
@@ -201,16 +242,36 @@ def test_memory_model_is_fitted_from_three_runs():
 
     def run(batch: int, seconds: float, forward: int, forward_backward: int) -> StepMeasurement:
         other = LayerFigures("other", "-", "other", 0)
-        phases = {"forward": forward, "backward": forward_backward, "forward_backward": forward_backward, "optimizer": 90}
+        phases = {
+            "forward": forward,
+            "backward": forward_backward,
+            "forward_backward": forward_backward,
+            "optimizer": 90,
+        }
         return StepMeasurement(
-            model="m", seconds=seconds, batch=batch, precision="fp32", savers=[], device_type="cpu", step_seconds=[],
-            step_cpu_seconds=[], forward_flops=10 * batch, train_flops=30 * batch, activation_bytes=0,
-            peak_bytes=forward_backward, peak_breakdown={}, peak_by_phase=phases,
-            static_bytes={"params": 40, "grads": 40, "optimizer_state": 80}, layers=[], other=other,
+            model="m",
+            seconds=seconds,
+            batch=batch,
+            precision="fp32",
+            savers=[],
+            device_type="cpu",
+            step_seconds=[],
+            step_cpu_seconds=[],
+            forward_flops=10 * batch,
+            train_flops=30 * batch,
+            activation_bytes=0,
+            peak_bytes=forward_backward,
+            peak_breakdown={},
+            peak_by_phase=phases,
+            static_bytes={"params": 40, "grads": 40, "optimizer_state": 80},
+            layers=[],
+            other=other,
         )
 
     # activation regime: forward + backward peak = 100 + B * (10 + 5 S), forward peak 5 lower
-    w = workload_from_measurements(run(1, 2.0, 115, 120), run(1, 1.0, 110, 115), run(2, 1.0, 125, 130), batch=4, savers=Savers())
+    w = workload_from_measurements(
+        run(1, 2.0, 115, 120), run(1, 1.0, 110, 115), run(2, 1.0, 125, 130), batch=4, savers=Savers()
+    )
     assert (w.fixed_bytes, w.utterance_bytes_intercept, w.utterance_bytes_per_second) == pytest.approx((100, 10, 5))
     assert w.backward_extra_bytes == pytest.approx(5)
     assert w.peak_bytes() == pytest.approx(100 + 4 * (10 + 5 * 2))
@@ -219,7 +280,9 @@ def test_memory_model_is_fitted_from_three_runs():
 
     # gradient plateau: the backward peak (all gradients alive) is flat at the measured points,
     # but the activations behind the forward peak still grow with batch and length
-    w = workload_from_measurements(run(1, 2.0, 120, 200), run(1, 1.0, 115, 200), run(2, 1.0, 130, 200), batch=4, savers=Savers())
+    w = workload_from_measurements(
+        run(1, 2.0, 120, 200), run(1, 1.0, 115, 200), run(2, 1.0, 130, 200), batch=4, savers=Savers()
+    )
     assert w.utterance_bytes_per_second == pytest.approx(0) and w.backward_extra_bytes == pytest.approx(70)
     assert w.peak_bytes(seconds=2.0, batch=1) == pytest.approx(200)  # plateau
     assert w.peak_bytes(seconds=2.0, batch=4) == pytest.approx(100 + 4 * 20 + 70)  # activations take over

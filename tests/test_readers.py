@@ -28,8 +28,19 @@ def by_id(utterances):
 
 # Columns of a recent Common Voice release; the reader must ignore all but three.
 CV_HEADER = "\t".join(
-    ["client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes", "age", "gender",
-     "accents", "locale"]
+    [
+        "client_id",
+        "path",
+        "sentence_id",
+        "sentence",
+        "sentence_domain",
+        "up_votes",
+        "down_votes",
+        "age",
+        "gender",
+        "accents",
+        "locale",
+    ]
 )
 
 
@@ -44,9 +55,15 @@ def common_voice(tmp_path: Path) -> Path:
     tone(root / "clips" / "common_voice_en_2.mp3", 2.0, 48000)
     tone(root / "clips" / "common_voice_en_3.mp3", 1.5, 32000)
     (root / "train.tsv").write_text(
-        "\n".join([CV_HEADER, cv_row("spkA", "common_voice_en_1.mp3", 'He said "hi".'),
-                   cv_row("spkB", "common_voice_en_2.mp3", "Second one"),
-                   cv_row("spkB", "common_voice_en_404.mp3", "missing clip")]) + "\n",
+        "\n".join(
+            [
+                CV_HEADER,
+                cv_row("spkA", "common_voice_en_1.mp3", 'He said "hi".'),
+                cv_row("spkB", "common_voice_en_2.mp3", "Second one"),
+                cv_row("spkB", "common_voice_en_404.mp3", "missing clip"),
+            ]
+        )
+        + "\n",
         encoding="utf-8",
     )
     (root / "dev.tsv").write_text("\n".join([CV_HEADER, cv_row("spkC", "common_voice_en_3.mp3", "Third")]) + "\n")
@@ -143,8 +160,13 @@ def test_librispeech_skips_unreadable_with_one_warning(librispeech: Path, caplog
 @pytest.fixture
 def speech_commands(tmp_path: Path) -> Path:
     root = tmp_path / "speech_commands_v0.02"
-    for word, name in [("yes", "0a7c2a8d_nohash_0"), ("yes", "0a7c2a8d_nohash_1"), ("yes", "bbb_nohash_0"),
-                       ("no", "0a7c2a8d_nohash_0"), ("no", "ccc_nohash_0")]:
+    for word, name in [
+        ("yes", "0a7c2a8d_nohash_0"),
+        ("yes", "0a7c2a8d_nohash_1"),
+        ("yes", "bbb_nohash_0"),
+        ("no", "0a7c2a8d_nohash_0"),
+        ("no", "ccc_nohash_0"),
+    ]:
         tone(root / word / f"{name}.wav", 1.0, 16000)
     tone(root / "_background_noise_" / "white_noise.wav", 2.0, 16000)
     (root / "validation_list.txt").write_text("yes/bbb_nohash_0.wav\n")

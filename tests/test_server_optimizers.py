@@ -64,7 +64,7 @@ def test_bad_settings_name_the_field():
 
 
 def test_the_settings_offer_exactly_the_server_optimizers_there_are():
-    from fedspeech.federated import server_optimizers
     from fedspeech.apps.pretrain import settings
+    from fedspeech.federated import server_optimizers
 
     assert settings.SERVER_OPTIMIZERS == tuple(server_optimizers.SERVER_OPTIMIZERS)

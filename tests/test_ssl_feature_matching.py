@@ -17,7 +17,6 @@ from fedspeech.ssl.feature_matching import (
     FeatureMatchingObjective,
 )
 from fedspeech.ssl.train import LRSchedule, evaluate_loss, train_local
-
 from synthetic import synthetic_batch
 
 
@@ -28,9 +27,7 @@ def config():
 
 def new_model(config, seed: int = 0) -> FeatureMatchingModel:
     torch.manual_seed(seed)
-    return FeatureMatchingModel(
-        config, projector_hidden_dim=256, projection_dim=64, predictor_hidden_dim=256
-    )
+    return FeatureMatchingModel(config, projector_hidden_dim=256, projection_dim=64, predictor_hidden_dim=256)
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -183,16 +180,24 @@ def test_feature_matching_loss_falls_and_target_follows(config):
     curve, step = [], 0
     for _ in range(2):
         result = train_local(
-            model, objective, loader, epochs=5, lr=1e-3, lr_schedule=schedule,
-            max_grad_norm=5.0, start_step=step,
+            model,
+            objective,
+            loader,
+            epochs=5,
+            lr=1e-3,
+            lr_schedule=schedule,
+            max_grad_norm=5.0,
+            start_step=step,
         )
         step = result.end_step
         curve.append(result.mean_loss_last_epoch)
     eval_after = evaluate_loss(model, objective, loader, seed=7)
     margin_after = _retrieval_margin(model, objective, batch)
-    print(f"\nBYOL train loss per round (last epoch): {[round(x, 3) for x in curve]}; "
-          f"eval loss {eval_before:.3f} -> {eval_after:.3f}; "
-          f"retrieval margin {margin_before:.3f} -> {margin_after:.3f}")
+    print(
+        f"\nBYOL train loss per round (last epoch): {[round(x, 3) for x in curve]}; "
+        f"eval loss {eval_before:.3f} -> {eval_after:.3f}; "
+        f"retrieval margin {margin_before:.3f} -> {margin_after:.3f}"
+    )
     assert step == 20 and all(math.isfinite(x) for x in curve)
     assert eval_after < 0.5 * eval_before
     assert curve[-1] < curve[0]

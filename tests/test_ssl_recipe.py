@@ -18,13 +18,22 @@ from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.models.configs import model_config
 from fedspeech.ssl.methods import Wav2Vec2Method
 from fedspeech.ssl.wav2vec2 import Wav2Vec2Objective
-
 from synthetic import synthetic_batch
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             conv_dim=(32,) * 7, codevector_dim=32, proj_codevector_dim=32, num_codevectors_per_group=16,
-             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, num_negatives=10,
-             mask_time_length=5)
+SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    conv_dim=(32,) * 7,
+    codevector_dim=32,
+    proj_codevector_dim=32,
+    num_codevectors_per_group=16,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    num_negatives=10,
+    mask_time_length=5,
+)
 
 
 def test_feature_penalty_weight_comes_from_the_config():
@@ -32,7 +41,9 @@ def test_feature_penalty_weight_comes_from_the_config():
     assert Wav2Vec2Objective.from_config(model_config("tiny")).feature_penalty_weight == 0.0  # our tiny preset
     assert Wav2Vec2Objective.from_config(model_config("tiny", feature_penalty_weight=0.5)).feature_penalty_weight == 0.5
     # explicit overrides still win over the config
-    objective = Wav2Vec2Objective.from_config(model_config("tiny", feature_penalty_weight=0.5), feature_penalty_weight=2.0)
+    objective = Wav2Vec2Objective.from_config(
+        model_config("tiny", feature_penalty_weight=0.5), feature_penalty_weight=2.0
+    )
     assert objective.feature_penalty_weight == 2.0
     for bad in (-1.0, "ten"):
         with pytest.raises(ValueError, match="feature_penalty_weight"):

@@ -12,7 +12,6 @@ from transformers import Wav2Vec2ForPreTraining
 from fedspeech.models.configs import model_config
 from fedspeech.ssl.train import LRSchedule, evaluate_loss, train_local
 from fedspeech.ssl.wav2vec2 import GumbelSchedule, Wav2Vec2Objective, contrastive_logits
-
 from synthetic import synthetic_batch
 
 
@@ -183,15 +182,23 @@ def test_wav2vec2_loss_falls(config):
     curve, step = [], 0
     for _ in range(4):  # four "rounds" of 5 epochs × 2 batches, continuing the schedules
         result = train_local(
-            model, objective, loader, epochs=5, lr=1e-3, lr_schedule=schedule,
-            max_grad_norm=5.0, start_step=step,
+            model,
+            objective,
+            loader,
+            epochs=5,
+            lr=1e-3,
+            lr_schedule=schedule,
+            max_grad_norm=5.0,
+            start_step=step,
         )
         assert result.steps == 10 and result.skipped_batches == 0 and result.num_examples == 8
         step = result.end_step
         curve.append(result.mean_loss_last_epoch)
     eval_after = evaluate_loss(model, objective, loader, seed=123)
-    print(f"\nwav2vec2 train loss per round (last epoch): {[round(x, 3) for x in curve]}; "
-          f"eval loss {eval_before:.3f} -> {eval_after:.3f}")
+    print(
+        f"\nwav2vec2 train loss per round (last epoch): {[round(x, 3) for x in curve]}; "
+        f"eval loss {eval_before:.3f} -> {eval_after:.3f}"
+    )
     assert all(math.isfinite(x) for x in curve)
     assert curve[-1] < curve[0] - 0.5
     assert eval_after < eval_before - 0.5
@@ -258,9 +265,12 @@ def test_lr_schedule_warmup_and_decay_by_global_step():
     model = torch.nn.Linear(3, 1)
     batch = {"input_values": torch.randn(2, 3)}
     train_local(
-        model, _SquareObjective(), [batch] * 3,
+        model,
+        _SquareObjective(),
+        [batch] * 3,
         optimizer_factory=lambda params: RecordingSGD(params, lr=0.2),
-        lr_schedule=linear, start_step=3,
+        lr_schedule=linear,
+        start_step=3,
     )
     assert seen_lrs == pytest.approx([0.2 * linear(s) for s in (3, 4, 5)])
     with pytest.raises(ValueError):

@@ -67,8 +67,9 @@ def error_reply(instruction: Message) -> Message:
     return Message(Error(code=1, reason="client crashed"), reply_to=instruction)
 
 
-def instructions(strategy: st.RobustFedAvg, global_state: Mapping[str, np.ndarray], nodes: list[int],
-                 server_round: int = 1) -> dict[int, Message]:
+def instructions(
+    strategy: st.RobustFedAvg, global_state: Mapping[str, np.ndarray], nodes: list[int], server_round: int = 1
+) -> dict[int, Message]:
     grid = FakeGrid(nodes)
     messages = strategy.configure_train(server_round, to_record(global_state), ConfigRecord(), grid)
     return {m.metadata.dst_node_id: m for m in messages}
@@ -101,8 +102,7 @@ def test_fedavg_drops_error_nan_shape_and_missing_weight_replies() -> None:
         reply(msgs[3], NAN, 1000),
         error_reply(msgs[4]),
         reply(msgs[5], {"w": f32(1, 2, 3), "count": A["count"]}, 1000),
-        Message(RecordDict({"arrays": to_record(A), "metrics": MetricRecord({"train_loss": 0.1})}),
-                reply_to=msgs[6]),
+        Message(RecordDict({"arrays": to_record(A), "metrics": MetricRecord({"train_loss": 0.1})}), reply_to=msgs[6]),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     # (1*[1,2] + 3*[3,6]) / 4 = [2.5, 5]; count 57/4 -> 14
@@ -133,8 +133,10 @@ def test_aggregate_is_bitwise_independent_of_reply_order(rule: str) -> None:
     for order in ([1, 2, 3, 4, 5, 6, 7], [7, 3, 5, 1, 6, 2, 4]):
         strategy = st.make_strategy(rule)
         msgs = instructions(strategy, start, order, server_round=3)
-        assert [m.metadata.dst_node_id for m in strategy.configure_train(
-            3, to_record(start), ConfigRecord(), FakeGrid(order))] == sorted(order)
+        assert [
+            m.metadata.dst_node_id
+            for m in strategy.configure_train(3, to_record(start), ConfigRecord(), FakeGrid(order))
+        ] == sorted(order)
         replies = [reply(msgs[n], clients[n], n, loss=1.0 + n / 10) for n in order]
         arrays, _ = strategy.aggregate_train(3, replies)
         results.append(to_state(arrays)["w"])
@@ -188,9 +190,7 @@ def test_ldawa_warmup_then_cosine_rule_against_the_sent_global() -> None:
         np.testing.assert_allclose(to_state(arrays)["w"], [0.5, 2.25])
         assert strategy.last_report.details["warmup"] is True
     msgs = instructions(strategy, g, [1, 2, 3], 3)
-    arrays, _ = strategy.aggregate_train(
-        3, [reply(msgs[1], ca, 1), reply(msgs[2], cb, 3), reply(msgs[3], cc, 100)]
-    )
+    arrays, _ = strategy.aggregate_train(3, [reply(msgs[1], ca, 1), reply(msgs[2], cb, 3), reply(msgs[3], cc, 100)])
     # deltas 1, 0, 1/sqrt(2); sample counts ignored; / K = 3
     np.testing.assert_allclose(to_state(arrays)["w"], [0.9023689271, 0.2357022604], rtol=1e-6)
     assert_state_equal(arrays, agg.ldawa(g, [ca, cb, cc]))
@@ -258,9 +258,7 @@ def test_partial_aggregates_heterogeneous_key_sets() -> None:
 def test_partial_sends_per_node_sub_models() -> None:
     g = {"l1": f32(0, 0), "l2": f32(0, 0), "l3": f32(7, 7)}
     depth = {1: 1, 2: 3}
-    strategy = st.DepthAwarePartial(
-        keys_for_node=lambda node, keys: [k for k in keys if int(k[1:]) <= depth[node]]
-    )
+    strategy = st.DepthAwarePartial(keys_for_node=lambda node, keys: [k for k in keys if int(k[1:]) <= depth[node]])
     msgs = instructions(strategy, g, [1, 2])
     assert list(msgs[1].content["arrays"].keys()) == ["l1"]
     assert list(msgs[2].content["arrays"].keys()) == ["l1", "l2", "l3"]
@@ -274,11 +272,20 @@ def test_aggregate_without_configure_is_a_clear_error() -> None:
 
 
 def test_make_strategy_names_and_errors() -> None:
-    kinds = {name: type(st.make_strategy(name, **({"encoder_prefixes": "e.", "predictor_prefixes": "p."}
-                                                     if name == "fedu" else {})))
-             for name in ("fedavg", "loss", "mixed", "ldawa", "fedu", "partial")}
-    assert kinds == {"fedavg": st.RobustFedAvg, "loss": st.LossWeighted, "mixed": st.MixedFedAvgLoss,
-                     "ldawa": st.LDAWA, "fedu": st.FedU, "partial": st.DepthAwarePartial}
+    kinds = {
+        name: type(
+            st.make_strategy(name, **({"encoder_prefixes": "e.", "predictor_prefixes": "p."} if name == "fedu" else {}))
+        )
+        for name in ("fedavg", "loss", "mixed", "ldawa", "fedu", "partial")
+    }
+    assert kinds == {
+        "fedavg": st.RobustFedAvg,
+        "loss": st.LossWeighted,
+        "mixed": st.MixedFedAvgLoss,
+        "ldawa": st.LDAWA,
+        "fedu": st.FedU,
+        "partial": st.DepthAwarePartial,
+    }
     assert st.make_strategy("fedavg", fraction_train=0.5).fraction_train == 0.5  # FedAvg kwargs pass
     with pytest.raises(ValueError, match="unknown aggregation strategy 'median'"):
         st.make_strategy("median")

@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated self-supervised speech learning: corpora, planning, pretraining, evaluation.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads (default: torch's choice; 1 is best for tiny models on shared cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice; 1 is best for tiny models on shared cores)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -31,8 +31,7 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
         console.rule("1. built-in corpus (espeak-ng)")
         build_corpus(corpus, speakers=speakers, seed=seed, keywords_per_speaker=24, sentences_per_speaker=12)
     utterances = read_manifest(manifest)
-    console.print(f"corpus: {len(utterances)} utterances, {len({u.speaker for u in utterances})} speakers "
-                  f"({manifest})")
+    console.print(f"corpus: {len(utterances)} utterances, {len({u.speaker for u in utterances})} speakers ({manifest})")
 
     console.rule(f"2. speaker-disjoint partition into {clients} clients")
     partition = make_partition(utterances, "speaker", clients, seed=seed, manifest=str(manifest))
@@ -42,10 +41,10 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
     if rounds <= 0:
         return result
 
-    from fedspeech.federated import checkpoints
-    from fedspeech.federated.plots import plot_validation_curves
     from fedspeech.apps.pretrain.run import run_pretraining
     from fedspeech.apps.pretrain.settings import PretrainSettings
+    from fedspeech.federated import checkpoints
+    from fedspeech.federated.plots import plot_validation_curves
     from fedspeech.ssl.methods import get_method
 
     console.rule(f"3. federated wav2vec 2.0 pretraining (tiny, FedAvg, {rounds} rounds, in-process Flower)")
@@ -53,9 +52,18 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
     done = checkpoints.completed_rounds(run_dir)
     # The default recipe (client batch 1, lr 2e-3) with 3 local epochs per round, so that a
     # three-round demo already leaves the contrastive loss's chance level.
-    settings = PretrainSettings(manifest=str(manifest), partition=str(partition_path), out_dir=str(run_dir),
-                                model="tiny", strategy="fedavg", rounds=rounds, local_epochs=3, max_seconds=1.5,
-                                seed=seed, resume=bool(done))
+    settings = PretrainSettings(
+        manifest=str(manifest),
+        partition=str(partition_path),
+        out_dir=str(run_dir),
+        model="tiny",
+        strategy="fedavg",
+        rounds=rounds,
+        local_epochs=3,
+        max_seconds=1.5,
+        seed=seed,
+        resume=bool(done),
+    )
     records = run_pretraining(settings) if not done or done[-1] < rounds else None
     from fedspeech.federated.roundlog import read_rounds
 
@@ -64,8 +72,10 @@ def run_demo(out: Path, speakers: int, clients: int, rounds: int, seed: int) -> 
 
     chance = math.log(1 + get_method(settings).objective.num_negatives)
     for r in records:
-        console.print(f"round {r['round']}: clients {r['sampled']}, train loss {r['train_loss']:.3f}, "
-                      f"val loss {r['val_loss']:.3f} (chance {chance:.3f}), {r['round_seconds']:.1f} s")
+        console.print(
+            f"round {r['round']}: clients {r['sampled']}, train loss {r['train_loss']:.3f}, "
+            f"val loss {r['val_loss']:.3f} (chance {chance:.3f}), {r['round_seconds']:.1f} s"
+        )
     plot = plot_validation_curves([run_dir], out / "val_loss.png", labels=["FedAvg"])
     console.print(f"validation-loss plot: {plot}")
     result.update(run=str(run_dir), plot=str(plot))

@@ -51,12 +51,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--keywords-per-speaker", type=_non_negative_int, metavar="K", help="keyword clips per speaker")
     synth.add_argument("--sentences-per-speaker", type=_non_negative_int, metavar="M", help="sentences per speaker")
     synth.add_argument("--jobs", type=_positive_int, metavar="J", help="parallel worker processes")
-    synth.add_argument("--layout", choices=("builtin", "speech_commands"), default="builtin",
-                       help="builtin: the manifest corpus (keywords + sentences, English voices); speech_commands: "
-                            "keyword clips in the Speech Commands layout with foreign-accent voices and coloured "
-                            "noise, to test on unseen voices (import it with `corpus import speech_commands`)")
-    synth.add_argument("--repeats", type=_positive_int, default=2, metavar="R",
-                       help="speech_commands layout: takes of every word per speaker (default 2)")
+    synth.add_argument(
+        "--layout",
+        choices=("builtin", "speech_commands"),
+        default="builtin",
+        help="builtin: the manifest corpus (keywords + sentences, English voices); speech_commands: "
+        "keyword clips in the Speech Commands layout with foreign-accent voices and coloured "
+        "noise, to test on unseen voices (import it with `corpus import speech_commands`)",
+    )
+    synth.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=2,
+        metavar="R",
+        help="speech_commands layout: takes of every word per speaker (default 2)",
+    )
     synth.set_defaults(func=_run_synth)
 
     imported = corpus_commands.add_parser("import", help="write a manifest for a corpus already on disk")
@@ -73,9 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     partition.add_argument("--alpha", type=float, metavar="A", help="Dirichlet concentration (dirichlet only)")
     partition.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    partition.add_argument(
-        "--split", default="train", choices=_SPLITS, help="which split to partition (default train)"
-    )
+    partition.add_argument("--split", default="train", choices=_SPLITS, help="which split to partition (default train)")
     partition.add_argument("--out", required=True, type=Path, metavar="PARTITION.json", help="file to write")
     partition.set_defaults(func=_run_partition)
 
@@ -87,11 +94,15 @@ def _run_synth(args: argparse.Namespace) -> int:
         from fedspeech.data.synth import build_speech_commands_like
 
         if args.keywords_per_speaker is not None or args.sentences_per_speaker is not None:
-            raise ValueError("--keywords-per-speaker/--sentences-per-speaker: not for --layout speech_commands "
-                             "(every speaker says every word --repeats times)")
+            raise ValueError(
+                "--keywords-per-speaker/--sentences-per-speaker: not for --layout speech_commands "
+                "(every speaker says every word --repeats times)"
+            )
         root = build_speech_commands_like(args.out, args.speakers, args.seed, repeats=args.repeats, jobs=args.jobs)
-        print(f"wrote a Speech Commands layout corpus in {root}; "
-              f"import it with `fedspeech corpus import speech_commands {root} --out MANIFEST`")
+        print(
+            f"wrote a Speech Commands layout corpus in {root}; "
+            f"import it with `fedspeech corpus import speech_commands {root} --out MANIFEST`"
+        )
         return 0
 
     from fedspeech.data.synth import build_corpus

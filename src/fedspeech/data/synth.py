@@ -464,8 +464,9 @@ def _coloured_noise(length: int, rng: np.random.Generator) -> np.ndarray:
     return (noise / (np.sqrt(np.mean(noise**2)) + 1e-12)).astype(np.float32)
 
 
-def build_speech_commands_like(out_dir: str | Path, speakers: int, seed: int, repeats: int = 2,
-                               jobs: int | None = None) -> Path:
+def build_speech_commands_like(
+    out_dir: str | Path, speakers: int, seed: int, repeats: int = 2, jobs: int | None = None
+) -> Path:
     """Keyword clips in the Speech Commands v0.02 layout, spoken by voices and with noise
     unlike the built-in corpus, to test that results carry over to a corpus the model has
     not heard (read back with ``fedspeech corpus import speech_commands``).
@@ -489,8 +490,15 @@ def build_speech_commands_like(out_dir: str | Path, speakers: int, seed: int, re
     voices = []
     for i in range(speakers):
         accent = FOREIGN_ACCENTS[i % len(FOREIGN_ACCENTS)]
-        voices.append(Voice(accent, VARIANTS[int(rng.integers(len(VARIANTS)))],
-                            int(rng.integers(*PITCH_RANGE)), int(rng.integers(*SPEED_RANGE)), 100))
+        voices.append(
+            Voice(
+                accent,
+                VARIANTS[int(rng.integers(len(VARIANTS)))],
+                int(rng.integers(*PITCH_RANGE)),
+                int(rng.integers(*SPEED_RANGE)),
+                100,
+            )
+        )
     splits = speaker_splits(names, seed)
     clip = int(SC_CLIP_S * SAMPLE_RATE)
 
@@ -527,8 +535,15 @@ def build_speech_commands_like(out_dir: str | Path, speakers: int, seed: int, re
     for k in range(3):
         noise = _coloured_noise(10 * SAMPLE_RATE, np.random.default_rng([seed, 0xB6, k])) * np.float32(0.1)
         sf.write(noise_dir / f"coloured_noise_{k}.wav", noise, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    info = {"generator": "fedspeech.data.synth.build_speech_commands_like", "seed": seed, "speakers": speakers,
-            "repeats": repeats, "accents": sorted({v.voice for v in voices}), "clips": len(written),
-            "snr_db_range": list(SC_SNR_DB_RANGE), "espeak_ng": espeak_version(binary)}
+    info = {
+        "generator": "fedspeech.data.synth.build_speech_commands_like",
+        "seed": seed,
+        "speakers": speakers,
+        "repeats": repeats,
+        "accents": sorted({v.voice for v in voices}),
+        "clips": len(written),
+        "snr_db_range": list(SC_SNR_DB_RANGE),
+        "espeak_ng": espeak_version(binary),
+    }
     (out_dir / "corpus.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir

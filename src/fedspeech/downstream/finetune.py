@@ -129,8 +129,9 @@ def evaluate_asr(model: CTCModel, loader: Iterable[dict], *, max_examples: int =
         if torch.isfinite(out.loss):
             loss_total += float(out.loss) * len(inputs)
             count += len(inputs)
-        for utt, tokens in zip(batch["utterances"], ctc_greedy_decode(out.logits, out.lengths, model.vocab.blank_id),
-                               strict=True):
+        for utt, tokens in zip(
+            batch["utterances"], ctc_greedy_decode(out.logits, out.lengths, model.vocab.blank_id), strict=True
+        ):
             ids.append(utt.id)
             references.append(normalize_transcript(utt.transcript))
             hypotheses.append(model.vocab.decode(tokens))
@@ -141,8 +142,10 @@ def evaluate_asr(model: CTCModel, loader: Iterable[dict], *, max_examples: int =
         "cer": cer(references, hypotheses),
         "loss": loss_total / count if count else math.nan,
         "num_utterances": len(references),
-        "examples": [{"id": i, "reference": r, "hypothesis": h}
-                     for i, r, h in list(zip(ids, references, hypotheses, strict=True))[:max_examples]],
+        "examples": [
+            {"id": i, "reference": r, "hypothesis": h}
+            for i, r, h in list(zip(ids, references, hypotheses, strict=True))[:max_examples]
+        ],
     }
 
 
@@ -201,8 +204,9 @@ def lr_factor(step: int, total_steps: int, warmup_fraction: float = 0.1) -> floa
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
-def training_dataset(train: Sequence[Utterance], *, max_seconds: float | None, seed: int,
-                     crop_training: bool) -> AudioDataset:
+def training_dataset(
+    train: Sequence[Utterance], *, max_seconds: float | None, seed: int, crop_training: bool
+) -> AudioDataset:
     """Training audio: classification may crop to ``max_seconds`` (at random); CTC may not
     (a crop would cut the transcript), so for ASR ``max_seconds`` drops longer utterances."""
     if not crop_training and max_seconds is not None:
@@ -215,11 +219,11 @@ def training_dataset(train: Sequence[Utterance], *, max_seconds: float | None, s
     return AudioDataset(list(train), max_seconds=max_seconds if crop_training else None, seed=seed)
 
 
-def evaluation_dataset(utterances: Sequence[Utterance], *, max_seconds: float | None, seed: int,
-                       crop_training: bool) -> AudioDataset:
+def evaluation_dataset(
+    utterances: Sequence[Utterance], *, max_seconds: float | None, seed: int, crop_training: bool
+) -> AudioDataset:
     """Evaluation audio: the centre crop when training crops, else whole utterances."""
-    return AudioDataset(list(utterances), max_seconds=max_seconds if crop_training else None, seed=seed,
-                        crop="center")
+    return AudioDataset(list(utterances), max_seconds=max_seconds if crop_training else None, seed=seed, crop="center")
 
 
 def _datasets(train, evaluation, dev, *, max_seconds, seed, crop_training: bool):
@@ -236,6 +240,7 @@ DEV_KEYS = ("wer", "cer", "accuracy", "loss")  # what a dev evaluation keeps
 def selection_key(metrics: dict[str, float]) -> tuple[float, ...]:
     """Larger is better: the main metric first (accuracy, or -WER then -CER), then the
     negated dev loss, which breaks the frequent accuracy ties on a small dev set."""
+
     def neg(name: str) -> float:
         value = metrics.get(name, math.nan)
         return -math.inf if math.isnan(value) else -value
@@ -287,8 +292,12 @@ def _fit(
             if best_key is None or key > best_key:  # ties keep the earlier epoch
                 best_key, best_state, best_epoch = key, trainable_state(model), epoch + 1
         history.append(entry)
-        log.info("epoch %d: loss %.4f%s", epoch + 1, stats.last_loss,
-                 f", dev {metric} {entry['dev'][metric]:.4f}" if "dev" in entry else "")
+        log.info(
+            "epoch %d: loss %.4f%s",
+            epoch + 1,
+            stats.last_loss,
+            f", dev {metric} {entry['dev'][metric]:.4f}" if "dev" in entry else "",
+        )
         if steps >= total:
             break
     train_seconds = time.perf_counter() - started
@@ -296,9 +305,10 @@ def _fit(
         load_trainable_state(model, best_state)
     result = evaluate(eval_loader)
     if extra_eval_sets:
-        result["extra"] = {name: {**evaluate(make_loader(dataset, batch_size, normalize=normalize)),
-                                  "num_eval": len(dataset)}
-                           for name, dataset in extra_eval_sets.items()}
+        result["extra"] = {
+            name: {**evaluate(make_loader(dataset, batch_size, normalize=normalize)), "num_eval": len(dataset)}
+            for name, dataset in extra_eval_sets.items()
+        }
     result.update(
         epoch_losses=[h["loss"] for h in history],
         history=history,
@@ -344,14 +354,30 @@ def finetune_asr(
     # loss (a letter seen only there is simply never predicted).
     vocab = CharVocab.from_texts(u.transcript for u in [*train_utts, *eval_utts, *(dev_utts or [])])
     with seeded(seed):
-        model = CTCModel.build(backbone, vocab, freeze_feature_encoder=freeze_cnn, freeze_backbone=freeze_backbone,
-                               **(config_overrides or {}))
-        sets = _datasets(train_utts, list(eval_utts), list(dev_utts or []), max_seconds=max_seconds, seed=seed,
-                         crop_training=False)
-        result = _fit(model, *sets, lambda loader: evaluate_asr(model, loader), "wer",
-                      epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_backbone=lr_backbone,
-                      lr_head=lr_head, seed=seed, normalize=wants_normalized_audio(backbone),
-                      warmup_fraction=warmup_fraction)
+        model = CTCModel.build(
+            backbone,
+            vocab,
+            freeze_feature_encoder=freeze_cnn,
+            freeze_backbone=freeze_backbone,
+            **(config_overrides or {}),
+        )
+        sets = _datasets(
+            train_utts, list(eval_utts), list(dev_utts or []), max_seconds=max_seconds, seed=seed, crop_training=False
+        )
+        result = _fit(
+            model,
+            *sets,
+            lambda loader: evaluate_asr(model, loader),
+            "wer",
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            lr_backbone=lr_backbone,
+            lr_head=lr_head,
+            seed=seed,
+            normalize=wants_normalized_audio(backbone),
+            warmup_fraction=warmup_fraction,
+        )
     return {"task": "asr", "backbone": str(backbone), **result, "vocab": vocab.tokens}
 
 
@@ -394,15 +420,40 @@ def finetune_classifier(
         raise ValueError(f"task {task}: utterance(s) without a {target_field}: {empty[:5]}")
     labels = sorted({getattr(u, target_field) for u in everything})
     with seeded(seed):
-        model = UtteranceClassifier.build(backbone, labels, target_field=target_field, layer_weighted=layer_weighted,
-                                          freeze_feature_encoder=freeze_cnn, freeze_backbone=freeze_backbone,
-                                          **(config_overrides or {}))
-        sets = _datasets(list(train_utts), list(eval_utts), list(dev_utts or []), max_seconds=max_seconds,
-                         seed=seed, crop_training=True)
-        extra_sets = {name: evaluation_dataset(list(us), max_seconds=max_seconds, seed=seed, crop_training=True)
-                      for name, us in extra_eval_utts.items()}
-        result = _fit(model, *sets, lambda loader: evaluate_classifier(model, loader), "accuracy",
-                      epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_backbone=lr_backbone,
-                      lr_head=lr_head, seed=seed, normalize=wants_normalized_audio(backbone),
-                      warmup_fraction=warmup_fraction, extra_eval_sets=extra_sets)
+        model = UtteranceClassifier.build(
+            backbone,
+            labels,
+            target_field=target_field,
+            layer_weighted=layer_weighted,
+            freeze_feature_encoder=freeze_cnn,
+            freeze_backbone=freeze_backbone,
+            **(config_overrides or {}),
+        )
+        sets = _datasets(
+            list(train_utts),
+            list(eval_utts),
+            list(dev_utts or []),
+            max_seconds=max_seconds,
+            seed=seed,
+            crop_training=True,
+        )
+        extra_sets = {
+            name: evaluation_dataset(list(us), max_seconds=max_seconds, seed=seed, crop_training=True)
+            for name, us in extra_eval_utts.items()
+        }
+        result = _fit(
+            model,
+            *sets,
+            lambda loader: evaluate_classifier(model, loader),
+            "accuracy",
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            lr_backbone=lr_backbone,
+            lr_head=lr_head,
+            seed=seed,
+            normalize=wants_normalized_audio(backbone),
+            warmup_fraction=warmup_fraction,
+            extra_eval_sets=extra_sets,
+        )
     return {"task": task, "backbone": str(backbone), **result}

@@ -168,8 +168,13 @@ class CTCModel(DownstreamModel):
         if is_preset(source):
             hf = AutoModelForCTC.from_config(model_config(source, **settings))
         else:
-            hf = from_pretrained(AutoModelForCTC, _check_source(source), new_parts=("lm_head.",),
-                                 ignore_mismatched_sizes=True, **settings)
+            hf = from_pretrained(
+                AutoModelForCTC,
+                _check_source(source),
+                new_parts=("lm_head.",),
+                ignore_mismatched_sizes=True,
+                **settings,
+            )
         model = cls(hf, vocab)
         if freeze_feature_encoder:
             model.freeze_feature_encoder()
@@ -185,8 +190,10 @@ class CTCModel(DownstreamModel):
         return pad_targets([self.vocab.encode(u.transcript) for u in utterances])
 
     def output_lengths(self, attention_mask: torch.Tensor | None, input_values: torch.Tensor) -> torch.Tensor:
-        samples = attention_mask.sum(-1) if attention_mask is not None else torch.full(
-            (input_values.shape[0],), input_values.shape[1], dtype=torch.long
+        samples = (
+            attention_mask.sum(-1)
+            if attention_mask is not None
+            else torch.full((input_values.shape[0],), input_values.shape[1], dtype=torch.long)
         )
         return self.hf._get_feat_extract_output_lengths(samples).long()
 

@@ -34,8 +34,13 @@ def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> dict[st
     refs, hyps = _pair(references, hypotheses)
     out = jiwer.process_words(refs, hyps)
     words = sum(len(r.split()) for r in refs)
-    return {"substitutions": out.substitutions, "deletions": out.deletions, "insertions": out.insertions,
-            "hits": out.hits, "reference_words": words}
+    return {
+        "substitutions": out.substitutions,
+        "deletions": out.deletions,
+        "insertions": out.insertions,
+        "hits": out.hits,
+        "reference_words": words,
+    }
 
 
 def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:

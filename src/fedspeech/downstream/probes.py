@@ -37,7 +37,10 @@ class ProbeData:
 
 
 def prepare_probe_data(
-    utterances: Sequence[Utterance], *, batch_size: int = 16, max_seconds: float | None = None,
+    utterances: Sequence[Utterance],
+    *,
+    batch_size: int = 16,
+    max_seconds: float | None = None,
     normalize: bool = False,
 ) -> ProbeData:
     """Decode once; ``max_seconds`` takes the centre of longer clips. Unusable files are
@@ -73,8 +76,9 @@ class _EvalMode:
 
 
 @torch.no_grad()
-def extract_embeddings(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
-                       layer: int | None = None) -> torch.Tensor:
+def extract_embeddings(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], layer: int | None = None
+) -> torch.Tensor:
     """(N, D) utterance embeddings: frozen features mean-pooled over valid frames.
 
     ``model`` is any of our models or any HF speech model (its bare encoder is used);
@@ -94,8 +98,9 @@ def extract_embeddings(model: nn.Module, batches: Iterable[Mapping[str, torch.Te
 
 
 @torch.no_grad()
-def frame_features(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
-                   layer: int | None = None) -> list[torch.Tensor]:
+def frame_features(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], layer: int | None = None
+) -> list[torch.Tensor]:
     """Per utterance, the (frames, D) frozen features of its valid frames only."""
     backbone = backbone_of(model)
     device = next(backbone.parameters()).device
@@ -111,8 +116,11 @@ def _label_ids(train_labels: Sequence[str], test_labels: Sequence[str]) -> tuple
     """Classes = train labels; a test label never seen in training gets id -1 (always wrong)."""
     classes = sorted(set(train_labels))
     index = {c: i for i, c in enumerate(classes)}
-    return (classes, torch.tensor([index[c] for c in train_labels]),
-            torch.tensor([index.get(c, -1) for c in test_labels]))
+    return (
+        classes,
+        torch.tensor([index[c] for c in train_labels]),
+        torch.tensor([index.get(c, -1) for c in test_labels]),
+    )
 
 
 def _check(emb: torch.Tensor, labels: Sequence, name: str) -> None:
@@ -120,8 +128,9 @@ def _check(emb: torch.Tensor, labels: Sequence, name: str) -> None:
         raise ValueError(f"{name}: need (N, D) embeddings and N labels, got {tuple(emb.shape)} and {len(labels)}")
 
 
-def knn_accuracy(train_emb: torch.Tensor, train_labels: Sequence[str], test_emb: torch.Tensor,
-                 test_labels: Sequence[str], k: int = 5) -> float:
+def knn_accuracy(
+    train_emb: torch.Tensor, train_labels: Sequence[str], test_emb: torch.Tensor, test_labels: Sequence[str], k: int = 5
+) -> float:
     """Accuracy of a cosine-similarity k-NN majority vote.
 
     Ties in the vote go to the tied class with the larger summed similarity: each vote is
@@ -147,8 +156,15 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     return [(x - mean) / std for x in (train, *others)]
 
 
-def linear_probe_accuracy(train_emb: torch.Tensor, train_labels: Sequence[str], test_emb: torch.Tensor,
-                          test_labels: Sequence[str], *, l2: float = 1e-3, max_iter: int = 100) -> float:
+def linear_probe_accuracy(
+    train_emb: torch.Tensor,
+    train_labels: Sequence[str],
+    test_emb: torch.Tensor,
+    test_labels: Sequence[str],
+    *,
+    l2: float = 1e-3,
+    max_iter: int = 100,
+) -> float:
     """Accuracy of multinomial logistic regression on standardised embeddings.
 
     Convex, zero-initialised and full-batch LBFGS, so the result is deterministic;
@@ -185,9 +201,16 @@ def _pad_frames(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return padded, lengths
 
 
-def ctc_probe_cer(train_features: Sequence[torch.Tensor], train_texts: Sequence[str],
-                  test_features: Sequence[torch.Tensor], test_texts: Sequence[str], *,
-                  steps: int = 100, lr: float = 2e-2, seed: int = 0) -> float:
+def ctc_probe_cer(
+    train_features: Sequence[torch.Tensor],
+    train_texts: Sequence[str],
+    test_features: Sequence[torch.Tensor],
+    test_texts: Sequence[str],
+    *,
+    steps: int = 100,
+    lr: float = 2e-2,
+    seed: int = 0,
+) -> float:
     """CER of a linear CTC layer on frozen frame features: a cheap proxy for how well
     the representation supports ASR. Full-batch Adam for a fixed number of ``steps``,
     greedy decoding, corpus-level CER against normalised transcripts.
@@ -219,8 +242,9 @@ def ctc_probe_cer(train_features: Sequence[torch.Tensor], train_texts: Sequence[
         for _ in range(steps):
             optimizer.zero_grad()
             log_probs = (x_train @ weight + bias).log_softmax(dim=-1).transpose(0, 1)  # (T, B, V)
-            loss = F.ctc_loss(log_probs, flat_targets, train_lengths, target_lengths,
-                              blank=vocab.blank_id, zero_infinity=True)
+            loss = F.ctc_loss(
+                log_probs, flat_targets, train_lengths, target_lengths, blank=vocab.blank_id, zero_infinity=True
+            )
             loss.backward()
             optimizer.step()
     with torch.no_grad():
@@ -263,8 +287,9 @@ class ProbeSuite:
     a middle one; keep the same layer for the whole run so rounds are comparable.
     """
 
-    def __init__(self, tasks: Sequence[ProbeTask], *, layer: int | None = None, k: int = 5,
-                 ctc_steps: int = 100, seed: int = 0):
+    def __init__(
+        self, tasks: Sequence[ProbeTask], *, layer: int | None = None, k: int = 5, ctc_steps: int = 100, seed: int = 0
+    ):
         if not tasks:
             raise ValueError("ProbeSuite needs at least one task")
         names = [t.name for t in tasks]
@@ -274,17 +299,26 @@ class ProbeSuite:
         self.layer, self.k, self.ctc_steps, self.seed = layer, k, ctc_steps, seed
 
     @classmethod
-    def from_utterances(cls, sets: Mapping[str, tuple[Sequence[Utterance], Sequence[Utterance]]], *,
-                        method: str = "linear", max_seconds: float | None = 2.0, batch_size: int = 16,
-                        normalize: bool = False, **options) -> ProbeSuite:
+    def from_utterances(
+        cls,
+        sets: Mapping[str, tuple[Sequence[Utterance], Sequence[Utterance]]],
+        *,
+        method: str = "linear",
+        max_seconds: float | None = 2.0,
+        batch_size: int = 16,
+        normalize: bool = False,
+        **options,
+    ) -> ProbeSuite:
         """``sets`` maps task name to (train, test) utterances, e.g. from
         ``fedspeech.downstream.tasks.probe_sets``. Classification clips are centre-cropped to
         ``max_seconds``; ASR clips are never cropped (the transcript must match)."""
         tasks = []
         for name, (train, test) in sets.items():
             crop = None if name == "asr" else max_seconds
-            data = [prepare_probe_data(u, batch_size=batch_size, max_seconds=crop, normalize=normalize)
-                    for u in (train, test)]
+            data = [
+                prepare_probe_data(u, batch_size=batch_size, max_seconds=crop, normalize=normalize)
+                for u in (train, test)
+            ]
             tasks.append(ProbeTask(name, *data, method=method))
         return cls(tasks, **options)
 
@@ -295,9 +329,12 @@ class ProbeSuite:
     def score(self, model: nn.Module, task: ProbeTask) -> float:
         if task.name == "asr":
             return ctc_probe_cer(
-                frame_features(model, task.train.batches, self.layer), task.targets(task.train),
-                frame_features(model, task.test.batches, self.layer), task.targets(task.test),
-                steps=self.ctc_steps, seed=self.seed,
+                frame_features(model, task.train.batches, self.layer),
+                task.targets(task.train),
+                frame_features(model, task.test.batches, self.layer),
+                task.targets(task.test),
+                steps=self.ctc_steps,
+                seed=self.seed,
             )
         train = extract_embeddings(model, task.train.batches, self.layer)
         test = extract_embeddings(model, task.test.batches, self.layer)

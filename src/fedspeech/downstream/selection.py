@@ -119,8 +119,15 @@ class BestRoundTracker:
         for task, direction in self.directions.items():
             best = self.best.get(task)
             last = next((s[task] for _, s in reversed(self.history) if task in s), None)
-            rows.append({"task": task, "direction": direction, "best_round": best[0] if best else None,
-                         "best_score": best[1] if best else None, "last_score": last})
+            rows.append(
+                {
+                    "task": task,
+                    "direction": direction,
+                    "best_round": best[0] if best else None,
+                    "best_score": best[1] if best else None,
+                    "last_score": last,
+                }
+            )
         return rows
 
     def summary_table(self, title: str = "Best round per task"):
@@ -130,9 +137,15 @@ class BestRoundTracker:
         for column in ("task", "better", "best round", "best score", "last score"):
             table.add_column(column, justify="left" if column == "task" else "right")
         for row in self.summary():
+
             def fmt(v):
                 return "-" if v is None else f"{v:.4f}"
-            table.add_row(row["task"], "higher" if row["direction"] == HIGHER else "lower",
-                          "-" if row["best_round"] is None else str(row["best_round"]),
-                          fmt(row["best_score"]), fmt(row["last_score"]))
+
+            table.add_row(
+                row["task"],
+                "higher" if row["direction"] == HIGHER else "lower",
+                "-" if row["best_round"] is None else str(row["best_round"]),
+                fmt(row["best_score"]),
+                fmt(row["last_score"]),
+            )
         return table

@@ -57,9 +57,7 @@ def normalise_prefixes(prefixes: str | Iterable[str] | None) -> tuple[str, ...] 
     return result
 
 
-def select_keys(
-    state: Mapping[str, np.ndarray], prefixes: str | Iterable[str] | None
-) -> StateDict:
+def select_keys(state: Mapping[str, np.ndarray], prefixes: str | Iterable[str] | None) -> StateDict:
     """Keep the entries whose key starts with one of ``prefixes`` (all if ``None``).
 
     Plain ``str.startswith``: end a prefix with ``"."`` to match a module boundary
@@ -71,9 +69,7 @@ def select_keys(
     return {k: v for k, v in state.items() if k.startswith(normalised)}
 
 
-def exclude_keys(
-    state: Mapping[str, np.ndarray], prefixes: str | Iterable[str] | None
-) -> StateDict:
+def exclude_keys(state: Mapping[str, np.ndarray], prefixes: str | Iterable[str] | None) -> StateDict:
     """The complement of :func:`select_keys` (e.g. the local heads)."""
     normalised = normalise_prefixes(prefixes)
     if normalised is None:
@@ -327,9 +323,7 @@ def mixed(
     reference, accepted = _screen(global_state, states, client_ids)
     if reference is None:
         return _copy_state(global_state)  # type: ignore[arg-type]
-    weights = mixed_weights(
-        [num_examples[i] for i in accepted], [losses[i] for i in accepted], beta, temperature
-    )
+    weights = mixed_weights([num_examples[i] for i in accepted], [losses[i] for i in accepted], beta, temperature)
     return weighted_average(reference, [states[i] for i in accepted], weights)
 
 

@@ -49,8 +49,14 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def save_checkpoint(out_dir: Path, server_round: int, hf_model, extra: dict[str, torch.Tensor],
-                    state: dict, server_arrays: dict[str, np.ndarray] | None = None) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    server_round: int,
+    hf_model,
+    extra: dict[str, torch.Tensor],
+    state: dict,
+    server_arrays: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write the round's checkpoint atomically and return its folder."""
     final = round_dir(out_dir, server_round)
     tmp = final.with_name(final.name + ".tmp")

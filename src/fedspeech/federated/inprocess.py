@@ -51,12 +51,17 @@ def client_rows(replies: list[Message], extra_metrics: tuple[str, ...] = ()) -> 
             rows.append({"node": reply.metadata.src_node_id, "error": reply.error.reason})
             continue
         m = reply.content["metrics"]
-        rows.append({
-            "client": int(m["partition-id"]), "train_loss": float(m["train_loss"]),
-            "examples": int(m["num-examples"]), "steps": int(m["steps"]),
-            "seconds": round(float(m["seconds"]), 3), "bytes_sent": message_bytes(reply),
-            **{k: float(v) for k, v in m.items() if extra_metrics and k.startswith(extra_metrics)},
-        })
+        rows.append(
+            {
+                "client": int(m["partition-id"]),
+                "train_loss": float(m["train_loss"]),
+                "examples": int(m["num-examples"]),
+                "steps": int(m["steps"]),
+                "seconds": round(float(m["seconds"]), 3),
+                "bytes_sent": message_bytes(reply),
+                **{k: float(v) for k, v in m.items() if extra_metrics and k.startswith(extra_metrics)},
+            }
+        )
     return sorted(rows, key=lambda r: r.get("client", -1))
 
 
@@ -88,7 +93,10 @@ class InProcessGrid(Grid):
     def __post_init__(self) -> None:
         self._contexts = {
             _FIRST_NODE_ID + i: Context(
-                run_id=0, node_id=_FIRST_NODE_ID + i, node_config=dict(cfg), state=RecordDict(),
+                run_id=0,
+                node_id=_FIRST_NODE_ID + i,
+                node_config=dict(cfg),
+                state=RecordDict(),
                 run_config=dict(self.run_config),
             )
             for i, cfg in enumerate(self.node_configs)
@@ -103,8 +111,9 @@ class InProcessGrid(Grid):
             raise RuntimeError("InProcessGrid.set_run() was not called")
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -138,12 +147,18 @@ class InProcessGrid(Grid):
             reply = Message(Error(code=1, reason=error), reply_to=message)
         finally:
             TaskIdentity.node_id = SUPERLINK_NODE_ID
-        self.calls.append(ClientCall(
-            node_id=node_id, partition_id=self.partition_id(node_id),
-            message_type=message.metadata.message_type, group_id=message.metadata.group_id,
-            seconds=time.perf_counter() - start, bytes_received=message_bytes(message),
-            bytes_sent=message_bytes(reply), error=error,
-        ))
+        self.calls.append(
+            ClientCall(
+                node_id=node_id,
+                partition_id=self.partition_id(node_id),
+                message_type=message.metadata.message_type,
+                group_id=message.metadata.group_id,
+                seconds=time.perf_counter() - start,
+                bytes_received=message_bytes(message),
+                bytes_sent=message_bytes(reply),
+                error=error,
+            )
+        )
         return reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -153,8 +168,13 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_clients: int,
-                  run_config: dict, node_configs: list[dict] | None = None) -> InProcessGrid:
+def run_inprocess(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_clients: int,
+    run_config: dict,
+    node_configs: list[dict] | None = None,
+) -> InProcessGrid:
     """Run ``server_app`` against ``num_clients`` in-process ClientApp nodes.
 
     ``node_configs`` defaults to Flower's simulation convention
@@ -166,7 +186,8 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_clients: int
     grid = InProcessGrid(client_app=client_app, node_configs=node_configs, run_config=run_config)
     grid.set_run(Run.create_empty(run_id=0))
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 0, 0, SUPERLINK_NODE_ID
-    context = Context(run_id=0, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config))
+    context = Context(
+        run_id=0, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=dict(run_config)
+    )
     server_app(grid, context)
     return grid

@@ -9,8 +9,7 @@ from fedspeech.federated.roundlog import read_rounds
 from fedspeech.figures import save_figure
 
 
-def plot_validation_curves(runs: Sequence[str | Path], out: str | Path,
-                           labels: Sequence[str] | None = None) -> Path:
+def plot_validation_curves(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Validation loss vs round, one line per run (e.g. one per aggregation rule)."""
     import matplotlib
 

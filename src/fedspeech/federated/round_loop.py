@@ -61,9 +61,20 @@ class RoundHooks:
         raise NotImplementedError
 
 
-def run_rounds(grid: Grid, strategy: RobustFedAvg, hooks: RoundHooks, arrays: ArrayRecord, *, nodes: list[int],
-               clients_per_round: int, seed: int, rounds: int, out: Path, first_round: int = 1,
-               label: str = "federated rounds") -> list[dict[str, Any]]:
+def run_rounds(
+    grid: Grid,
+    strategy: RobustFedAvg,
+    hooks: RoundHooks,
+    arrays: ArrayRecord,
+    *,
+    nodes: list[int],
+    clients_per_round: int,
+    seed: int,
+    rounds: int,
+    out: Path,
+    first_round: int = 1,
+    label: str = "federated rounds",
+) -> list[dict[str, Any]]:
     """Run rounds ``first_round``..``rounds``; returns the records appended to the round log
     (each with ``round_seconds`` added)."""
     from rich.progress import Progress
@@ -82,8 +93,9 @@ def run_rounds(grid: Grid, strategy: RobustFedAvg, hooks: RoundHooks, arrays: Ar
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:  # our strategies return the full global record
                 arrays = new_arrays
-            record = hooks.after_round(RoundOutcome(server_round, config, messages, replies, arrays,
-                                                    strategy.last_report))
+            record = hooks.after_round(
+                RoundOutcome(server_round, config, messages, replies, arrays, strategy.last_report)
+            )
             record["round_seconds"] = time.perf_counter() - started
             roundlog.append_round(out, record)
             records.append(record)

@@ -30,18 +30,39 @@ class Rule:
     needs: str = ""
 
 
-RULES: dict[str, Rule] = {rule.name: rule for rule in (
-    Rule("fedavg", "RobustFedAvg", "FedAvg: average weighted by examples"),
-    Rule("loss", "LossWeighted", "weights softmax(-loss / T)", {"temperature": "loss_temperature"}),
-    Rule("mixed", "MixedFedAvgLoss", "beta x loss weights + (1 - beta) x FedAvg weights",
-         {"beta": "mixed_beta", "temperature": "loss_temperature"}),
-    Rule("ldawa", "LDAWA", "layer-wise divergence-aware weights after FedAvg warm-up rounds",
-         {"warmup_rounds": "ldawa_warmup"}),
-    Rule("fedu", "FedU", "feature matching: online encoder averaged, divergence-aware predictor update",
-         {"mu": "fedu_mu"}, workloads=(PRETRAIN,), needs="predictor"),
-    Rule("partial", "DepthAwarePartial", "each layer averaged over the clients that trained it",
-         workloads=(EARLYEXIT,)),
-)}
+RULES: dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule("fedavg", "RobustFedAvg", "FedAvg: average weighted by examples"),
+        Rule("loss", "LossWeighted", "weights softmax(-loss / T)", {"temperature": "loss_temperature"}),
+        Rule(
+            "mixed",
+            "MixedFedAvgLoss",
+            "beta x loss weights + (1 - beta) x FedAvg weights",
+            {"beta": "mixed_beta", "temperature": "loss_temperature"},
+        ),
+        Rule(
+            "ldawa",
+            "LDAWA",
+            "layer-wise divergence-aware weights after FedAvg warm-up rounds",
+            {"warmup_rounds": "ldawa_warmup"},
+        ),
+        Rule(
+            "fedu",
+            "FedU",
+            "feature matching: online encoder averaged, divergence-aware predictor update",
+            {"mu": "fedu_mu"},
+            workloads=(PRETRAIN,),
+            needs="predictor",
+        ),
+        Rule(
+            "partial",
+            "DepthAwarePartial",
+            "each layer averaged over the clients that trained it",
+            workloads=(EARLYEXIT,),
+        ),
+    )
+}
 
 
 def rule_names(workload: str) -> tuple[str, ...]:

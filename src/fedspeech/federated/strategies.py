@@ -42,8 +42,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedspeech.federated import aggregation as agg
-from fedspeech.federated.rules import RULES
 from fedspeech.federated.aggregation import StateDict
+from fedspeech.federated.rules import RULES
 from fedspeech.federated.server_optimizers import ServerOptimizer
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,10 @@ class RoundReport:
 
     def log_record(self) -> dict[str, Any]:
         """The round log's ``aggregation`` entry: refused clients and the weights used."""
-        return {"refused": {str(k): v for k, v in self.refused.items()},
-                "weights": {str(k): round(v, 6) for k, v in self.weights.items()}}
+        return {
+            "refused": {str(k): v for k, v in self.refused.items()},
+            "weights": {str(k): round(v, 6) for k, v in self.weights.items()},
+        }
 
 
 @dataclass
@@ -140,8 +142,7 @@ class RobustFedAvg(FedAvg):
         state = {k: v.numpy() for k, v in arrays.items()}
         if self.backbone_prefixes and not agg.select_keys(state, self.backbone_prefixes):
             raise ValueError(
-                f"backbone_prefixes {self.backbone_prefixes} match no key of the global "
-                f"arrays (e.g. {list(state)[:3]})"
+                f"backbone_prefixes {self.backbone_prefixes} match no key of the global arrays (e.g. {list(state)[:3]})"
             )
         self._global_record = arrays
         self._global_state = state
@@ -171,9 +172,9 @@ class RobustFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Evaluation gets the same (backbone-only) view of the model as training."""
-        return _by_destination(super().configure_evaluate(
-            server_round, self._outgoing(arrays), ConfigRecord(dict(config)), grid
-        ))
+        return _by_destination(
+            super().configure_evaluate(server_round, self._outgoing(arrays), ConfigRecord(dict(config)), grid)
+        )
 
     # ---------------------------------------------------------------------- screening
 
@@ -213,7 +214,9 @@ class RobustFedAvg(FedAvg):
                 ignored[node_id] = len(extra)
                 logger.warning(
                     "node %d sent %d non-backbone array(s), e.g. '%s'; ignored",
-                    node_id, len(extra), extra[0],
+                    node_id,
+                    len(extra),
+                    extra[0],
                 )
                 keys = [k for k in keys if k.startswith(self.backbone_prefixes)]
         state: StateDict = {}
@@ -241,7 +244,9 @@ class RobustFedAvg(FedAvg):
                 refused[node_id] = reasons
                 logger.warning(
                     "%s: refusing update from node %d: %s",
-                    self.rule_name, node_id, agg.format_reasons(reasons),
+                    self.rule_name,
+                    node_id,
+                    agg.format_reasons(reasons),
                 )
             else:
                 accepted.append(update)
@@ -254,9 +259,7 @@ class RobustFedAvg(FedAvg):
     ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
         """Aggregate screened updates: (state, weight per node, details)."""
         counts = [u.num_examples for u in updates]
-        state = agg.fedavg(
-            [u.state for u in updates], counts, global_state=reference, client_ids=_ids(updates)
-        )
+        state = agg.fedavg([u.state for u in updates], counts, global_state=reference, client_ids=_ids(updates))
         return state, _by_node(updates, agg.fedavg_weights(counts)), {}
 
     def aggregate_train(
@@ -287,7 +290,9 @@ class RobustFedAvg(FedAvg):
         if not updates:
             logger.warning(
                 "%s: round %d: all %d client(s) refused; the global model stays as it was",
-                self.rule_name, server_round, len(refused),
+                self.rule_name,
+                server_round,
+                len(refused),
             )
             return self._global_record, MetricRecord({ACCEPTED_METRIC: 0, REFUSED_METRIC: len(refused)})
         state, weights, details = self._aggregate(server_round, reference, updates)
@@ -341,8 +346,11 @@ class LossWeighted(RobustFedAvg):
     ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
         losses = [float(u.train_loss) for u in updates]  # type: ignore[arg-type]
         state = agg.loss_weighted(
-            [u.state for u in updates], losses, self.temperature,
-            global_state=reference, client_ids=_ids(updates),
+            [u.state for u in updates],
+            losses,
+            self.temperature,
+            global_state=reference,
+            client_ids=_ids(updates),
         )
         return state, _by_node(updates, agg.loss_weights(losses, self.temperature)), {}
 
@@ -365,8 +373,13 @@ class MixedFedAvgLoss(RobustFedAvg):
         counts = [u.num_examples for u in updates]
         losses = [float(u.train_loss) for u in updates]  # type: ignore[arg-type]
         state = agg.mixed(
-            [u.state for u in updates], counts, losses, self.beta, self.temperature,
-            global_state=reference, client_ids=_ids(updates),
+            [u.state for u in updates],
+            counts,
+            losses,
+            self.beta,
+            self.temperature,
+            global_state=reference,
+            client_ids=_ids(updates),
         )
         weights = agg.mixed_weights(counts, losses, self.beta, self.temperature)
         return state, _by_node(updates, weights), {}
@@ -482,9 +495,7 @@ class DepthAwarePartial(RobustFedAvg):
                     self.configrecord_key: content[self.configrecord_key],
                 }
             )
-            result.append(
-                Message(record, dst_node_id=node_id, message_type=message.metadata.message_type)
-            )
+            result.append(Message(record, dst_node_id=node_id, message_type=message.metadata.message_type))
         return result
 
     def configure_train(
@@ -522,9 +533,7 @@ def make_strategy(name: str, **kwargs: Any) -> RobustFedAvg:
     try:
         cls = globals()[RULES[name].strategy]
     except KeyError:
-        raise ValueError(
-            f"unknown aggregation strategy '{name}'; choose one of {sorted(RULES)}"
-        ) from None
+        raise ValueError(f"unknown aggregation strategy '{name}'; choose one of {sorted(RULES)}") from None
     try:
         return cls(**kwargs)
     except TypeError as exc:

@@ -54,8 +54,9 @@ def _san_entries(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
     return names
 
 
-def make_self_signed_certs(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
-                           days: int = 365) -> Certificates:
+def make_self_signed_certs(
+    folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 365
+) -> Certificates:
     """Write ``ca.crt``, ``server.pem`` and ``server.key`` into ``folder``.
 
     ``hosts`` are the addresses SuperNodes and ``flwr`` use to reach the SuperLink (for a
@@ -65,22 +66,34 @@ def make_self_signed_certs(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", 
         raise ValueError("make_self_signed_certs: hosts must name at least one host or IP")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedspeech federation CA")])
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -92,21 +105,24 @@ def make_self_signed_certs(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", 
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(_san_entries(hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
 
-    certs = Certificates(ca_cert=folder / "ca.crt", server_cert=folder / "server.pem",
-                         server_key=folder / "server.key")
+    certs = Certificates(ca_cert=folder / "ca.crt", server_cert=folder / "server.pem", server_key=folder / "server.key")
     certs.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     certs.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(certs.server_key, server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(
+        certs.server_key,
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
     return certs
 
 
@@ -118,8 +134,13 @@ def make_supernode_keys(folder: Path, name: str) -> SuperNodeKeys:
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     keys = SuperNodeKeys(private_key=folder / name, public_key=folder / f"{name}.pub")
-    _write_private(keys.private_key, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    keys.public_key.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    _write_private(
+        keys.private_key,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    keys.public_key.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
     return keys

@@ -19,8 +19,9 @@ included. Saved tensors are attributed the same way, through
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -190,7 +191,7 @@ class UnitAttribution:
         """Context for the forward pass: record what autograd saves for backward."""
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
-    def __enter__(self) -> "UnitAttribution":
+    def __enter__(self) -> UnitAttribution:
         for unit in self.units:
             self._handles.append(unit.module.register_forward_pre_hook(self._pre_hook(unit), with_kwargs=True))
             self._handles.append(unit.module.register_forward_hook(self._post_hook(unit), with_kwargs=True))
@@ -203,8 +204,19 @@ class UnitAttribution:
 
 
 def grouped_conv_backward_flop(
-    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _output_padding, _groups,
-    output_mask, out_shape, **kwargs
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape,
+    **kwargs,
 ) -> int:
     """FLOPs of ``convolution_backward``, correct for grouped convolutions.
 

@@ -91,7 +91,5 @@ def model_config(name_or_path: str | Path, **overrides: Any) -> PretrainedConfig
         return Wav2Vec2Config(**{**_PRETRAINING, **PRESETS[key], **overrides})
     folder = Path(key)
     if not (folder / "config.json").is_file():
-        raise ValueError(
-            f"model {key!r}: not a preset ({', '.join(PRESETS)}) and no config.json in that folder"
-        )
+        raise ValueError(f"model {key!r}: not a preset ({', '.join(PRESETS)}) and no config.json in that folder")
     return AutoConfig.from_pretrained(folder, local_files_only=True, **overrides)

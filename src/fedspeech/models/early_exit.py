@@ -47,9 +47,7 @@ _SHARED_PREFIXES = (
 )
 
 
-def exit_layers(
-    num_layers: int, exits: Sequence[int] | None = None, every: int | None = None
-) -> tuple[int, ...]:
+def exit_layers(num_layers: int, exits: Sequence[int] | None = None, every: int | None = None) -> tuple[int, ...]:
     """Sorted 1-based exit layers; the last layer is always an exit.
 
     ``exits=(2, 4)`` names them, ``every=2`` puts one after every 2nd layer; with neither,
@@ -140,12 +138,13 @@ class EarlyExitModel(nn.Module):
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"backbone model_type {model_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"backbone model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         if getattr(config, "add_adapter", False):
-            raise ValueError("backbones with add_adapter=True are not supported (the adapter "
-                             "runs after the last layer and changes the frame rate)")
+            raise ValueError(
+                "backbones with add_adapter=True are not supported (the adapter "
+                "runs after the last layer and changes the frame rate)"
+            )
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if num_outputs < 1 or (task == "ctc" and num_outputs < 2):
@@ -172,9 +171,7 @@ class EarlyExitModel(nn.Module):
 
         head_type = ClassificationHead if task == "classify" else CTCHead
         hidden_size = config.hidden_size
-        self.heads = nn.ModuleDict(
-            {str(e): head_type(hidden_size, num_outputs, head_dropout) for e in self.exits}
-        )
+        self.heads = nn.ModuleDict({str(e): head_type(hidden_size, num_outputs, head_dropout) for e in self.exits})
         if self.freeze_feature_encoder:
             self._freeze_cnn()
         self._groups = self._group_keys()
@@ -209,9 +206,7 @@ class EarlyExitModel(nn.Module):
     def _group_keys(self) -> dict[str, str]:
         """Map every state-dict key to its group; unknown keys are an error, not a guess."""
         groups: dict[str, str] = {}
-        mask_embed_used = self.spec_augment and (
-            getattr(self.backbone.config, "mask_time_prob", 0) > 0
-        )
+        mask_embed_used = self.spec_augment and (getattr(self.backbone.config, "mask_time_prob", 0) > 0)
         for key in self.state_dict():
             if key.startswith("heads."):
                 groups[key] = f"head:{key.split('.')[1]}"
@@ -244,9 +239,7 @@ class EarlyExitModel(nn.Module):
     def key_group(self, key: str) -> str:
         return self._groups[key]
 
-    def trainable_keys(
-        self, depth: int | None = None, freeze_feature_encoder: bool | None = None
-    ) -> list[str]:
+    def trainable_keys(self, depth: int | None = None, freeze_feature_encoder: bool | None = None) -> list[str]:
         """State-dict keys a depth-``depth`` client trains, hence uploads (in state-dict order)."""
         depth = self.check_depth(depth)
         frozen = freeze_feature_encoder
@@ -294,9 +287,7 @@ class EarlyExitModel(nn.Module):
         once per utterance and pass it back as ``features`` (``FrozenFeatureCache``).
         """
         if input_values.dim() != 2:
-            raise ValueError(
-                f"input_values must be (batch, samples), got shape {tuple(input_values.shape)}"
-            )
+            raise ValueError(f"input_values must be (batch, samples), got shape {tuple(input_values.shape)}")
         return self.backbone.feature_extractor(input_values).transpose(1, 2)
 
     def iter_exit_states(
@@ -331,14 +322,10 @@ class EarlyExitModel(nn.Module):
             num_frames = features.shape[1]
             if attention_mask is None:
                 frame_mask = None
-                output_lengths = torch.full(
-                    (features.shape[0],), num_frames, dtype=torch.long, device=features.device
-                )
+                output_lengths = torch.full((features.shape[0],), num_frames, dtype=torch.long, device=features.device)
             else:
                 frame_mask = backbone._get_feature_vector_attention_mask(num_frames, attention_mask)
-                output_lengths = backbone._get_feat_extract_output_lengths(
-                    attention_mask.sum(-1)
-                ).to(torch.long)
+                output_lengths = backbone._get_feat_extract_output_lengths(attention_mask.sum(-1)).to(torch.long)
 
         projected = backbone.feature_projection(features)
         # wav2vec 2.0 and WavLM return (projected, normed features); HuBERT the tensor only.
@@ -366,9 +353,7 @@ class EarlyExitModel(nn.Module):
         position_bias = None
         for index, layer in enumerate(encoder.layers[:depth]):
             if not self._drop_layer(index):
-                hidden, position_bias = self._run_layer(
-                    layer, index, hidden, layer_mask, position_bias
-                )
+                hidden, position_bias = self._run_layer(layer, index, hidden, layer_mask, position_bias)
             number = index + 1
             if number in self.exits:
                 exit_hidden = encoder.layer_norm(hidden) if self.pre_layer_norm else hidden
@@ -394,18 +379,14 @@ class EarlyExitModel(nn.Module):
             out = layer(hidden, attention_mask=layer_mask)
             return (out[0] if isinstance(out, tuple) else out), None
         extra = {"index": index} if self._passes_layer_index else {}
-        out, position_bias = layer(
-            hidden, attention_mask=layer_mask, position_bias=position_bias, **extra
-        )
+        out, position_bias = layer(hidden, attention_mask=layer_mask, position_bias=position_bias, **extra)
         return out, position_bias
 
     def exit_hidden_states(
         self, input_values: Tensor, attention_mask: Tensor | None = None, depth: int | None = None
     ) -> dict[int, Tensor]:
         """Exit layer -> (batch, frames, hidden) for every exit ``<= depth``."""
-        return {
-            s.layer: s.hidden for s in self.iter_exit_states(input_values, attention_mask, depth)
-        }
+        return {s.layer: s.hidden for s in self.iter_exit_states(input_values, attention_mask, depth)}
 
     def head_logits(self, state: ExitState) -> Tensor:
         return self.heads[str(state.layer)](state.hidden, state.frame_mask)
@@ -448,9 +429,7 @@ def _frame_mask(features: Tensor, frame_lengths: Tensor | None) -> tuple[Tensor 
 # ---- loss --------------------------------------------------------------------------
 
 
-def _exit_weights(
-    exits: Sequence[int], weights: Mapping[int, float] | Sequence[float] | None
-) -> dict[int, float]:
+def _exit_weights(exits: Sequence[int], weights: Mapping[int, float] | Sequence[float] | None) -> dict[int, float]:
     if weights is None:
         return {e: 1.0 for e in exits}
     if isinstance(weights, Mapping):
@@ -470,9 +449,7 @@ def _valid_frames(logits: Tensor, output_lengths: Tensor | None) -> Tensor:
     return frames.unsqueeze(0) < output_lengths.to(logits.device).unsqueeze(1)
 
 
-def _task_loss(
-    logits: Tensor, targets: Tensor, task: Task, output_lengths: Tensor | None, blank: int
-) -> Tensor:
+def _task_loss(logits: Tensor, targets: Tensor, task: Task, output_lengths: Tensor | None, blank: int) -> Tensor:
     if task == "classify":
         return F.cross_entropy(logits, targets)
     # HF convention: targets padded with negative values (-100); blank is `blank`.
@@ -495,9 +472,7 @@ def _task_loss(
         )
 
 
-def _kl(
-    teacher_log_probs: Tensor, student_log_probs: Tensor, frame_weights: Tensor | None
-) -> Tensor:
+def _kl(teacher_log_probs: Tensor, student_log_probs: Tensor, frame_weights: Tensor | None) -> Tensor:
     """KL(p_teacher ‖ p_student) per item (classify) or per valid frame (CTC), averaged."""
     per_position = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
     if frame_weights is None:
@@ -535,9 +510,7 @@ def early_exit_loss(
 
     if use_distill:
         soft = {e: (logits[e] / temperature).log_softmax(dim=-1) for e in exits}
-        frame_weights = (
-            _valid_frames(logits[exits[0]], output_lengths).float() if task == "ctc" else None
-        )
+        frame_weights = _valid_frames(logits[exits[0]], output_lengths).float() if task == "ctc" else None
     total = logits[exits[0]].new_zeros(())
     for i in exits:
         term = _task_loss(logits[i], targets, task, output_lengths, blank)
@@ -581,9 +554,7 @@ class ConfidenceExit:
         """(chosen exit per item, its logits) from computed exits; the deepest is the fallback."""
         exits = sorted(logits_by_exit)
         first = logits_by_exit[exits[0]]
-        chosen_exit = torch.full(
-            (first.shape[0],), exits[-1], dtype=torch.long, device=first.device
-        )
+        chosen_exit = torch.full((first.shape[0],), exits[-1], dtype=torch.long, device=first.device)
         chosen_logits = logits_by_exit[exits[-1]].clone()
         decided = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
         for e in exits:
@@ -629,8 +600,7 @@ def predict(
     if isinstance(policy, FixedExit):
         if policy.layer not in model.exits or policy.layer > max_depth:
             raise ValueError(
-                f"FixedExit({policy.layer}) is not an exit <= max_depth {max_depth} "
-                f"(exits: {list(model.exits)})"
+                f"FixedExit({policy.layer}) is not an exit <= max_depth {max_depth} (exits: {list(model.exits)})"
             )
         stop = policy.layer
     elif isinstance(policy, ConfidenceExit):
@@ -649,9 +619,7 @@ def predict(
             logits = model.head_logits(state)
             if chosen_logits is None:
                 chosen_logits = logits.clone()
-                chosen_exit = torch.full(
-                    (logits.shape[0],), state.layer, dtype=torch.long, device=logits.device
-                )
+                chosen_exit = torch.full((logits.shape[0],), state.layer, dtype=torch.long, device=logits.device)
                 decided = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
             if isinstance(policy, FixedExit) or state.layer == stop:
                 take = ~decided  # fixed exit, or the deepest allowed fallback
@@ -686,9 +654,7 @@ def synthetic_batch(
         targets = torch.randint(0, model.num_outputs, (batch,), generator=generator)
     else:
         frames = int(model.backbone._get_feat_extract_output_lengths(samples))
-        targets = torch.randint(
-            1, model.num_outputs, (batch, max(1, frames // 4)), generator=generator
-        )
+        targets = torch.randint(1, model.num_outputs, (batch, max(1, frames // 4)), generator=generator)
     return audio, targets.to(device)
 
 
@@ -742,7 +708,8 @@ def training_flops(
     """FLOPs (2 per multiply-add) of forward + backward of one depth-``depth`` step.
 
     Counted on random input by torch's ``FlopCounterMode`` with the profiler's corrected
-    formulas (``profiling.accounting.flop_counter``), in train mode with LayerDrop off; the model's mode and existing ``.grad`` values are restored.
+    formulas (``models.accounting.flop_counter``), in train mode with LayerDrop off; the
+    model's mode and existing ``.grad`` values are restored.
     ``cached_cnn``: the step starts from precomputed CNN features (their cost not counted).
     """
     from fedspeech.models.accounting import flop_counter

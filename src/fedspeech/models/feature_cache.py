@@ -27,7 +27,6 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fedspeech.models.early_exit import EarlyExitModel
 
-
 CNN_DIGEST = "<cnn>"  # the digests' entry for the CNN weights (no utterance id looks like it)
 
 
@@ -41,7 +40,7 @@ def _digest(tensors: Sequence[Tensor]) -> str:
 class FrozenFeatureCache:
     """CNN features per utterance id, computed on first use (one entry per utterance).
 
-    ``flops_spent`` counts (``profiling.accounting.flop_counter``) the FLOPs of every feature computation,
+    ``flops_spent`` counts (``models.accounting.flop_counter``) the FLOPs of every feature computation,
     so a client's reported compute includes what filling the cache cost.
     """
 
@@ -63,7 +62,8 @@ class FrozenFeatureCache:
         # version on every in-place write, load_state_dict's copies included) or is another
         # tensor (weak references: a new model's tensors may reuse a freed one's id).
         if len(tensors) == len(self._cnn_seen) and all(
-                ref() is t and version == t._version for t, (ref, version) in zip(tensors, self._cnn_seen)):
+            ref() is t and version == t._version for t, (ref, version) in zip(tensors, self._cnn_seen)
+        ):
             return
         self._cnn_seen = [(weakref.ref(t), t._version) for t in tensors]
         digest = _digest(tensors)

@@ -34,8 +34,9 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in record.getMessage()
 
 
-def from_pretrained(model_class: Any, folder: str | Path, *, new_parts: tuple[str, ...] = (),
-                    **kwargs: Any) -> PreTrainedModel:
+def from_pretrained(
+    model_class: Any, folder: str | Path, *, new_parts: tuple[str, ...] = (), **kwargs: Any
+) -> PreTrainedModel:
     """``model_class.from_pretrained(folder)`` offline; warns only about keys that are
     neither pretraining-only (:data:`PRETRAINING_ONLY`) nor in ``new_parts`` (prefixes of
     the task head the caller adds, e.g. ``("lm_head.",)``)."""
@@ -56,8 +57,9 @@ def from_pretrained(model_class: Any, folder: str | Path, *, new_parts: tuple[st
     }
     for kind, keys in surprises.items():
         if keys:
-            log.warning("%s: %d %s keys (freshly initialised or dropped), e.g. %s", folder, len(keys), kind,
-                        ", ".join(keys[:3]))
+            log.warning(
+                "%s: %d %s keys (freshly initialised or dropped), e.g. %s", folder, len(keys), kind, ", ".join(keys[:3])
+            )
     return model
 
 

@@ -106,8 +106,17 @@ class Device:
         """
         fields = dict(data)
         label = str(fields.pop("name", name or "?"))
-        known = {"memory_bytes", "memory_gb", "memory_gib", "throughput_flops", "seconds_per_flop", "headroom",
-                 "mixed_precision", "mixed_speedup", "mixed_precision_speedup"}
+        known = {
+            "memory_bytes",
+            "memory_gb",
+            "memory_gib",
+            "throughput_flops",
+            "seconds_per_flop",
+            "headroom",
+            "mixed_precision",
+            "mixed_speedup",
+            "mixed_precision_speedup",
+        }
         if unknown := sorted(set(fields) - known):
             raise ValueError(f"device {label!r}: unknown fields {unknown} (known: {sorted(known)})")
         try:
@@ -119,16 +128,22 @@ class Device:
             if "seconds_per_flop" in fields:
                 throughput = 1.0 / float(fields.pop("seconds_per_flop"))  # type: ignore[arg-type]
             mixed = fields.get("mixed_precision", False)
-            precisions = tuple(str(p) for p in mixed) if isinstance(mixed, (list, tuple)) else (
-                ("mixed",) if mixed else ())
+            precisions = (
+                tuple(str(p) for p in mixed) if isinstance(mixed, (list, tuple)) else (("mixed",) if mixed else ())
+            )
             return cls(
-                id=label, name=label,
+                id=label,
+                name=label,
                 memory_bytes=float(fields["memory_bytes"]),  # type: ignore[arg-type]
                 throughput_flops=None if throughput is None else float(throughput),  # type: ignore[arg-type]
                 headroom=float(fields.get("headroom", 0.2)),  # type: ignore[arg-type]
                 mixed_precision=precisions,
-                mixed_precision_speedup=float(fields.get("mixed_speedup",  # type: ignore[arg-type]
-                                                         fields.get("mixed_precision_speedup", 1.0))),
+                mixed_precision_speedup=float(
+                    fields.get(
+                        "mixed_speedup",  # type: ignore[arg-type]
+                        fields.get("mixed_precision_speedup", 1.0),
+                    )
+                ),
             )
         except KeyError as missing:
             raise ValueError(f"device {label!r}: missing field {missing}") from None
@@ -177,8 +192,18 @@ def device_from_entry(entry: dict[str, Any], origin: str) -> Device:
     for precision in mixed:
         if precision not in ("bf16", "fp16"):
             raise ValueError(f"{where}: mixed_precision entries must be bf16/fp16, got {precision!r}")
-    known = {"id", "name", "class", "memory_gib", "headroom", "mixed_precision", "mixed_precision_speedup",
-             "throughput_gflops", "calibration", "source"}
+    known = {
+        "id",
+        "name",
+        "class",
+        "memory_gib",
+        "headroom",
+        "mixed_precision",
+        "mixed_precision_speedup",
+        "throughput_gflops",
+        "calibration",
+        "source",
+    }
     return Device(
         id=str(entry["id"]),
         name=str(entry["name"]),
@@ -235,9 +260,7 @@ def select_devices(catalogue: dict[str, Device], names: list[str] | None) -> lis
         return list(catalogue.values())
     chosen = []
     for wanted in names:
-        match = catalogue.get(wanted) or next(
-            (d for d in catalogue.values() if d.name.lower() == wanted.lower()), None
-        )
+        match = catalogue.get(wanted) or next((d for d in catalogue.values() if d.name.lower() == wanted.lower()), None)
         if match is None:
             raise ValueError(f"unknown device {wanted!r}; known: {', '.join(catalogue)}")
         chosen.append(match)

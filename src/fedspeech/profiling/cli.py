@@ -41,7 +41,9 @@ def _seconds_list(text: str) -> list[float]:
 def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     from fedspeech.profiling.savers import PRECISIONS, SAVER_HELP
 
-    parser.add_argument("--model", default="base", help="tiny, base, large or a local HF checkpoint folder (default: base)")
+    parser.add_argument(
+        "--model", default="base", help="tiny, base, large or a local HF checkpoint folder (default: base)"
+    )
     parser.add_argument("--seconds", type=_positive_float, default=5.0, help="utterance length in seconds (default: 5)")
     parser.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: 1)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default: fp32")
@@ -60,9 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_workload_arguments(profile)
     profile.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into DIR")
-    profile.add_argument("--sweep-seconds", type=_seconds_list, metavar="S1,S2,...", help="also measure these input lengths")
+    profile.add_argument(
+        "--sweep-seconds", type=_seconds_list, metavar="S1,S2,...", help="also measure these input lengths"
+    )
     profile.add_argument("--compare-precision", action="store_true", help="also measure fp32, bf16 and fp16")
-    profile.add_argument("--repeats", type=int, default=1, help="timed steps per measurement after warm-up (default: 1)")
+    profile.add_argument(
+        "--repeats", type=int, default=1, help="timed steps per measurement after warm-up (default: 1)"
+    )
     profile.set_defaults(func=run_profile)
 
     feasibility = subparsers.add_parser(
@@ -75,10 +81,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chosen = feasibility.add_mutually_exclusive_group()
     chosen.add_argument("--device", nargs="+", action="extend", metavar="NAME", help="device ids or names")
     chosen.add_argument("--all", action="store_true", help="every catalogue device (the default)")
-    feasibility.add_argument("--catalogue", type=Path, action="append", default=[], metavar="FILE",
-                             help="extra device catalogue JSON (overrides the packaged one; repeatable)")
-    feasibility.add_argument("--workload", type=Path, metavar="FILE",
-                             help="reuse the workloads stored in an earlier feasibility JSON instead of measuring them")
+    feasibility.add_argument(
+        "--catalogue",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="extra device catalogue JSON (overrides the packaged one; repeatable)",
+    )
+    feasibility.add_argument(
+        "--workload",
+        type=Path,
+        metavar="FILE",
+        help="reuse the workloads stored in an earlier feasibility JSON instead of measuring them",
+    )
     fl = feasibility.add_argument_group("federated schedule (wall-clock of the whole training)")
     fl.add_argument("--utterances-per-client", type=_positive_int, help="enables the FL estimate")
     fl.add_argument("--clients", type=_positive_int, default=10, help="default: 10")
@@ -92,13 +108,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trend.add_argument("--trend-target", default="a40", help="device whose time is the target (default: a40)")
     calibrate = feasibility.add_argument_group("calibrate this machine as device 'local-cpu'")
     calibrate.add_argument("--calibrate-local", action="store_true", help="measure this machine and save it first")
-    calibrate.add_argument("--calibrate-to", type=Path, help="user catalogue to write (default: ~/.config/fedspeech/devices.json)")
+    calibrate.add_argument(
+        "--calibrate-to", type=Path, help="user catalogue to write (default: ~/.config/fedspeech/devices.json)"
+    )
     calibrate.add_argument("--calibration-model", default="tiny", help="default: tiny")
     calibrate.add_argument("--calibration-seconds", type=_positive_float, default=2.0, help="default: 2")
     calibrate.add_argument("--calibration-batch", type=_positive_int, default=1, help="default: 1")
     calibrate.add_argument("--calibration-repeats", type=_positive_int, default=3, help="default: 3")
-    calibrate.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                           help="time steps by wall-clock or process CPU seconds (robust on a shared machine)")
+    calibrate.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time steps by wall-clock or process CPU seconds (robust on a shared machine)",
+    )
     feasibility.set_defaults(func=run_feasibility)
 
 
@@ -135,8 +157,17 @@ def run_profile(args: argparse.Namespace) -> int:
     savers = Savers.parse(args.savers)
     template = build_model(args.model)
     report = profile(
-        template, args.model, args.seconds, args.batch, args.precision, savers, args.device_type,
-        args.repeats, args.sweep_seconds, args.compare_precision, log=log.info,
+        template,
+        args.model,
+        args.seconds,
+        args.batch,
+        args.precision,
+        savers,
+        args.device_type,
+        args.repeats,
+        args.sweep_seconds,
+        args.compare_precision,
+        log=log.info,
     )
     print(render(report))
     _write_json(args.json, report)
@@ -158,12 +189,25 @@ def run_feasibility(args: argparse.Namespace) -> int:
     extra = list(args.catalogue)
     if args.calibrate_local:
         target = args.calibrate_to or DEFAULT_USER_CATALOGUE
-        log.info("calibrating this machine: %s, %g s, batch %d", args.calibration_model, args.calibration_seconds, args.calibration_batch)
-        entry = calibrate_local(target, args.calibration_model, args.calibration_seconds, args.calibration_batch,
-                                args.calibration_repeats, args.clock)
+        log.info(
+            "calibrating this machine: %s, %g s, batch %d",
+            args.calibration_model,
+            args.calibration_seconds,
+            args.calibration_batch,
+        )
+        entry = calibrate_local(
+            target,
+            args.calibration_model,
+            args.calibration_seconds,
+            args.calibration_batch,
+            args.calibration_repeats,
+            args.clock,
+        )
         cal = entry["calibration"]
-        print(f"calibrated local-cpu: {cal['train_gflops'] / cal['seconds_per_batch']:.2f} GFLOP/s fp32, "
-              f"bf16 factor {entry['mixed_precision_speedup']:.2f}; wrote {target}")
+        print(
+            f"calibrated local-cpu: {cal['train_gflops'] / cal['seconds_per_batch']:.2f} GFLOP/s fp32, "
+            f"bf16 factor {entry['mixed_precision_speedup']:.2f}; wrote {target}"
+        )
         if target not in extra:
             extra.append(target)
     catalogue = load_catalogue(extra)
@@ -173,20 +217,34 @@ def run_feasibility(args: argparse.Namespace) -> int:
 
     def workload_for(p: str) -> Workload:
         if args.workload is not None:
-            stored = _stored_workload(args.workload, p, args.model, savers.effective_seconds(args.seconds), args.batch,
-                                      savers.without_amp().tokens())
+            stored = _stored_workload(
+                args.workload,
+                p,
+                args.model,
+                savers.effective_seconds(args.seconds),
+                args.batch,
+                savers.without_amp().tokens(),
+            )
             if stored is not None:
                 return stored
         log.info("measuring workload: %s, %g s, three short runs, %s", args.model, args.seconds, p)
-        return measure_workload(args.model, args.seconds, args.batch, p, savers.without_amp(), device_type=args.device_type)
+        return measure_workload(
+            args.model, args.seconds, args.batch, p, savers.without_amp(), device_type=args.device_type
+        )
 
     workloads = {precision: workload_for(precision)}
     if precision != "fp32" and any(not d.supports(precision) for d in devices):
         workloads["fp32"] = workload_for("fp32")
     schedule = None
     if args.utterances_per_client:
-        schedule = FLSchedule(args.clients, args.utterances_per_client, args.rounds, args.local_epochs,
-                              args.clients_per_round, args.bandwidth_mbps)
+        schedule = FLSchedule(
+            args.clients,
+            args.utterances_per_client,
+            args.rounds,
+            args.local_epochs,
+            args.clients_per_round,
+            args.bandwidth_mbps,
+        )
     result = plan(devices, workloads, precision, catalogue, schedule, args.fleet, args.trend_months, args.trend_target)
     print(render_plan(result))
     _write_json(args.json, result)

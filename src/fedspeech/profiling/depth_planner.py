@@ -69,9 +69,7 @@ class DepthCostModel:
 
     def at(self, seconds: float, batch: int) -> DepthCost:
         flops = batch * max(0.0, self.flops_fixed + self.flops_per_second * seconds)
-        activations = batch * max(
-            0.0, self.activation_bytes_fixed + self.activation_bytes_per_second * seconds
-        )
+        activations = batch * max(0.0, self.activation_bytes_fixed + self.activation_bytes_per_second * seconds)
         return DepthCost(self.depth, flops, self.static_bytes + activations)
 
 
@@ -82,9 +80,11 @@ def as_device(device: object) -> Device:
         return device
     if isinstance(device, Mapping):
         return Device.from_dict(device)
-    fields = {key: getattr(device, key) for key in ("memory_bytes", "throughput_flops", "headroom",
-                                                    "mixed_precision", "mixed_precision_speedup")
-              if getattr(device, key, None) is not None}
+    fields = {
+        key: getattr(device, key)
+        for key in ("memory_bytes", "throughput_flops", "headroom", "mixed_precision", "mixed_precision_speedup")
+        if getattr(device, key, None) is not None
+    }
     return Device.from_dict(fields, str(getattr(device, "name", type(device).__name__)))
 
 
@@ -100,7 +100,11 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _measure_step(
-    model: EarlyExitModel, depth: int, seconds: float, precision: str, sample_rate: int,
+    model: EarlyExitModel,
+    depth: int,
+    seconds: float,
+    precision: str,
+    sample_rate: int,
     cached_cnn: bool = False,
 ) -> tuple[float, float]:
     """(FLOPs, saved-activation bytes) of one batch-1 training step (from cached CNN
@@ -212,12 +216,7 @@ class DepthPlan:
         return self.depth > 0
 
 
-CostSource = (
-    EarlyExitModel
-    | Callable[[], EarlyExitModel]
-    | Sequence[DepthCostModel]
-    | Sequence[DepthCost]
-)
+CostSource = EarlyExitModel | Callable[[], EarlyExitModel] | Sequence[DepthCostModel] | Sequence[DepthCost]
 
 
 def _gb(num_bytes: float) -> str:
@@ -298,9 +297,7 @@ def plan_depth(
             fits_deadline=math.isnan(round_seconds) or round_seconds <= deadline_seconds,
         )
 
-    candidates = tuple(
-        candidate(c) for c in _costs_at(costs, seconds, batch, precision, measure_lengths)
-    )
+    candidates = tuple(candidate(c) for c in _costs_at(costs, seconds, batch, precision, measure_lengths))
     budget = (
         f"usable {_gb(usable)} ({_gb(device.memory_bytes)} less {device.headroom:.0%} headroom), "
         f"deadline {deadline_seconds:.0f} s"
@@ -319,8 +316,7 @@ def plan_depth(
         shallowest = candidates[0]
         reason = f"nothing fits on {device.name}: {verdict(shallowest)}; {budget}"
         reason = "; ".join([reason] + notes)
-        return DepthPlan(0, shallowest.peak_bytes, shallowest.seconds_per_round, reason,
-                         precision, candidates)
+        return DepthPlan(0, shallowest.peak_bytes, shallowest.seconds_per_round, reason, precision, candidates)
     best = fitting[-1]
     deeper = [c for c in candidates if c.depth > best.depth]
     reason = (
@@ -330,8 +326,7 @@ def plan_depth(
     if deeper:
         reason += f"; deeper rejected: {verdict(deeper[0])}"
     reason = "; ".join([reason] + notes)
-    return DepthPlan(best.depth, best.peak_bytes, best.seconds_per_round, reason,
-                     precision, candidates)
+    return DepthPlan(best.depth, best.peak_bytes, best.seconds_per_round, reason, precision, candidates)
 
 
 # ---- fleets ------------------------------------------------------------------------
@@ -369,9 +364,7 @@ class FleetConfig:
                 raise ValueError("fleet: 'fractions' is empty")
             for name, value in self.fractions.items():
                 if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                    raise ValueError(
-                        f"fleet: fractions[{name!r}] must be a number >= 0, got {value!r}"
-                    )
+                    raise ValueError(f"fleet: fractions[{name!r}] must be a number >= 0, got {value!r}")
             total = sum(self.fractions.values())
             if not math.isclose(total, 1.0, abs_tol=1e-6):
                 raise ValueError(f"fleet: 'fractions' must sum to 1, got {total:g}")
@@ -396,9 +389,7 @@ class FleetConfig:
             raise ValueError(f"fleet: need at least one client, got {num_clients}")
         if self.clients is not None:
             if len(self.clients) != num_clients:
-                raise ValueError(
-                    f"fleet: 'clients' lists {len(self.clients)} devices for {num_clients} clients"
-                )
+                raise ValueError(f"fleet: 'clients' lists {len(self.clients)} devices for {num_clients} clients")
             return list(self.clients)
         names = sorted(self.fractions)
         exact = {n: self.fractions[n] * num_clients for n in names}
@@ -427,8 +418,7 @@ class FleetConfig:
         if fractions is not None and not isinstance(fractions, Mapping):
             raise ValueError("fleet: 'fractions' must map device names to fractions")
         if clients is not None and not (
-            isinstance(clients, Sequence) and not isinstance(clients, str)
-            and all(isinstance(c, str) for c in clients)
+            isinstance(clients, Sequence) and not isinstance(clients, str) and all(isinstance(c, str) for c in clients)
         ):
             raise ValueError("fleet: 'clients' must be a list of device names")
         devices_raw = data.get("devices") or {}

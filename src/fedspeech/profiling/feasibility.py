@@ -81,7 +81,11 @@ def plan(
         result["fl_schedule"] = asdict(schedule)
         for entry in result["devices"]:
             spb = entry["seconds_per_batch"]
-            entry["fl"] = None if spb is None else fl_wallclock([spb] * schedule.clients, workload.batch, schedule, workload.model_bytes)
+            entry["fl"] = (
+                None
+                if spb is None
+                else fl_wallclock([spb] * schedule.clients, workload.batch, schedule, workload.model_bytes)
+            )
         if fleet:
             result["fleet"] = fleet_wallclock(parse_fleet(fleet, catalogue), workload, fp32, schedule)
 
@@ -110,7 +114,9 @@ def plan(
     return result
 
 
-def fleet_wallclock(clients: list[Device], workload: Workload, fp32: Workload | None, schedule: FLSchedule) -> dict[str, Any]:
+def fleet_wallclock(
+    clients: list[Device], workload: Workload, fp32: Workload | None, schedule: FLSchedule
+) -> dict[str, Any]:
     """Mixed fleet: each round samples clients from the whole fleet; a sampled client whose
     device cannot train (out of memory, no throughput) drops out of that round."""
     times, unable = [], Counter()
@@ -126,8 +132,14 @@ def fleet_wallclock(clients: list[Device], workload: Workload, fp32: Workload | 
         summary["note"] = "no client of the fleet can train this workload"
         return summary
     sampled = min(schedule.clients_per_round or len(times), len(times))
-    fleet_schedule = FLSchedule(len(times), schedule.utterances_per_client, schedule.rounds, schedule.local_epochs,
-                                sampled, schedule.bandwidth_mbps)
+    fleet_schedule = FLSchedule(
+        len(times),
+        schedule.utterances_per_client,
+        schedule.rounds,
+        schedule.local_epochs,
+        sampled,
+        schedule.bandwidth_mbps,
+    )
     # a client that drops out takes no time: the round waits for the slowest one that trains
     summary["wallclock"] = fl_wallclock([t or 0.0 for t in times], workload.batch, fleet_schedule, workload.model_bytes)
     summary["expected_training_clients_per_round"] = sampled * len(able) / len(times)
@@ -146,7 +158,8 @@ def _hours(fl: dict[str, float] | None) -> str:
 def render_plan(result: dict[str, Any]) -> str:
     w = result["workload"]
     lines = [
-        f"# {w['model']}: {w['seconds']:g} s, batch {w['batch']}, {w['precision']}, savers: {', '.join(w['savers']) or 'none'}",
+        f"# {w['model']}: {w['seconds']:g} s, batch {w['batch']}, {w['precision']}, "
+        f"savers: {', '.join(w['savers']) or 'none'}",
         f"train GFLOPs per batch {w['train_gflops_per_batch']:.1f}; predicted peak {_gib(w['peak_bytes'])} GiB",
         "",
     ]
@@ -159,8 +172,14 @@ def render_plan(result: dict[str, Any]) -> str:
     rows = []
     for d in result["devices"]:
         max_s = d["max_seconds_that_fit"]
-        row = [d["device"], "yes" if d["fits"] else "NO", "-" if d["seconds_per_batch"] is None else f"{d['seconds_per_batch']:.3f}",
-               "-" if max_s is None else f"{max_s:.1f}", _gib(d["peak_bytes"]), _gib(d["usable_bytes"])]
+        row = [
+            d["device"],
+            "yes" if d["fits"] else "NO",
+            "-" if d["seconds_per_batch"] is None else f"{d['seconds_per_batch']:.3f}",
+            "-" if max_s is None else f"{max_s:.1f}",
+            _gib(d["peak_bytes"]),
+            _gib(d["usable_bytes"]),
+        ]
         if has_fl:
             row.append(_hours(d.get("fl")))
         if has_trend:
@@ -170,16 +189,25 @@ def render_plan(result: dict[str, Any]) -> str:
     lines.append(format_table(headers, rows))
     if has_fl:
         s = result["fl_schedule"]
-        lines += ["", f"FL schedule: {s['clients']} clients ({s['clients_per_round'] or s['clients']} per round), "
-                      f"{s['utterances_per_client']} utterances each, {s['local_epochs']} local epoch(s), {s['rounds']} rounds; "
-                      "a round lasts as long as its slowest sampled client."]
+        lines += [
+            "",
+            f"FL schedule: {s['clients']} clients ({s['clients_per_round'] or s['clients']} per round), "
+            f"{s['utterances_per_client']} utterances each, {s['local_epochs']} local epoch(s), {s['rounds']} rounds; "
+            "a round lasts as long as its slowest sampled client.",
+        ]
         if "fleet" in result:
             f = result["fleet"]
             unable = ", ".join(f"{k} x{v}" for k, v in f["unable_to_train"].items()) or "none"
-            lines.append(f"Mixed fleet ({f['clients']} clients; unable to train: {unable}): "
-                         f"{_hours(f['wallclock'])} h total ({f['note']}).")
+            lines.append(
+                f"Mixed fleet ({f['clients']} clients; unable to train: {unable}): "
+                f"{_hours(f['wallclock'])} h total ({f['note']})."
+            )
     if has_trend:
         t = result["trend"]
-        lines += ["", t["assumption"], "First year each device class reaches the target: "
-                  + ", ".join(f"{k} {v}" for k, v in t["first_year_by_class"].items())]
+        lines += [
+            "",
+            t["assumption"],
+            "First year each device class reaches the target: "
+            + ", ".join(f"{k} {v}" for k, v in t["first_year_by_class"].items()),
+        ]
     return "\n".join(lines)

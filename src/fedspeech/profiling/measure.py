@@ -135,6 +135,7 @@ def _peak_memory(step: TrainStep, batch) -> tuple[int, dict[str, int], dict[str,
     (weights, gradients, AdamW state, update temporaries) does not depend on batch or length.
     """
     if step.device.type == "cuda":
+
         def phase_peak(run) -> int:
             torch.cuda.synchronize(step.device)
             torch.cuda.reset_peak_memory_stats(step.device)
@@ -144,14 +145,19 @@ def _peak_memory(step: TrainStep, batch) -> tuple[int, dict[str, int], dict[str,
 
         before = torch.cuda.memory_allocated(step.device)
         pending: list = []  # the forward loss, handed to the backward phase
-        phases = {"forward": phase_peak(lambda: pending.append(step.forward_loss(batch))),
-                  "backward": phase_peak(lambda: step.backward(pending.pop())),
-                  "optimizer": phase_peak(step.update)}
+        phases = {
+            "forward": phase_peak(lambda: pending.append(step.forward_loss(batch))),
+            "backward": phase_peak(lambda: step.backward(pending.pop())),
+            "optimizer": phase_peak(step.update),
+        }
         phases["forward_backward"] = max(phases["forward"], phases["backward"])
         peak = max(phases.values())
         return peak, {"existing_before_step": before, "allocated_during_step": peak - before}, phases
-    tracker = PeakTensorMemory(tensors_of(step.model, step.optimizer, batch.input_values, batch.mask_time_indices,
-                                          batch.sampled_negative_indices))
+    tracker = PeakTensorMemory(
+        tensors_of(
+            step.model, step.optimizer, batch.input_values, batch.mask_time_indices, batch.sampled_negative_indices
+        )
+    )
     with tracker:
         tracker.start_phase("forward")
         loss = step.forward_loss(batch)
@@ -193,8 +199,10 @@ def measure_step(
     saved = attribution.saved_bytes()
     del attribution, loss
     if not step.optimizer.state:
-        raise ValueError(f"{model_name}: the optimizer step was skipped (non-finite {step.precision} gradients), "
-                         "so its state cannot be profiled; try bf16 or fp32")
+        raise ValueError(
+            f"{model_name}: the optimizer step was skipped (non-finite {step.precision} gradients), "
+            "so its state cannot be profiled; try bf16 or fp32"
+        )
     if with_layers:
         _fill(layers, other, "forward_flops", forward)
         _fill(layers, other, "train_flops", train)

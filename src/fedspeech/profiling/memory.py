@@ -18,7 +18,8 @@ Not counted: allocator rounding and caching, framework/runtime memory, kernel wo
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -82,7 +82,11 @@ class Workload:
         longest = math.inf
         for fixed, intercept, slope in (
             (self.fixed_bytes, self.utterance_bytes_intercept, self.utterance_bytes_per_second),
-            (self.forward_fixed_bytes + self.backward_extra_bytes, self.forward_bytes_intercept, self.forward_bytes_per_second),
+            (
+                self.forward_fixed_bytes + self.backward_extra_bytes,
+                self.forward_bytes_intercept,
+                self.forward_bytes_per_second,
+            ),
         ):
             if slope > 0:
                 longest = min(longest, (usable_bytes - fixed - batch * intercept) / (batch * slope))
@@ -97,7 +101,7 @@ class Workload:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Workload":
+    def from_dict(cls, data: dict[str, Any]) -> Workload:
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         fields["savers"] = tuple(fields.get("savers", ()))
         fields["measured"] = tuple(fields.get("measured", ()))
@@ -218,7 +222,9 @@ def expected_slowest(client_seconds: list[float], sampled: int) -> float:
     return sum(t * math.comb(j, k - 1) for j, t in enumerate(times) if j >= k - 1) / total
 
 
-def fl_wallclock(client_seconds_per_batch: list[float], batch: int, schedule: FLSchedule, model_bytes: float = 0.0) -> dict[str, float]:
+def fl_wallclock(
+    client_seconds_per_batch: list[float], batch: int, schedule: FLSchedule, model_bytes: float = 0.0
+) -> dict[str, float]:
     """Wall-clock of the whole federated training for clients with the given step times."""
     local = [local_training_seconds(t, batch, schedule) for t in client_seconds_per_batch]
     communication = communication_seconds(model_bytes, schedule)
@@ -233,7 +239,9 @@ def fl_wallclock(client_seconds_per_batch: list[float], batch: int, schedule: FL
 
 
 # -- hardware trend --------------------------------------------------------------------------
-def first_year_reaching(seconds: float, target_seconds: float, doubling_months: float = 18.0, baseline_year: int = BASELINE_YEAR) -> int:
+def first_year_reaching(
+    seconds: float, target_seconds: float, doubling_months: float = 18.0, baseline_year: int = BASELINE_YEAR
+) -> int:
     """First calendar year in which a device class, getting 2x faster every
     ``doubling_months``, needs at most ``target_seconds`` for what takes it ``seconds`` now."""
     if seconds <= 0 or target_seconds <= 0 or doubling_months <= 0:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-GROUP_COLOURS = {"cnn_encoder": "tab:orange", "transformer": "tab:blue", "quantization": "tab:green", "other": "tab:gray"}
+GROUP_COLOURS = {
+    "cnn_encoder": "tab:orange",
+    "transformer": "tab:blue",
+    "quantization": "tab:green",
+    "other": "tab:gray",
+}
 MIB = 2**20
 
 
@@ -26,7 +31,9 @@ def write_plots(report: dict[str, Any], folder: Path, label: str) -> list[Path]:
     if report.get("sweep"):
         written.append(_sweep(plt, report, folder / f"{label}_sweep.png"))
     if report.get("precision_comparison"):
-        written.append(_bars(plt, report["precision_comparison"], "precision", folder / f"{label}_precision.png", report))
+        written.append(
+            _bars(plt, report["precision_comparison"], "precision", folder / f"{label}_precision.png", report)
+        )
     if report.get("savers"):
         written.append(_bars(plt, report["savers"], "label", folder / f"{label}_savers.png", report))
     return written
@@ -68,7 +75,9 @@ def _sweep(plt, report: dict[str, Any], path: Path) -> Path:
     memory.set_ylabel("MiB")
     memory.set_title("Memory vs. input length")
     memory.legend()
-    flops.plot(seconds, [r["train_gflops"] for r in rows], "o-", label=f"train step (batch {report['config']['batch']})")
+    flops.plot(
+        seconds, [r["train_gflops"] for r in rows], "o-", label=f"train step (batch {report['config']['batch']})"
+    )
     flops.plot(seconds, [r["inference_gflops"] for r in rows], "s-", label="inference (batch 1)")
     flops.set_xlabel("input length (s)")
     flops.set_ylabel("GFLOPs")
@@ -96,7 +105,10 @@ def _bars(plt, rows: list[dict[str, Any]], key: str, path: Path, report: dict[st
         axis.set_title(title, fontsize=9)
         axis.margins(x=0.3)
         axis.tick_params(axis="x", labelsize=7)
-    fig.suptitle(f"{'Precision' if key == 'precision' else 'Memory savers'}: {report['config']['model']}, batch {report['config']['batch']}, {report['config']['seconds']:g} s")
+    fig.suptitle(
+        f"{'Precision' if key == 'precision' else 'Memory savers'}: {report['config']['model']}, "
+        f"batch {report['config']['batch']}, {report['config']['seconds']:g} s"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

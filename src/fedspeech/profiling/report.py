@@ -16,8 +16,9 @@ JSON schema (``fedspeech.profile/1``), all FLOPs in GFLOPs (2 FLOPs per multiply
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,10 +49,17 @@ def modules_table(layers: list[LayerFigures], other: LayerFigures) -> dict[str, 
         flops = sum(m.forward_flops for m in members)
         table[group] = {"params": sum(m.params for m in members), "gflops": _gflops(flops), "flops": flops}
     table[OTHER] = {
-        "params": other.params, "gflops": _gflops(other.forward_flops), "flops": other.forward_flops, "includes": other.module,
+        "params": other.params,
+        "gflops": _gflops(other.forward_flops),
+        "flops": other.forward_flops,
+        "includes": other.module,
     }
     flops = sum(layer.forward_flops for layer in layers) + other.forward_flops
-    table["total"] = {"params": sum(layer.params for layer in layers) + other.params, "gflops": _gflops(flops), "flops": flops}
+    table["total"] = {
+        "params": sum(layer.params for layer in layers) + other.params,
+        "gflops": _gflops(flops),
+        "flops": flops,
+    }
     return table
 
 
@@ -157,23 +165,39 @@ def profile(
     }
     if savers.any:
         log("savers: baseline and each saver alone")
-        baseline = measure_step(template, model_name, seconds, batch, precision, Savers(), device_type, repeats, with_layers=False)
+        baseline = measure_step(
+            template, model_name, seconds, batch, precision, Savers(), device_type, repeats, with_layers=False
+        )
         singles = savers.singles()
         if len(singles) == 1:
             variants = [main]  # the selected saver alone is the main measurement
         else:
             variants = [
-                measure_step(template, model_name, seconds, batch, precision, single, device_type, repeats, with_layers=False)
+                measure_step(
+                    template, model_name, seconds, batch, precision, single, device_type, repeats, with_layers=False
+                )
                 for single in singles
             ] + [main]
         report["savers"] = saver_rows(baseline, variants)
     if sweep_seconds:
-        report["sweep"] = sweep(template, model_name, sweep_seconds, batch, precision, savers, device_type, repeats, log)
+        report["sweep"] = sweep(
+            template, model_name, sweep_seconds, batch, precision, savers, device_type, repeats, log
+        )
     if compare_precision:
         rows = []
         for other_precision in PRECISIONS:
             log(f"precision: {other_precision}")
-            m = measure_step(template, model_name, seconds, batch, other_precision, savers.without_amp(), device_type, repeats, with_layers=False)
+            m = measure_step(
+                template,
+                model_name,
+                seconds,
+                batch,
+                other_precision,
+                savers.without_amp(),
+                device_type,
+                repeats,
+                with_layers=False,
+            )
             rows.append(step_summary(m))
         report["precision_comparison"] = rows
     return report
@@ -195,7 +219,17 @@ def sweep(
     for length in lengths:
         log(f"sweep: {length:g} s")
         layers, other = inference_flops(template, length)
-        m = measure_step(template, model_name, length, batch, precision, savers.without_crop(), device_type, repeats, with_layers=False)
+        m = measure_step(
+            template,
+            model_name,
+            length,
+            batch,
+            precision,
+            savers.without_crop(),
+            device_type,
+            repeats,
+            with_layers=False,
+        )
         row = step_summary(m)
         row["inference_gflops"] = modules_table(layers, other)["total"]["gflops"]
         rows.append(row)
@@ -215,7 +249,10 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     left = {0} | {i for i, h in enumerate(headers) if h in ("notes", "savers", "setting")}
-    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -224,7 +261,8 @@ def render(report: dict[str, Any]) -> str:
     """Human-readable tables of a profile report."""
     c = report["config"]
     out = [
-        f"# {c['model']}: {c['seconds']:g} s, batch {c['batch']}, {c['precision']}, savers: {', '.join(c['savers']) or 'none'}",
+        f"# {c['model']}: {c['seconds']:g} s, batch {c['batch']}, {c['precision']}, "
+        f"savers: {', '.join(c['savers']) or 'none'}",
         "",
         "Modules (params; inference GFLOPs of one utterance, batch 1)",
         format_table(
@@ -236,13 +274,23 @@ def render(report: dict[str, Any]) -> str:
         format_table(
             ["layer", "group", "params", "fwd GFLOPs", "train GFLOPs", "activations MiB"],
             [
-                [r["name"], r["group"], f"{r['params']:,}", f"{r['forward_gflops']:.3f}", f"{r['train_gflops']:.3f}", _mib(r["activation_bytes"])]
+                [
+                    r["name"],
+                    r["group"],
+                    f"{r['params']:,}",
+                    f"{r['forward_gflops']:.3f}",
+                    f"{r['train_gflops']:.3f}",
+                    _mib(r["activation_bytes"]),
+                ]
                 for r in report["layers"]
             ]
             + [
                 [
-                    "(unattributed)", OTHER, f"{report['unattributed']['params']:,}",
-                    f"{report['unattributed']['forward_gflops']:.3f}", f"{report['unattributed']['train_gflops']:.3f}",
+                    "(unattributed)",
+                    OTHER,
+                    f"{report['unattributed']['params']:,}",
+                    f"{report['unattributed']['forward_gflops']:.3f}",
+                    f"{report['unattributed']['train_gflops']:.3f}",
                     _mib(report["unattributed"]["activation_bytes"]),
                 ]
             ],
@@ -251,34 +299,80 @@ def render(report: dict[str, Any]) -> str:
     ]
     t = report["train_step"]
     out.append(
-        f"Train step: {_sec(t['seconds'])} s/step wall, {_sec(t['cpu_seconds'])} s CPU (median of {len(t['seconds_all'])}), "
+        f"Train step: {_sec(t['seconds'])} s/step wall, {_sec(t['cpu_seconds'])} s CPU "
+        f"(median of {len(t['seconds_all'])}), "
         f"{t['train_gflops']:.2f} GFLOPs, "
         f"activations {_mib(t['activation_bytes'])} MiB, peak {_mib(t['peak_bytes'])} MiB"
     )
     if "savers" in report:
-        out += ["", "Memory savers (vs. none)", format_table(
-            ["savers", "activations MiB", "peak MiB", "saved peak MiB", "s/step", "time cost %", "CPU-time cost %", "train GFLOPs"],
-            [
-                [r["label"], _mib(r["activation_bytes"]), _mib(r["peak_bytes"]), _mib(r["peak_saved_bytes"]), _sec(r["seconds"]),
-                 "-" if "time_cost_percent" not in r else f"{r['time_cost_percent']:+.1f}",
-                 "-" if "cpu_time_cost_percent" not in r else f"{r['cpu_time_cost_percent']:+.1f}", f"{r['train_gflops']:.2f}"]
-                for r in report["savers"]
-            ],
-        )]
+        out += [
+            "",
+            "Memory savers (vs. none)",
+            format_table(
+                [
+                    "savers",
+                    "activations MiB",
+                    "peak MiB",
+                    "saved peak MiB",
+                    "s/step",
+                    "time cost %",
+                    "CPU-time cost %",
+                    "train GFLOPs",
+                ],
+                [
+                    [
+                        r["label"],
+                        _mib(r["activation_bytes"]),
+                        _mib(r["peak_bytes"]),
+                        _mib(r["peak_saved_bytes"]),
+                        _sec(r["seconds"]),
+                        "-" if "time_cost_percent" not in r else f"{r['time_cost_percent']:+.1f}",
+                        "-" if "cpu_time_cost_percent" not in r else f"{r['cpu_time_cost_percent']:+.1f}",
+                        f"{r['train_gflops']:.2f}",
+                    ]
+                    for r in report["savers"]
+                ],
+            ),
+        ]
     if "sweep" in report:
-        out += ["", "Sweep over input length", format_table(
-            ["seconds", "inference GFLOPs", "train GFLOPs", "activations MiB", "peak MiB", "s/step", "CPU s/step"],
-            [[f"{r['audio_seconds']:g}", f"{r['inference_gflops']:.2f}", f"{r['train_gflops']:.2f}", _mib(r["activation_bytes"]),
-              _mib(r["peak_bytes"]), _sec(r["seconds"]), _sec(r.get("cpu_seconds"))]
-             for r in report["sweep"]],
-        )]
+        out += [
+            "",
+            "Sweep over input length",
+            format_table(
+                ["seconds", "inference GFLOPs", "train GFLOPs", "activations MiB", "peak MiB", "s/step", "CPU s/step"],
+                [
+                    [
+                        f"{r['audio_seconds']:g}",
+                        f"{r['inference_gflops']:.2f}",
+                        f"{r['train_gflops']:.2f}",
+                        _mib(r["activation_bytes"]),
+                        _mib(r["peak_bytes"]),
+                        _sec(r["seconds"]),
+                        _sec(r.get("cpu_seconds")),
+                    ]
+                    for r in report["sweep"]
+                ],
+            ),
+        ]
     if "precision_comparison" in report:
-        out += ["", "Precision comparison", format_table(
-            ["precision", "activations MiB", "peak MiB", "s/step", "CPU s/step", "train GFLOPs"],
-            [[r["precision"], _mib(r["activation_bytes"]), _mib(r["peak_bytes"]), _sec(r["seconds"]), _sec(r.get("cpu_seconds")),
-              f"{r['train_gflops']:.2f}"]
-             for r in report["precision_comparison"]],
-        )]
+        out += [
+            "",
+            "Precision comparison",
+            format_table(
+                ["precision", "activations MiB", "peak MiB", "s/step", "CPU s/step", "train GFLOPs"],
+                [
+                    [
+                        r["precision"],
+                        _mib(r["activation_bytes"]),
+                        _mib(r["peak_bytes"]),
+                        _sec(r["seconds"]),
+                        _sec(r.get("cpu_seconds")),
+                        f"{r['train_gflops']:.2f}",
+                    ]
+                    for r in report["precision_comparison"]
+                ],
+            ),
+        ]
     return "\n".join(out)
 
 

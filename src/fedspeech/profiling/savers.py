@@ -34,7 +34,7 @@ class Savers:
     amp: str | None = None
 
     @classmethod
-    def parse(cls, tokens: list[str] | tuple[str, ...] | None) -> "Savers":
+    def parse(cls, tokens: list[str] | tuple[str, ...] | None) -> Savers:
         """Parse command-line tokens; commas also separate savers."""
         savers = cls()
         for raw in tokens or ():
@@ -42,7 +42,7 @@ class Savers:
                 savers = savers._with_token(token)
         return savers
 
-    def _with_token(self, token: str) -> "Savers":
+    def _with_token(self, token: str) -> Savers:
         key, _, value = token.partition("=")
         if key == "ckpt-cnn" and not value:
             return replace(self, checkpoint_cnn=True)
@@ -79,15 +79,15 @@ class Savers:
             out.append(f"amp={self.amp}")
         return out
 
-    def singles(self) -> list["Savers"]:
+    def singles(self) -> list[Savers]:
         """Each selected saver on its own, to measure what it saves and costs alone."""
         return [Savers.parse([token]) for token in self.tokens()]
 
-    def without_crop(self) -> "Savers":
+    def without_crop(self) -> Savers:
         """For sweeps, which set the length themselves."""
         return replace(self, crop_seconds=None)
 
-    def without_amp(self) -> "Savers":
+    def without_amp(self) -> Savers:
         """For precision comparisons, which set the precision themselves."""
         return replace(self, amp=None)
 

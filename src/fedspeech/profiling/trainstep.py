@@ -57,7 +57,7 @@ class SyntheticBatch:
     mask_time_indices: torch.Tensor
     sampled_negative_indices: torch.Tensor | None
 
-    def to(self, device: torch.device | str) -> "SyntheticBatch":
+    def to(self, device: torch.device | str) -> SyntheticBatch:
         negatives = self.sampled_negative_indices
         return SyntheticBatch(
             self.input_values.to(device),

@@ -47,8 +47,14 @@ def workload_from_measurements(
     runs = (at_other_length, doubled, at_length)
     backward_extra = max(0.0, min(m.peak_by_phase["forward_backward"] - m.peak_by_phase["forward"] for m in runs))
     points = tuple(
-        {"seconds": m.seconds, "batch": m.batch, "peak_bytes": m.peak_bytes, "peak_by_phase": m.peak_by_phase,
-         "train_flops": m.train_flops, "static_bytes": m.static_bytes}
+        {
+            "seconds": m.seconds,
+            "batch": m.batch,
+            "peak_bytes": m.peak_bytes,
+            "peak_by_phase": m.peak_by_phase,
+            "train_flops": m.train_flops,
+            "static_bytes": m.static_bytes,
+        }
         for m in runs
     )
     return Workload(
@@ -71,7 +77,9 @@ def workload_from_measurements(
     )
 
 
-def _fit_line(phase: str, at_length: StepMeasurement, at_other_length: StepMeasurement, doubled: StepMeasurement) -> tuple[float, float, float]:
+def _fit_line(
+    phase: str, at_length: StepMeasurement, at_other_length: StepMeasurement, doubled: StepMeasurement
+) -> tuple[float, float, float]:
     """(fixed, per-utterance intercept, per-utterance bytes per second) of one phase's peak."""
     peak = lambda m: float(m.peak_by_phase[phase])  # noqa: E731
     slope = (peak(at_length) - peak(at_other_length)) / (at_length.seconds - at_other_length.seconds)
@@ -94,7 +102,9 @@ def measure_workload(
     other = second_length(effective)
 
     def run(length: float, batch_size: int) -> StepMeasurement:
-        return measure_step(template, model, length, batch_size, precision, savers, device_type, repeats=0, with_layers=False)
+        return measure_step(
+            template, model, length, batch_size, precision, savers, device_type, repeats=0, with_layers=False
+        )
 
     return workload_from_measurements(run(effective, 1), run(other, 1), run(other, 2), batch, savers)
 

@@ -97,9 +97,7 @@ class FeatureMatchingModel(nn.Module):
 
     def select_state(self, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Detached copies of the state-dict entries under ``prefixes``."""
-        return {
-            k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(prefixes)
-        }
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     def load_global(self, state: Mapping[str, torch.Tensor], *, keep_predictor: bool) -> list[str]:
         """Load the global model's online-encoder and predictor entries found in ``state``.
@@ -112,18 +110,14 @@ class FeatureMatchingModel(nn.Module):
         allowed = ONLINE_ENCODER_PREFIXES + PREDICTOR_PREFIXES
         unknown = [k for k in state if k not in own or not k.startswith(allowed)]
         if unknown:
-            raise ValueError(
-                f"load_global: keys not in the online encoder/predictor: {unknown[:5]}"
-            )
+            raise ValueError(f"load_global: keys not in the online encoder/predictor: {unknown[:5]}")
         chosen = {
-            k: torch.as_tensor(v) for k, v in state.items()
-            if not (keep_predictor and k.startswith(PREDICTOR_PREFIXES))
+            k: torch.as_tensor(v) for k, v in state.items() if not (keep_predictor and k.startswith(PREDICTOR_PREFIXES))
         }
         bad = [k for k, v in chosen.items() if tuple(v.shape) != tuple(own[k].shape)]
         if bad:
             raise ValueError(
-                f"load_global: shape mismatch for {bad[0]}: "
-                f"{tuple(chosen[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
+                f"load_global: shape mismatch for {bad[0]}: {tuple(chosen[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}"
             )
         self.load_state_dict(chosen, strict=False)
         return sorted(chosen)
@@ -153,9 +147,7 @@ class FeatureMatchingModel(nn.Module):
         self.update_target(0.0)
 
     # -- forward ----------------------------------------------------------------------------
-    def _embed(
-        self, backbone: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def _embed(self, backbone: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Utterance embedding: mean of the last hidden states over valid frames."""
         hidden = backbone(input_values, attention_mask=attention_mask).last_hidden_state
         frames = backbone._get_feature_vector_attention_mask(hidden.shape[1], attention_mask)
@@ -237,9 +229,7 @@ class FeatureMatchingObjective:
             raise ValueError("need crop_seconds > 0, 0 <= mix_ratio < 1, snr_db low <= high")
         self.crop_samples = int(round(crop_seconds * sample_rate))
         if self.crop_samples < 400:
-            raise ValueError(
-                f"crop_seconds={crop_seconds} gives fewer than 400 samples (one CNN frame)"
-            )
+            raise ValueError(f"crop_seconds={crop_seconds} gives fewer than 400 samples (one CNN frame)")
         self.mix_ratio = mix_ratio
         self.gain_db = gain_db
         self.snr_db = snr_db
@@ -277,9 +267,7 @@ class FeatureMatchingObjective:
         power = views.pow(2).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1)
         snr = column(rng.uniform(*self.snr_db, batch_size))
         noise_gen = torch.Generator(device=views.device).manual_seed(int(rng.integers(2**63)))
-        noise = torch.randn(
-            views.shape, generator=noise_gen, device=views.device, dtype=views.dtype
-        )
+        noise = torch.randn(views.shape, generator=noise_gen, device=views.device, dtype=views.dtype)
         views = (views + noise * (power / 10 ** (snr / 10)).sqrt()) * valid
         return views, valid.long()
 
@@ -303,7 +291,8 @@ class FeatureMatchingObjective:
         if not long_enough.all():
             log.warning(
                 "dropping %d utterance(s) shorter than %d samples from the batch",
-                int((~long_enough).sum()), self.min_samples,
+                int((~long_enough).sum()),
+                self.min_samples,
             )
             if not long_enough.any():
                 nan = torch.tensor(math.nan, device=device)

@@ -55,8 +55,9 @@ class MethodConfig:
     def of(cls, settings: MethodSettings | MethodConfig, fedu_mu: float | None = None) -> MethodConfig:
         if isinstance(settings, MethodConfig):
             return settings if fedu_mu is None else replace(settings, fedu_mu=fedu_mu)
-        return cls(settings.method, settings.model, settings.seed, settings.backbone_only, settings.max_seconds,
-                   fedu_mu)
+        return cls(
+            settings.method, settings.model, settings.seed, settings.backbone_only, settings.max_seconds, fedu_mu
+        )
 
 
 def _numpy(state: State) -> dict[str, np.ndarray]:
@@ -98,8 +99,9 @@ class SSLMethod:
 
     def transmitted_state(self, model: torch.nn.Module) -> State:
         prefixes = self.transmitted_prefixes()
-        return {k: v.detach().clone() for k, v in model.state_dict().items()
-                if prefixes is None or k.startswith(prefixes)}
+        return {
+            k: v.detach().clone() for k, v in model.state_dict().items() if prefixes is None or k.startswith(prefixes)
+        }
 
     def local_state(self, model: torch.nn.Module) -> State:
         """What a client keeps between rounds: everything that is not sent."""
@@ -175,9 +177,11 @@ class FeatureMatchingMethod(SSLMethod):
         keep_predictor = False
         if self.settings.fedu_mu is not None and not first_time:
             update = fedu_client_update(
-                _numpy(model.state_dict()), _numpy(global_state),
+                _numpy(model.state_dict()),
+                _numpy(global_state),
                 encoder_prefixes=FeatureMatchingModel.online_encoder_keys(),
-                predictor_prefixes=FeatureMatchingModel.predictor_keys(), mu=self.settings.fedu_mu,
+                predictor_prefixes=FeatureMatchingModel.predictor_keys(),
+                mu=self.settings.fedu_mu,
             )
             keep_predictor = not update.took_global_predictor
             metrics = {"fedu-divergence": update.divergence, "fedu-took-global-predictor": float(not keep_predictor)}

@@ -103,8 +103,10 @@ def load_flat_optimizer_state(optimizer: torch.optim.Optimizer, flat: Mapping[st
             raise ValueError(f"optimizer state: entry {key!r} does not match the {len(params)} trainable parameters")
         index = int(index_text)
         if name != "step" and tuple(value.shape) != tuple(params[index].shape):
-            raise ValueError(f"optimizer state: {key!r} has shape {tuple(value.shape)}, parameter "
-                             f"{index} has {tuple(params[index].shape)}")
+            raise ValueError(
+                f"optimizer state: {key!r} has shape {tuple(value.shape)}, parameter "
+                f"{index} has {tuple(params[index].shape)}"
+            )
         state.setdefault(index, {})[name] = value.clone()
     base = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": base["param_groups"]})
@@ -155,9 +157,7 @@ def train_local(
     if optimizer_state:
         load_flat_optimizer_state(optimizer, optimizer_state)
     schedule = lr_schedule or LRSchedule(decay="constant")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda local_step: schedule(start_step + local_step)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda local_step: schedule(start_step + local_step))
     before = getattr(objective, "before_step", None)
     after = getattr(objective, "after_step", None)
     device = next(model.parameters()).device

@@ -181,9 +181,7 @@ class Wav2Vec2Objective:
             return torch.ones(input_values.shape[0], num_frames, dtype=torch.bool)
         return model._get_feature_vector_attention_mask(num_frames, attention_mask.cpu()).bool()
 
-    def sample_mask(
-        self, valid: torch.Tensor, rng: np.random.Generator | None = None
-    ) -> torch.Tensor:
+    def sample_mask(self, valid: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Span mask (B, T') over valid frames; utterances with fewer than 2 masked frames
         (shorter than ``mask_length`` frames) get no mask and so no loss."""
         rng = self.rng if rng is None else rng
@@ -206,9 +204,7 @@ class Wav2Vec2Objective:
         mask[mask.sum(-1) < 2] = False
         return mask
 
-    def sample_negatives(
-        self, mask: torch.Tensor, rng: np.random.Generator | None = None
-    ) -> torch.Tensor:
+    def sample_negatives(self, mask: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
         """(B, T', K) flat indices into the (B·T') frames: for each masked frame, K distractors
         drawn uniformly, with replacement, from the *other* masked frames of the same utterance.
 
@@ -225,9 +221,7 @@ class Wav2Vec2Objective:
         if len(rows) == 0:
             return negatives
         with _seeded_numpy_global(int(rng.integers(2**32))):
-            sampled = _sample_negative_indices(
-                (len(rows), num_frames), self.num_negatives, mask[rows].cpu().numpy()
-            )
+            sampled = _sample_negative_indices((len(rows), num_frames), self.num_negatives, mask[rows].cpu().numpy())
         sampled = torch.from_numpy(sampled.astype(np.int64))
         sub_row = torch.arange(len(rows))[:, None, None]
         negatives[rows] = sampled - sub_row * num_frames + rows[:, None, None] * num_frames
@@ -247,7 +241,9 @@ class Wav2Vec2Objective:
             # loss makes train_local skip and count it rather than stop a federated run.
             log.warning(
                 "batch too short to mask (feature frames per utterance: %s < mask_length %d); "
-                "returning a NaN loss so it is skipped", lengths.tolist(), self.mask_length,
+                "returning a NaN loss so it is skipped",
+                lengths.tolist(),
+                self.mask_length,
             )
             return _unusable_batch(int(batch["input_values"].shape[0]), _model_device(model))
         mask = self.sample_mask(valid, rng)
@@ -303,11 +299,7 @@ class Wav2Vec2Objective:
         # fairseq averages over all frames; we skip padding frames (identical without padding).
         feature_penalty = cnn_features.float().pow(2)[valid].mean()
 
-        loss = (
-            contrastive
-            + self.diversity_weight * diversity
-            + self.feature_penalty_weight * feature_penalty
-        )
+        loss = contrastive + self.diversity_weight * diversity + self.feature_penalty_weight * feature_penalty
         return Wav2Vec2LossOutput(
             loss=loss,
             contrastive=contrastive,
@@ -322,8 +314,13 @@ class Wav2Vec2Objective:
 def _unusable_batch(num_examples: int, device: torch.device) -> Wav2Vec2LossOutput:
     nan = torch.tensor(math.nan, device=device)
     return Wav2Vec2LossOutput(
-        loss=nan, contrastive=nan, diversity=nan, feature_penalty=nan,
-        num_masked=0, perplexity=nan, num_examples=num_examples,
+        loss=nan,
+        contrastive=nan,
+        diversity=nan,
+        feature_penalty=nan,
+        num_masked=0,
+        perplexity=nan,
+        num_examples=num_examples,
     )
 
 
@@ -341,12 +338,8 @@ def contrastive_logits(
     positives = quantized[mask]  # (N, D)
     distractors = quantized.reshape(batch_size * num_frames, dim)[negatives[mask]]  # (N, K, D)
     candidates = torch.cat([positives[:, None], distractors], dim=1)
-    logits = torch.cosine_similarity(
-        context[mask][:, None].float(), candidates.float(), dim=-1
-    ) / temperature
+    logits = torch.cosine_similarity(context[mask][:, None].float(), candidates.float(), dim=-1) / temperature
     same = (distractors == positives[:, None]).all(-1)
     if same.any():
-        logits = torch.cat(
-            [logits[:, :1], logits[:, 1:].masked_fill(same, -math.inf)], dim=1
-        )
+        logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(same, -math.inf)], dim=1)
     return logits

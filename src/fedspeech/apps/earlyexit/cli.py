@@ -18,7 +18,7 @@ _NOT_FLAGS = {"mode", "out_dir"}
 _HELPS = {
     "manifest": "corpus manifest (TSV) with keyword labels (kws) or sentence transcripts (asr)",
     "task": "kws: a keyword classifier per exit, accuracy; asr: a character CTC head per exit, WER and CER "
-            "(greedy decoding) on the sentence utterances",
+    "(greedy decoding) on the sentence utterances",
     "letters": "asr: letters of the character vocabulary besides the word break and \"'\" ('' = a-z)",
     "max_seconds": "kws: random crop length for training",
     "asr_max_seconds": "asr: training sentences longer than this are dropped, never cropped",
@@ -29,7 +29,7 @@ _HELPS = {
     "exit_every": "an exit after every this many layers",
     "exits": "comma-separated exit layers (instead of --exit-every)",
     "fleet": f"device per client: 'dev:fraction,...', 'dev,dev,...' or a .json/.toml fleet file "
-             f"(default {DEFAULT_FLEET})",
+    f"(default {DEFAULT_FLEET})",
     "catalogue": "extra device catalogue JSON",
     "deadline": "simulated device seconds per round (0 = the tightest deadline that leaves nobody out)",
     "precision": f"{', '.join(PRECISIONS)}: mixed precision only where the device has it",
@@ -40,7 +40,7 @@ _HELPS = {
     "resume": "continue the runs in --out from their last completed round",
     "freeze_feature_encoder": "keep the CNN frozen: neither trained nor sent",
     "cache_cnn_features": "with a frozen CNN, each client computes its features once per utterance "
-                          "(counted in its FLOPs) instead of at every step",
+    "(counted in its FLOPs) instead of at every step",
 }
 
 
@@ -72,8 +72,10 @@ def write_report(runs: dict[str, list[dict]], out: Path) -> tuple[str, list[Path
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
     (out / "summary.md").write_text(table + "\n")
-    plots = [plot_accuracy_vs_exit(runs, out / f"{stem}_vs_exit.png"),
-             plot_accuracy_vs_compute(runs, out / f"{stem}_vs_compute.png")]
+    plots = [
+        plot_accuracy_vs_exit(runs, out / f"{stem}_vs_exit.png"),
+        plot_accuracy_vs_compute(runs, out / f"{stem}_vs_compute.png"),
+    ]
     return table, plots
 
 
@@ -107,22 +109,32 @@ def _report(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "early-exit", help="federated early-exit fine-tuning on heterogeneous devices (method + baselines)",
+        "early-exit",
+        help="federated early-exit fine-tuning on heterogeneous devices (method + baselines)",
         description="Keyword spotting (--task kws) or character CTC speech recognition (--task asr) with an "
-                    "exit every few layers of an SSL backbone. Each client trains the "
-                    "depth its device affords within the round deadline and uploads only that; the server "
-                    "aggregates per tensor over the clients that trained it. Runs each --modes into OUT/<mode> and "
-                    "writes OUT/summary.md, OUT/accuracy_vs_exit.png and OUT/accuracy_vs_compute.png (asr: "
-                    "OUT/wer_vs_exit.png and OUT/wer_vs_compute.png; WER/CER, lower is better). Every "
-                    "setting is also a Flower run-config key (kebab-case).",
+        "exit every few layers of an SSL backbone. Each client trains the "
+        "depth its device affords within the round deadline and uploads only that; the server "
+        "aggregates per tensor over the clients that trained it. Runs each --modes into OUT/<mode> and "
+        "writes OUT/summary.md, OUT/accuracy_vs_exit.png and OUT/accuracy_vs_compute.png (asr: "
+        "OUT/wer_vs_exit.png and OUT/wer_vs_compute.png; WER/CER, lower is better). Every "
+        "setting is also a Flower run-config key (kebab-case).",
     )
     parser.add_argument("--out", default="runs/early-exit", help="folder of the runs, table and plots")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="adaptive = the method; full = full-depth FedAvg; exclusion = only full-depth-capable "
-                             "clients; smallest = everyone at the smallest affordable depth (default: all)")
-    parser.add_argument("--runner", choices=RUNNERS, default="inprocess",
-                        help="inprocess (default, no Ray), Flower's Simulation Engine, or its Deployment Engine "
-                             "on this machine (SuperLink + one SuperNode per client, TLS, SuperNode auth)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="adaptive = the method; full = full-depth FedAvg; exclusion = only full-depth-capable "
+        "clients; smallest = everyone at the smallest affordable depth (default: all)",
+    )
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="inprocess",
+        help="inprocess (default, no Ray), Flower's Simulation Engine, or its Deployment Engine "
+        "on this machine (SuperLink + one SuperNode per client, TLS, SuperNode auth)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run under a Flower engine")
     add_settings_arguments(parser)
     parser.set_defaults(func=_early_exit)

@@ -52,8 +52,9 @@ FEATURES_STATE = "early-exit-cnn-features"
 FEATURE_DIGESTS_STATE = "early-exit-cnn-feature-digests"
 
 
-def node_costs(settings: EarlyExitSettings, context: Context, client_id: int, manifest: str, partition: str,
-               precision: str) -> dict[int, DepthCostModel]:
+def node_costs(
+    settings: EarlyExitSettings, context: Context, client_id: int, manifest: str, partition: str, precision: str
+) -> dict[int, DepthCostModel]:
     """:func:`client_costs`, measured once per run and node and kept in its ``context.state``."""
     kept = context.state.get(COST_LINES_STATE)
     if kept is not None and precision in kept:
@@ -86,8 +87,11 @@ def keep_feature_cache(context: Context, cache: FrozenFeatureCache | None) -> No
 def _node_paths(settings: EarlyExitSettings, context: Context) -> tuple[int, str, str]:
     """(client id, manifest, partition); a SuperNode may point at its own files."""
     node = context.node_config
-    return (int(node["partition-id"]), str(node.get("manifest", settings.manifest)),
-            str(node.get("partition", settings.partition)))
+    return (
+        int(node["partition-id"]),
+        str(node.get("manifest", settings.manifest)),
+        str(node.get("partition", settings.partition)),
+    )
 
 
 def _client_device(settings: EarlyExitSettings, context: Context) -> Device:
@@ -96,8 +100,14 @@ def _client_device(settings: EarlyExitSettings, context: Context) -> Device:
     client_id = int(node["partition-id"])
     num_clients = int(node.get("num-partitions", 0)) or Partition.load(settings.partition).num_clients
     override = node.get("device")
-    return client_device(settings.fleet, settings.fleet_seed, settings.catalogue, client_id, num_clients,
-                         str(override) if override else None)
+    return client_device(
+        settings.fleet,
+        settings.fleet_seed,
+        settings.catalogue,
+        client_id,
+        num_clients,
+        str(override) if override else None,
+    )
 
 
 def _precision(settings: EarlyExitSettings, device: Device) -> str:
@@ -115,13 +125,22 @@ def client_plan(msg: Message, context: Context) -> Message:
     work = client_workload(settings, client_id, manifest, partition)
     cap = context.node_config.get("max-depth")
     plan = plan_client(
-        client_id, device, list(node_costs(settings, context, client_id, manifest, partition, precision).values()),
+        client_id,
+        device,
+        list(node_costs(settings, context, client_id, manifest, partition, precision).values()),
         deadline=settings.deadline or math.inf,
-        steps=work.steps, batch=work.batch, seconds=work.seconds, precision=precision,
+        steps=work.steps,
+        batch=work.batch,
+        seconds=work.seconds,
+        precision=precision,
         max_depth=int(cap) if cap not in (None, "") else None,
     )
-    content = RecordDict({"plan": ConfigRecord({"plan": json.dumps(plan.to_dict())}),
-                          "metrics": MetricRecord({"partition-id": client_id, "depth": plan.depth})})
+    content = RecordDict(
+        {
+            "plan": ConfigRecord({"plan": json.dumps(plan.to_dict())}),
+            "metrics": MetricRecord({"partition-id": client_id, "depth": plan.depth}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 
@@ -149,32 +168,52 @@ def client_train(msg: Message, context: Context) -> Message:
     loader = make_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 100_003 + server_round)
     cost = node_costs(settings, context, client_id, manifest, partition, precision)[depth]
     cache = node_feature_cache(settings, context)
-    objective = EarlyExitObjective(depth, settings.label_names, cost, distill_lambda=settings.distill_lambda,
-                                   temperature=settings.distill_temperature, mixed=precision == "mixed",
-                                   vocab=run_vocab(settings) if settings.task == "asr" else None,
-                                   cache=cache)
+    objective = EarlyExitObjective(
+        depth,
+        settings.label_names,
+        cost,
+        distill_lambda=settings.distill_lambda,
+        temperature=settings.distill_temperature,
+        mixed=precision == "mixed",
+        vocab=run_vocab(settings) if settings.task == "asr" else None,
+        cache=cache,
+    )
     # Seeded last: measuring cost lines (in a node's first message only) draws random numbers.
     torch.manual_seed(hash((settings.seed, server_round, client_id)) % 2**63)  # dropout
-    result = train_local(model, objective, loader, epochs=settings.local_epochs, lr=float(config["lr"]),
-                         lr_schedule=CONSTANT_LR, max_grad_norm=settings.max_grad_norm,
-                         rng=np.random.default_rng([settings.seed, server_round, client_id]))
+    result = train_local(
+        model,
+        objective,
+        loader,
+        epochs=settings.local_epochs,
+        lr=float(config["lr"]),
+        lr_schedule=CONSTANT_LR,
+        max_grad_norm=settings.max_grad_norm,
+        rng=np.random.default_rng([settings.seed, server_round, client_id]),
+    )
     keep_feature_cache(context, cache)
 
     peak = cost.at(objective.longest_seconds, objective.largest_batch).peak_bytes
     metrics = {
-        "num-examples": result.num_examples, "train_loss": result.mean_loss_last_epoch,
-        "partition-id": client_id, "depth": depth, "steps": result.steps,
-        "skipped-batches": result.skipped_batches, "train-flops": objective.flops,
+        "num-examples": result.num_examples,
+        "train_loss": result.mean_loss_last_epoch,
+        "partition-id": client_id,
+        "depth": depth,
+        "steps": result.steps,
+        "skipped-batches": result.skipped_batches,
+        "train-flops": objective.flops,
         "cnn-cache-flops": objective.cache_flops,
-        "predicted-peak-bytes": peak, "fits-memory": int(peak <= device.usable_bytes),
+        "predicted-peak-bytes": peak,
+        "fits-memory": int(peak <= device.usable_bytes),
         "seconds": time.perf_counter() - start,
     }
     simulated = device_seconds(objective.flops, device, precision)
     if simulated is not None:
         metrics["device-seconds"] = simulated
-    content = RecordDict({
-        "arrays": ArrayRecord(model.partial_state_dict(depth)),
-        "metrics": MetricRecord(metrics),
-        "info": ConfigRecord({"device": device.name, "precision": precision}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.partial_state_dict(depth)),
+            "metrics": MetricRecord(metrics),
+            "info": ConfigRecord({"device": device.name, "precision": precision}),
+        }
+    )
     return Message(content, reply_to=msg)

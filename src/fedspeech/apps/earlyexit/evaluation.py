@@ -18,7 +18,6 @@ from fedspeech.models.feature_cache import FrozenFeatureCache
 log = logging.getLogger(__name__)
 
 
-
 @torch.no_grad()
 def _eval_outputs(model: EarlyExitModel, batch: dict, cache: FrozenFeatureCache | None):
     """All exits' outputs for an evaluation batch, from cached CNN features when there is a cache."""
@@ -28,8 +27,13 @@ def _eval_outputs(model: EarlyExitModel, batch: dict, cache: FrozenFeatureCache 
     return model(features=features, frame_lengths=frame_lengths)
 
 
-def evaluate_exits(model: EarlyExitModel, dataset: AudioDataset, labels: tuple[str, ...],
-                   threshold: float, cache: FrozenFeatureCache | None = None) -> dict:
+def evaluate_exits(
+    model: EarlyExitModel,
+    dataset: AudioDataset,
+    labels: tuple[str, ...],
+    threshold: float,
+    cache: FrozenFeatureCache | None = None,
+) -> dict:
     """Accuracy at every exit, and of the confidence-exit policy (with its mean exit layer)."""
     was_training = model.training
     model.eval()
@@ -50,15 +54,23 @@ def evaluate_exits(model: EarlyExitModel, dataset: AudioDataset, labels: tuple[s
         model.train(was_training)
     return {
         "accuracy": {str(e): c / total for e, c in correct.items()},
-        "confidence_exit": {"threshold": threshold, "accuracy": policy_correct / total,
-                            "mean_exit_layer": exit_sum / total},
+        "confidence_exit": {
+            "threshold": threshold,
+            "accuracy": policy_correct / total,
+            "mean_exit_layer": exit_sum / total,
+        },
         "eval_utterances": total,
     }
 
 
 @torch.no_grad()
-def evaluate_ctc_exits(model: EarlyExitModel, dataset: AudioDataset, vocab: CharVocab, threshold: float,
-                       cache: FrozenFeatureCache | None = None) -> dict:
+def evaluate_ctc_exits(
+    model: EarlyExitModel,
+    dataset: AudioDataset,
+    vocab: CharVocab,
+    threshold: float,
+    cache: FrozenFeatureCache | None = None,
+) -> dict:
     """Corpus WER and CER at every exit (greedy CTC decoding of the normalised transcripts),
     and of the confidence-exit policy (with its mean exit layer)."""
     was_training = model.training
@@ -84,17 +96,21 @@ def evaluate_ctc_exits(model: EarlyExitModel, dataset: AudioDataset, vocab: Char
     return {
         "wer": {str(e): wer(references, h) for e, h in hypotheses.items()},
         "cer": {str(e): cer(references, h) for e, h in hypotheses.items()},
-        "confidence_exit": {"threshold": threshold, "wer": wer(references, policy_hypotheses),
-                            "cer": cer(references, policy_hypotheses),
-                            "mean_exit_layer": exit_sum / len(references)},
+        "confidence_exit": {
+            "threshold": threshold,
+            "wer": wer(references, policy_hypotheses),
+            "cer": cer(references, policy_hypotheses),
+            "mean_exit_layer": exit_sum / len(references),
+        },
         "eval_utterances": len(references),
         # one example per exit, so a round log shows what the numbers mean
         "example": {"reference": references[0], **{str(e): h[0] for e, h in hypotheses.items()}},
     }
 
 
-def evaluate_exits_of_run(settings: EarlyExitSettings, model: EarlyExitModel, dataset: AudioDataset,
-              cache: FrozenFeatureCache | None) -> dict:
+def evaluate_exits_of_run(
+    settings: EarlyExitSettings, model: EarlyExitModel, dataset: AudioDataset, cache: FrozenFeatureCache | None
+) -> dict:
     """The task's per-exit scores, plus ``<score>_deepest`` for the deepest exit."""
     deepest = str(model.exits[-1])
     if settings.task == "asr":

@@ -77,8 +77,14 @@ def parse_fleet(spec: str, seed: int = 0) -> FleetConfig:
     return FleetConfig(fractions=fractions, seed=seed)
 
 
-def client_device(fleet_spec: str, fleet_seed: int, catalogue_file: str, partition_id: int,
-                  num_clients: int, override: str | None = None) -> Device:
+def client_device(
+    fleet_spec: str,
+    fleet_seed: int,
+    catalogue_file: str,
+    partition_id: int,
+    num_clients: int,
+    override: str | None = None,
+) -> Device:
     """Client ``partition_id``'s device: ``override`` (a SuperNode's ``device`` node config)
     or its place in the fleet."""
     fleet = parse_fleet(fleet_spec, fleet_seed)
@@ -131,11 +137,22 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def plan_client(client: int, device: Device, costs: Sequence[DepthCostModel], *, deadline: float,
-                steps: int, batch: int, seconds: float, precision: str, max_depth: int | None = None) -> ClientPlan:
+def plan_client(
+    client: int,
+    device: Device,
+    costs: Sequence[DepthCostModel],
+    *,
+    deadline: float,
+    steps: int,
+    batch: int,
+    seconds: float,
+    precision: str,
+    max_depth: int | None = None,
+) -> ClientPlan:
     """Plan one client's depth; ``max_depth`` is a cap the client sets itself (e.g. to save battery)."""
-    plan: DepthPlan = plan_depth(list(costs), device, deadline, steps, batch=batch, seconds=seconds,
-                                 precision=precision)
+    plan: DepthPlan = plan_depth(
+        list(costs), device, deadline, steps, batch=batch, seconds=seconds, precision=precision
+    )
     depth, reason = plan.depth, plan.reason
     if max_depth is not None and depth > max_depth:
         allowed = [c.depth for c in plan.candidates if c.depth <= max_depth]
@@ -143,13 +160,23 @@ def plan_client(client: int, device: Device, costs: Sequence[DepthCostModel], *,
         reason += f"; capped by the client at depth {max_depth} -> {depth}"
     full = plan.candidates[-1]
     return ClientPlan(
-        client=client, device=device.name, depth=depth, precision=plan.precision, reason=reason,
-        steps_per_round=steps, seconds=seconds,
+        client=client,
+        device=device.name,
+        depth=depth,
+        precision=plan.precision,
+        reason=reason,
+        steps_per_round=steps,
+        seconds=seconds,
         full_depth_seconds=_finite_or_none(full.seconds_per_round),
         full_depth_fits_memory=full.fits_memory,
         candidates=tuple(
-            {"depth": c.depth, "peak_bytes": c.peak_bytes, "seconds_per_round": _finite_or_none(c.seconds_per_round),
-             "fits_memory": c.fits_memory, "fits_deadline": c.fits_deadline}
+            {
+                "depth": c.depth,
+                "peak_bytes": c.peak_bytes,
+                "seconds_per_round": _finite_or_none(c.seconds_per_round),
+                "fits_memory": c.fits_memory,
+                "fits_deadline": c.fits_deadline,
+            }
             for c in plan.candidates
         ),
         max_depth=max_depth,
@@ -159,11 +186,13 @@ def plan_client(client: int, device: Device, costs: Sequence[DepthCostModel], *,
 def inclusive_deadline(plans: Iterable[ClientPlan]) -> float:
     """The tightest round deadline at which every client that can hold the shallowest exit
     in memory can also train it in time: nobody is left out, slower devices go shallower."""
-    times = [p.candidates[0]["seconds_per_round"] for p in plans
-             if p.candidates[0]["fits_memory"] and p.candidates[0]["seconds_per_round"] is not None]
+    times = [
+        p.candidates[0]["seconds_per_round"]
+        for p in plans
+        if p.candidates[0]["fits_memory"] and p.candidates[0]["seconds_per_round"] is not None
+    ]
     if not times:
-        raise ValueError("auto deadline: no client has a timed device that fits the shallowest exit; "
-                         "set --deadline")
+        raise ValueError("auto deadline: no client has a timed device that fits the shallowest exit; set --deadline")
     return max(times)
 
 
@@ -173,11 +202,17 @@ def with_deadline(plan: ClientPlan, deadline: float) -> ClientPlan:
         {**c, "fits_deadline": c["seconds_per_round"] is None or c["seconds_per_round"] <= deadline}
         for c in plan.candidates
     )
-    fitting = [c["depth"] for c in candidates if c["fits_memory"] and c["fits_deadline"]
-               and (plan.max_depth is None or c["depth"] <= plan.max_depth)]
+    fitting = [
+        c["depth"]
+        for c in candidates
+        if c["fits_memory"] and c["fits_deadline"] and (plan.max_depth is None or c["depth"] <= plan.max_depth)
+    ]
     depth = max(fitting, default=0)
-    reason = (f"depth {depth} on {plan.device} within the auto deadline {deadline:.4g} s" if depth
-              else f"nothing fits on {plan.device} within the auto deadline {deadline:.4g} s")
+    reason = (
+        f"depth {depth} on {plan.device} within the auto deadline {deadline:.4g} s"
+        if depth
+        else f"nothing fits on {plan.device} within the auto deadline {deadline:.4g} s"
+    )
     return dataclasses.replace(plan, depth=depth, reason=reason, candidates=candidates)
 
 
@@ -196,8 +231,10 @@ def training_depths(mode: str, planned: Mapping[int, int], num_layers: int) -> d
     elif mode == "exclusion":
         depths = {k: num_layers for k, d in planned.items() if d >= num_layers}
         if not depths:
-            raise ValueError(f"mode exclusion: no client can train all {num_layers} layers within the "
-                             "deadline and its memory; nobody would take part")
+            raise ValueError(
+                f"mode exclusion: no client can train all {num_layers} layers within the "
+                "deadline and its memory; nobody would take part"
+            )
     elif mode == "smallest":
         affordable = [d for d in planned.values() if d > 0]
         common = min(affordable, default=0)
@@ -205,6 +242,8 @@ def training_depths(mode: str, planned: Mapping[int, int], num_layers: int) -> d
     else:
         raise ValueError(f"mode: unknown {mode!r}")
     if not depths:
-        raise ValueError(f"mode {mode}: no client can train even the shallowest exit (raise the deadline "
-                         "or check the fleet's devices)")
+        raise ValueError(
+            f"mode {mode}: no client can train even the shallowest exit (raise the deadline "
+            "or check the fleet's devices)"
+        )
     return depths

@@ -103,8 +103,11 @@ def comparison_table(summaries: Mapping[str, dict], reference: str = REFERENCE_M
     ref = summaries.get(reference)
 
     def totals(field: str, scale: float, fmt: str) -> list[str]:
-        return [fmt.format(s[field] / scale if s[field] is not None else float("nan"))
-                + _ratio(s[field], ref[field] if ref else None) for s in summaries.values()]
+        return [
+            fmt.format(s[field] / scale if s[field] is not None else float("nan"))
+            + _ratio(s[field], ref[field] if ref else None)
+            for s in summaries.values()
+        ]
 
     task = summary_task(summaries)
     headline, scores = SCORES[task]
@@ -115,14 +118,24 @@ def comparison_table(summaries: Mapping[str, dict], reference: str = REFERENCE_M
         ["upload MB (total)"] + totals("upload_bytes", 1e6, "{:,.1f}"),
         ["simulated round s (mean)"] + totals("mean_simulated_round_seconds", 1.0, "{:.3f}"),
     ]
-    rows += [[f"{SCORE_LABELS[score]} % at exit {e}"] + [_pct(s[score].get(str(e))) for s in summaries.values()]
-             for score in scores for e in exits]
+    rows += [
+        [f"{SCORE_LABELS[score]} % at exit {e}"] + [_pct(s[score].get(str(e))) for s in summaries.values()]
+        for score in scores
+        for e in exits
+    ]
     rows.append(["deepest trained exit"] + [str(s["deepest_trained_exit"]) for s in summaries.values()])
-    rows += [[f"{SCORE_LABELS[score]} % at deepest trained exit"]
-             + [_pct(s[f"{score}_deepest_trained"]) for s in summaries.values()] for score in scores]
-    rows.append([f"confidence exit: {SCORE_LABELS[headline]} % / mean exit"]
-                + [f"{_pct(s['confidence_exit'][headline])} / {s['confidence_exit']['mean_exit_layer']:.1f}"
-                   for s in summaries.values()])
+    rows += [
+        [f"{SCORE_LABELS[score]} % at deepest trained exit"]
+        + [_pct(s[f"{score}_deepest_trained"]) for s in summaries.values()]
+        for score in scores
+    ]
+    rows.append(
+        [f"confidence exit: {SCORE_LABELS[headline]} % / mean exit"]
+        + [
+            f"{_pct(s['confidence_exit'][headline])} / {s['confidence_exit']['mean_exit_layer']:.1f}"
+            for s in summaries.values()
+        ]
+    )
     corner = f" {' / '.join(SCORE_LABELS[s] for s in scores)}: lower is better " if _lower_is_better(headline) else " "
     lines = [f"|{corner}| " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -172,8 +185,15 @@ def plot_accuracy_vs_exit(runs: Mapping[str, list[dict]], out: str | Path) -> Pa
         (line,) = ax.plot(trained, [100 * scores[str(e)] for e in trained], marker="o", label=mode)
         untrained = [e for e in exits if e >= trained[-1]] if trained else exits
         if len(untrained) > 1:  # heads no client trained: still at their initial weights
-            ax.plot(untrained, [100 * scores[str(e)] for e in untrained], ls=":", marker=".", alpha=0.5,
-                    color=line.get_color(), label=f"{mode}, untrained exits")
+            ax.plot(
+                untrained,
+                [100 * scores[str(e)] for e in untrained],
+                ls=":",
+                marker=".",
+                alpha=0.5,
+                color=line.get_color(),
+                label=f"{mode}, untrained exits",
+            )
     ax.set_xlabel("exit (Transformer layer)")
     ax.set_ylabel(score_axis_label(score, "exit"))
     ax.grid(alpha=0.3)
@@ -189,8 +209,12 @@ def plot_accuracy_vs_compute(runs: Mapping[str, list[dict]], out: str | Path) ->
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, records in runs.items():
         exit_ = str(deepest_trained_exit(records))
-        ax.plot([r["cumulative_client_flops"] / 1e12 for r in records],
-                [100 * r[score][exit_] for r in records], marker="o", label=f"{mode} (exit {exit_})")
+        ax.plot(
+            [r["cumulative_client_flops"] / 1e12 for r in records],
+            [100 * r[score][exit_] for r in records],
+            marker="o",
+            label=f"{mode} (exit {exit_})",
+        )
     ax.set_xlabel("total client training TFLOPs so far")
     ax.set_ylabel(score_axis_label(score, "compute"))
     ax.grid(alpha=0.3)

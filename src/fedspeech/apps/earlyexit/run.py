@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-APP_COMPONENTS = {"serverapp": "fedspeech.apps.earlyexit.server_app:server_app",
-                  "clientapp": "fedspeech.apps.earlyexit.client_app:client_app"}
+APP_COMPONENTS = {
+    "serverapp": "fedspeech.apps.earlyexit.server_app:server_app",
+    "clientapp": "fedspeech.apps.earlyexit.client_app:client_app",
+}
 
 
 def write_flower_app(folder: str | Path, settings: EarlyExitSettings) -> Path:
@@ -38,24 +40,37 @@ def write_flower_app(folder: str | Path, settings: EarlyExitSettings) -> Path:
     ``[tool.flwr.app.config]`` holds ``settings`` (so ``flwr run FOLDER`` runs them)."""
     from fedspeech.federated.engines import write_app_folder
 
-    return write_app_folder(Path(folder), "fedspeech-early-exit", "fedspeech federated early-exit fine-tuning",
-                            APP_COMPONENTS, settings.to_run_config())
+    return write_app_folder(
+        Path(folder),
+        "fedspeech-early-exit",
+        "fedspeech federated early-exit fine-tuning",
+        APP_COMPONENTS,
+        settings.to_run_config(),
+    )
 
 
 def _absolute(settings: EarlyExitSettings) -> EarlyExitSettings:
     """Engines run the apps in other processes and folders: give them absolute paths."""
+
     def resolve(path: str) -> str:
         return str(Path(path).resolve()) if path else path
 
     model = settings.model if not Path(settings.model).is_dir() else resolve(settings.model)
     fleet = resolve(settings.fleet) if Path(settings.fleet).is_file() else settings.fleet
-    return dataclasses.replace(settings, manifest=resolve(settings.manifest), partition=resolve(settings.partition),
-                               out_dir=resolve(settings.out_dir), catalogue=resolve(settings.catalogue), model=model,
-                               fleet=fleet)
+    return dataclasses.replace(
+        settings,
+        manifest=resolve(settings.manifest),
+        partition=resolve(settings.partition),
+        out_dir=resolve(settings.out_dir),
+        catalogue=resolve(settings.catalogue),
+        model=model,
+        fleet=fleet,
+    )
 
 
-def deployment_cluster(settings: EarlyExitSettings, node_configs: list[dict] | None = None,
-                       workdir: str | Path | None = None) -> DeploymentCluster:
+def deployment_cluster(
+    settings: EarlyExitSettings, node_configs: list[dict] | None = None, workdir: str | Path | None = None
+) -> DeploymentCluster:
     """A loopback Deployment Engine (TLS, SuperNode authentication) with one SuperNode per
     client of ``settings.partition``; each SuperNode's node config names its manifest and
     partition, plus ``node_configs[i]`` (e.g. ``device``, ``max-depth``). Not started: use
@@ -67,15 +82,27 @@ def deployment_cluster(settings: EarlyExitSettings, node_configs: list[dict] | N
     num_clients = Partition.load(settings.partition).num_clients
     if node_configs is not None and len(node_configs) != num_clients:
         raise ValueError(f"node_configs: {len(node_configs)} entries for {num_clients} clients")
-    nodes = [{"manifest": settings.manifest, "partition": settings.partition, **(node_configs or [{}] * num_clients)[i]}
-             for i in range(num_clients)]
-    return DeploymentCluster(Path(workdir or Path(settings.out_dir) / "deployment"), num_clients, node_configs=nodes,
-                             tls=True, supernode_auth=True, startup_timeout=300)
+    nodes = [
+        {"manifest": settings.manifest, "partition": settings.partition, **(node_configs or [{}] * num_clients)[i]}
+        for i in range(num_clients)
+    ]
+    return DeploymentCluster(
+        Path(workdir or Path(settings.out_dir) / "deployment"),
+        num_clients,
+        node_configs=nodes,
+        tls=True,
+        supernode_auth=True,
+        startup_timeout=300,
+    )
 
 
-def run_early_exit(settings: EarlyExitSettings, runner: str = "inprocess",
-                   node_configs: list[dict] | None = None, timeout: float = 3600.0,
-                   cluster: DeploymentCluster | None = None) -> list[dict]:
+def run_early_exit(
+    settings: EarlyExitSettings,
+    runner: str = "inprocess",
+    node_configs: list[dict] | None = None,
+    timeout: float = 3600.0,
+    cluster: DeploymentCluster | None = None,
+) -> list[dict]:
     """Run one mode; returns its round log. ``node_configs`` (in-process and deployment) may
     give each client a ``device`` or a ``max-depth`` of its own. ``cluster``: a started
     :func:`deployment_cluster` to run on (deployment only; else one is started and stopped)."""
@@ -92,8 +119,7 @@ def run_early_exit(settings: EarlyExitSettings, runner: str = "inprocess",
 
         if node_configs is not None:
             node_configs = [{"partition-id": i, "num-partitions": num_clients, **c} for i, c in enumerate(node_configs)]
-        run_inprocess(server_app, client_app, num_clients, settings.to_run_config(),
-                      node_configs)
+        run_inprocess(server_app, client_app, num_clients, settings.to_run_config(), node_configs)
         return roundlog.read_rounds(settings.out_dir)
 
     settings = _absolute(settings)
@@ -115,8 +141,13 @@ def run_early_exit(settings: EarlyExitSettings, runner: str = "inprocess",
     return roundlog.read_rounds(settings.out_dir)
 
 
-def run_modes(settings: EarlyExitSettings, modes: Sequence[str] = MODES, runner: str = "inprocess",
-              timeout: float = 3600.0, node_configs: list[dict] | None = None) -> dict[str, list[dict]]:
+def run_modes(
+    settings: EarlyExitSettings,
+    modes: Sequence[str] = MODES,
+    runner: str = "inprocess",
+    timeout: float = 3600.0,
+    node_configs: list[dict] | None = None,
+) -> dict[str, list[dict]]:
     """Run each mode with otherwise identical settings into ``OUT/<mode>`` (under the
     Deployment Engine, all on one cluster started once)."""
     unknown = [m for m in modes if m not in MODES]

@@ -47,8 +47,9 @@ PLAN_FILE = "plan.json"
 
 def _query_plans(grid: Grid, nodes: list[int]) -> tuple[dict[int, ClientPlan], dict[int, str]]:
     """Every node's own depth plan; nodes that fail to plan are reported, not fatal."""
-    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
-                for n in nodes]
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
+    ]
     plans, failed = {}, {}
     for reply in grid.send_and_receive(messages):
         node = int(reply.metadata.src_node_id)
@@ -70,16 +71,25 @@ def _client_rows(replies: list[Message], client_of: dict[int, int]) -> list[dict
             rows.append({"client": client_of.get(node, -1), "error": reply.error.reason})
             continue
         m, info = reply.content["metrics"], reply.content["info"]
-        rows.append({
-            "client": int(m["partition-id"]), "device": str(info["device"]), "precision": str(info["precision"]),
-            "depth": int(m["depth"]), "examples": int(m["num-examples"]), "train_loss": float(m["train_loss"]),
-            "steps": int(m["steps"]), "train_flops": float(m["train-flops"]),
-            "cnn_cache_flops": float(m.get("cnn-cache-flops", 0.0)),
-            "device_seconds": float(m["device-seconds"]) if "device-seconds" in m else None,
-            "predicted_peak_bytes": float(m["predicted-peak-bytes"]), "fits_memory": bool(m["fits-memory"]),
-            "arrays_sent": len(reply.content["arrays"]), "bytes_sent": message_bytes(reply),
-            "seconds": float(m["seconds"]),
-        })
+        rows.append(
+            {
+                "client": int(m["partition-id"]),
+                "device": str(info["device"]),
+                "precision": str(info["precision"]),
+                "depth": int(m["depth"]),
+                "examples": int(m["num-examples"]),
+                "train_loss": float(m["train_loss"]),
+                "steps": int(m["steps"]),
+                "train_flops": float(m["train-flops"]),
+                "cnn_cache_flops": float(m.get("cnn-cache-flops", 0.0)),
+                "device_seconds": float(m["device-seconds"]) if "device-seconds" in m else None,
+                "predicted_peak_bytes": float(m["predicted-peak-bytes"]),
+                "fits_memory": bool(m["fits-memory"]),
+                "arrays_sent": len(reply.content["arrays"]),
+                "bytes_sent": message_bytes(reply),
+                "seconds": float(m["seconds"]),
+            }
+        )
     return sorted(rows, key=lambda r: r["client"])
 
 
@@ -95,13 +105,24 @@ def _layers_not_trained(model: EarlyExitModel, rows: list[dict]) -> list[int]:
     return list(range(deepest + 1, model.num_layers + 1))
 
 
-def _write_plan(out: Path, settings: EarlyExitSettings, deadline: float, plans: dict[int, ClientPlan],
-                failed: dict[int, str], depths: dict[int, int]) -> None:
+def _write_plan(
+    out: Path,
+    settings: EarlyExitSettings,
+    deadline: float,
+    plans: dict[int, ClientPlan],
+    failed: dict[int, str],
+    depths: dict[int, int],
+) -> None:
     clients = []
     for node, plan in sorted(plans.items(), key=lambda item: item[1].client):
         clients.append({**plan.to_dict(), "training_depth": depths.get(node, 0), "takes_part": node in depths})
-    document = {"mode": settings.mode, "deadline": deadline, "auto_deadline": not settings.deadline, "clients": clients,
-                "failed_nodes": {str(k): v for k, v in failed.items()}}
+    document = {
+        "mode": settings.mode,
+        "deadline": deadline,
+        "auto_deadline": not settings.deadline,
+        "clients": clients,
+        "failed_nodes": {str(k): v for k, v in failed.items()},
+    }
     (out / PLAN_FILE).write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -110,13 +131,21 @@ class EarlyExitRounds(RoundHooks):
     aggregation, every exit is evaluated, the checkpoint written and the FLOPs, bytes and
     simulated device time of the round recorded (totals per device tier)."""
 
-    def __init__(self, settings: EarlyExitSettings, model: EarlyExitModel, depths: dict[int, int],
-                 client_of: dict[int, int], deadline: float, cumulative_flops: float):
+    def __init__(
+        self,
+        settings: EarlyExitSettings,
+        model: EarlyExitModel,
+        depths: dict[int, int],
+        client_of: dict[int, int],
+        deadline: float,
+        cumulative_flops: float,
+    ):
         self.settings, self.model, self.depths, self.client_of = settings, model, depths, client_of
         self.deadline, self.cumulative_flops = deadline, cumulative_flops
         self.out = Path(settings.out_dir)
-        self.eval_set = eval_dataset(settings.manifest, settings.split_names, settings.eval_max_utterances,
-                                     settings.max_seconds, settings.task)
+        self.eval_set = eval_dataset(
+            settings.manifest, settings.split_names, settings.eval_max_utterances, settings.max_seconds, settings.task
+        )
         # the server's own cache of the held-out set's CNN features (not client compute)
         self.eval_cache = FrozenFeatureCache() if settings.cached_cnn else None
 
@@ -135,11 +164,20 @@ class EarlyExitRounds(RoundHooks):
         ok = [c for c in clients if "error" not in c]
         evaluation = evaluate_exits_of_run(settings, model, self.eval_set, self.eval_cache)
         checkpoints.save_checkpoint(
-            self.out, server_round, model.backbone,
+            self.out,
+            server_round,
+            model.backbone,
             {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)},
-            state={"settings": settings.to_run_config(), "exits": list(model.exits),
-                   **({"vocab": run_vocab(settings).tokens} if settings.task == "asr"
-                      else {"labels": list(settings.label_names)})})
+            state={
+                "settings": settings.to_run_config(),
+                "exits": list(model.exits),
+                **(
+                    {"vocab": run_vocab(settings).tokens}
+                    if settings.task == "asr"
+                    else {"labels": list(settings.label_names)}
+                ),
+            },
+        )
         checkpoints.prune_checkpoints(self.out, settings.keep_checkpoints)
         timed = [c["device_seconds"] for c in ok if c["device_seconds"] is not None]
         round_flops = sum(c["train_flops"] for c in ok)
@@ -167,9 +205,15 @@ class EarlyExitRounds(RoundHooks):
             "lr": outcome.config["lr"],
         }
         score = "wer" if settings.task == "asr" else "accuracy"
-        log.info("round %d (%s): train loss %.4f, %s by exit %s, simulated %.3g s", server_round,
-                 settings.mode, record["train_loss"], score, {k: round(v, 3) for k, v in record[score].items()},
-                 record["simulated_round_seconds"] or math.nan)
+        log.info(
+            "round %d (%s): train loss %.4f, %s by exit %s, simulated %.3g s",
+            server_round,
+            settings.mode,
+            record["train_loss"],
+            score,
+            {k: round(v, 3) for k, v in record[score].items()},
+            record["simulated_round_seconds"] or math.nan,
+        )
         return record
 
 
@@ -197,13 +241,29 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
     log.info("%s: depths %s", settings.mode, {client_of[n]: d for n, d in sorted(depths.items())})
 
     held = {d: model.held_keys(d) for d in set(depths.values())}
-    strategy = make_strategy("partial", keys_for_node=lambda node, keys: held[depths[node]], fraction_train=1.0,
-                             fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    strategy = make_strategy(
+        "partial",
+        keys_for_node=lambda node, keys: held[depths[node]],
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+    )
     cumulative_flops = sum(r["client_flops"] for r in roundlog.read_rounds(out)) if first_round > 1 else 0.0
     hooks = EarlyExitRounds(settings, model, depths, client_of, deadline, cumulative_flops)
-    return run_rounds(grid, strategy, hooks, ArrayRecord(model.state_dict()), nodes=sorted(depths),
-                      clients_per_round=settings.clients_per_round, seed=settings.seed, rounds=settings.rounds,
-                      out=out, first_round=first_round, label=f"early-exit fine-tuning ({settings.mode})")
+    return run_rounds(
+        grid,
+        strategy,
+        hooks,
+        ArrayRecord(model.state_dict()),
+        nodes=sorted(depths),
+        clients_per_round=settings.clients_per_round,
+        seed=settings.seed,
+        rounds=settings.rounds,
+        out=out,
+        first_round=first_round,
+        label=f"early-exit fine-tuning ({settings.mode})",
+    )
 
 
 @server_app.main()

@@ -124,7 +124,7 @@ class EarlyExitSettings(Settings):
         letters = "".join(self.letters.split())
         bad = sorted({ch for ch in letters if not ch.isalpha()} - {"'"})
         if bad:
-            raise ValueError(f"letters: only letters belong here (the word break and \"'\" are always in), got {bad}")
+            raise ValueError(f'letters: only letters belong here (the word break and "\'" are always in), got {bad}')
         return "".join(sorted(set(letters) - {"'"}))
 
     @property

@@ -44,8 +44,18 @@ EVAL_BATCH = 32
 def _model_key(settings: EarlyExitSettings) -> tuple:
     """The settings that decide the model's architecture and initial weights."""
     outputs = settings.label_names if settings.task == "kws" else tuple(run_vocab(settings).tokens)
-    return (settings.model, settings.num_layers, settings.model_overrides, settings.exit_every, settings.exits,
-            settings.task, outputs, settings.freeze_feature_encoder, settings.head_dropout, settings.seed)
+    return (
+        settings.model,
+        settings.num_layers,
+        settings.model_overrides,
+        settings.exit_every,
+        settings.exits,
+        settings.task,
+        outputs,
+        settings.freeze_feature_encoder,
+        settings.head_dropout,
+        settings.seed,
+    )
 
 
 def run_vocab(settings: EarlyExitSettings) -> CharVocab:
@@ -68,10 +78,14 @@ def build_model(settings: EarlyExitSettings) -> EarlyExitModel:
     with torch.random.fork_rng():
         torch.manual_seed(settings.seed)
         return EarlyExitModel.build(
-            settings.model, task, outputs, exits=settings.exit_list,
+            settings.model,
+            task,
+            outputs,
+            exits=settings.exit_list,
             every=None if settings.exit_list else settings.exit_every,
             config_overrides=settings.config_overrides,
-            freeze_feature_encoder=settings.freeze_feature_encoder, head_dropout=settings.head_dropout,
+            freeze_feature_encoder=settings.freeze_feature_encoder,
+            head_dropout=settings.head_dropout,
         )
 
 
@@ -79,6 +93,8 @@ def build_model(settings: EarlyExitSettings) -> EarlyExitModel:
 # model, loaded with every array a call runs, and the measured cost lines per precision.
 _MODELS: dict[tuple, EarlyExitModel] = {}
 _COSTS: dict[tuple, dict[int, DepthCostModel]] = {}
+
+
 def client_model(settings: EarlyExitSettings) -> EarlyExitModel:
     key = _model_key(settings)
     if key not in _MODELS:
@@ -87,8 +103,9 @@ def client_model(settings: EarlyExitSettings) -> EarlyExitModel:
     return _MODELS[key]
 
 
-def depth_costs(settings: EarlyExitSettings, precision: str = "fp32",
-                lengths: tuple[float, float] | None = None) -> dict[int, DepthCostModel]:
+def depth_costs(
+    settings: EarlyExitSettings, precision: str = "fp32", lengths: tuple[float, float] | None = None
+) -> dict[int, DepthCostModel]:
     """FLOPs and memory per depth, measured once per process on the run's model at two audio
     lengths (default: half and all of ``train_seconds``) and fitted linearly in audio length
     (``measure_depth_costs``)."""
@@ -97,8 +114,10 @@ def depth_costs(settings: EarlyExitSettings, precision: str = "fp32",
     if key not in _COSTS:
         model = client_model(settings)
         model.freeze_beyond(None)  # every layer trainable; layers deeper than d simply do not run
-        _COSTS[key] = {c.depth: c for c in measure_depth_costs(model, lengths=lengths, precision=precision,
-                                                               cached_cnn=settings.cached_cnn)}
+        _COSTS[key] = {
+            c.depth: c
+            for c in measure_depth_costs(model, lengths=lengths, precision=precision, cached_cnn=settings.cached_cnn)
+        }
     return _COSTS[key]
 
 
@@ -115,8 +134,9 @@ def cost_lengths(settings: EarlyExitSettings, dataset: AudioDataset) -> tuple[fl
     return min(min(durations), longest / 2), longest
 
 
-def client_costs(settings: EarlyExitSettings, client_id: int, manifest: str, partition: str,
-                 precision: str = "fp32") -> dict[int, DepthCostModel]:
+def client_costs(
+    settings: EarlyExitSettings, client_id: int, manifest: str, partition: str, precision: str = "fp32"
+) -> dict[int, DepthCostModel]:
     """:func:`depth_costs` measured at the lengths of this client's training data."""
     dataset = task_dataset(settings, manifest, partition, client_id)
     return depth_costs(settings, precision, cost_lengths(settings, dataset))
@@ -128,8 +148,13 @@ def load_early_exit(folder: str | Path) -> EarlyExitModel:
     state = checkpoints.load_state(folder)
     settings = EarlyExitSettings.from_run_config(state["settings"])
     outputs = len(state["vocab"]) if settings.task == "asr" else len(state["labels"])
-    model = EarlyExitModel.build(folder, model_head(settings)[0], outputs, exits=state["exits"],
-                                 freeze_feature_encoder=settings.freeze_feature_encoder)
+    model = EarlyExitModel.build(
+        folder,
+        model_head(settings)[0],
+        outputs,
+        exits=state["exits"],
+        freeze_feature_encoder=settings.freeze_feature_encoder,
+    )
     restore_heads(model, folder)
     return model
 
@@ -159,8 +184,9 @@ _TASK_UTTERANCES = {"kws": (_keyword_utterances, "keyword"), "asr": (asr_utteran
 
 
 @lru_cache(maxsize=256)
-def _client_dataset(manifest: str, partition: str, client_id: int, max_seconds: float, seed: int,
-                    task: str = "kws") -> AudioDataset:
+def _client_dataset(
+    manifest: str, partition: str, client_id: int, max_seconds: float, seed: int, task: str = "kws"
+) -> AudioDataset:
     """A client's utterances of the task, decoded once per process. kws crops them to
     ``max_seconds`` at random; asr drops longer sentences instead (a crop would cut the
     transcript)."""
@@ -172,17 +198,21 @@ def _client_dataset(manifest: str, partition: str, client_id: int, max_seconds: 
         return AudioDataset(utterances, max_seconds=max_seconds, seed=seed + client_id)
     kept = [u for u in utterances if u.duration <= max_seconds]
     if not kept:
-        raise ValueError(f"client {client_id} of {partition}: all {len(utterances)} sentences are longer than "
-                         f"--asr-max-seconds {max_seconds}")
+        raise ValueError(
+            f"client {client_id} of {partition}: all {len(utterances)} sentences are longer than "
+            f"--asr-max-seconds {max_seconds}"
+        )
     if len(kept) < len(utterances):
-        log.info("client %d: dropped %d sentence(s) longer than %.1f s", client_id, len(utterances) - len(kept),
-                 max_seconds)
+        log.info(
+            "client %d: dropped %d sentence(s) longer than %.1f s", client_id, len(utterances) - len(kept), max_seconds
+        )
     return AudioDataset(kept, max_seconds=None, seed=seed + client_id)
 
 
 @lru_cache(maxsize=4)
-def eval_dataset(manifest: str, splits: tuple[str, ...], max_utterances: int, max_seconds: float,
-                  task: str = "kws") -> AudioDataset:
+def eval_dataset(
+    manifest: str, splits: tuple[str, ...], max_utterances: int, max_seconds: float, task: str = "kws"
+) -> AudioDataset:
     """The task's utterances of held-out speakers (``splits``), a fixed subset so rounds
     compare; keywords centre-cropped to ``max_seconds``, sentences whole."""
     pick, what = _TASK_UTTERANCES[task]
@@ -203,8 +233,9 @@ def label_targets(utterances: list[Utterance], labels: tuple[str, ...]) -> torch
     try:
         return torch.tensor([index[u.label] for u in utterances], dtype=torch.long)
     except KeyError as missing:
-        raise ValueError(f"utterance label {missing} is not a class of this run ({', '.join(labels)}); "
-                         "set --labels") from None
+        raise ValueError(
+            f"utterance label {missing} is not a class of this run ({', '.join(labels)}); set --labels"
+        ) from None
 
 
 def transcript_targets(utterances: list[Utterance], vocab: CharVocab) -> torch.Tensor:
@@ -229,9 +260,18 @@ class EarlyExitObjective:
     training FLOPs of every batch it runs from the depth's measured cost line. With a
     ``vocab`` the exits are CTC heads trained on the transcripts, else classifiers of ``labels``."""
 
-    def __init__(self, depth: int, labels: tuple[str, ...], cost: DepthCostModel, *, distill_lambda: float,
-                 temperature: float, mixed: bool, vocab: CharVocab | None = None,
-                 cache: FrozenFeatureCache | None = None) -> None:
+    def __init__(
+        self,
+        depth: int,
+        labels: tuple[str, ...],
+        cost: DepthCostModel,
+        *,
+        distill_lambda: float,
+        temperature: float,
+        mixed: bool,
+        vocab: CharVocab | None = None,
+        cache: FrozenFeatureCache | None = None,
+    ) -> None:
         self.depth, self.labels, self.cost, self.vocab, self.cache = depth, labels, cost, vocab, cache
         self.distill_lambda, self.temperature, self.mixed = distill_lambda, temperature, mixed
         self.flops = 0.0
@@ -257,13 +297,20 @@ class EarlyExitObjective:
             out = model(**inputs, depth=self.depth)
         if self.vocab is None:
             targets = label_targets(batch["utterances"], self.labels).to(audio.device)
-            loss = early_exit_loss(out.logits, targets, "classify", distill_lambda=self.distill_lambda,
-                                   temperature=self.temperature)
+            loss = early_exit_loss(
+                out.logits, targets, "classify", distill_lambda=self.distill_lambda, temperature=self.temperature
+            )
         else:
             targets = transcript_targets(batch["utterances"], self.vocab).to(audio.device)
-            loss = early_exit_loss(out.logits, targets, "ctc", distill_lambda=self.distill_lambda,
-                                   temperature=self.temperature, output_lengths=out.output_lengths,
-                                   blank=self.vocab.blank_id)
+            loss = early_exit_loss(
+                out.logits,
+                targets,
+                "ctc",
+                distill_lambda=self.distill_lambda,
+                temperature=self.temperature,
+                output_lengths=out.output_lengths,
+                blank=self.vocab.blank_id,
+            )
         return _StepOutput(loss, int(audio.shape[0]))
 
 
@@ -278,6 +325,8 @@ class Workload:
 
 def client_workload(settings: EarlyExitSettings, client_id: int, manifest: str, partition: str) -> Workload:
     dataset = task_dataset(settings, manifest, partition, client_id)
-    return Workload(steps=steps_per_round(len(dataset), settings.batch_size, settings.local_epochs),
-                    batch=min(settings.batch_size, len(dataset)),
-                    seconds=min(settings.train_seconds, max(u.duration for u in dataset.utterances)))
+    return Workload(
+        steps=steps_per_round(len(dataset), settings.batch_size, settings.local_epochs),
+        batch=min(settings.batch_size, len(dataset)),
+        seconds=min(settings.train_seconds, max(u.duration for u in dataset.utterances)),
+    )

@@ -20,55 +20,100 @@ from fedspeech.apps.finetune.settings import STRATEGIES as FED_STRATEGIES
 
 TASK_CHOICES = ("asr", "kws", "speaker")
 _RULE_OPTIONS = ("loss_temperature", "mixed_beta", "ldawa_warmup")
-_FEDERATED_ONLY = ("clients", "clients_per_round", "rounds", "local_epochs", "runner", "out", "partition", "strategy",
-                   *_RULE_OPTIONS)
+_FEDERATED_ONLY = (
+    "clients",
+    "clients_per_round",
+    "rounds",
+    "local_epochs",
+    "runner",
+    "out",
+    "partition",
+    "strategy",
+    *_RULE_OPTIONS,
+)
 _MAX_MATRIX_LABELS = 20  # a larger confusion matrix does not fit a terminal
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``finetune`` and ``compare``."""
-    parser = subparsers.add_parser("finetune", help="fine-tune a backbone on a downstream task "
-                                                     "(centralised, or federated with --federated)")
-    parser.add_argument("task", choices=TASK_CHOICES,
-                        help="asr (character CTC), kws (keywords) or speaker (speaker ID)")
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune a backbone on a downstream task (centralised, or federated with --federated)"
+    )
+    parser.add_argument(
+        "task", choices=TASK_CHOICES, help="asr (character CTC), kws (keywords) or speaker (speaker ID)"
+    )
     parser.add_argument("--manifest", required=True, type=Path, metavar="M", help="manifest TSV")
-    parser.add_argument("--backbone", default="tiny", metavar="tiny|base|large|FOLDER",
-                        help="model preset (random init) or local HF checkpoint folder (default tiny)")
+    parser.add_argument(
+        "--backbone",
+        default="tiny",
+        metavar="tiny|base|large|FOLDER",
+        help="model preset (random init) or local HF checkpoint folder (default tiny)",
+    )
     parser.add_argument("--epochs", type=_positive_int, metavar="E", help="centralised: passes over train (default 10)")
     parser.add_argument("--max-steps", type=_positive_int, metavar="N", help="centralised: stop after N updates")
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="default 8")
     parser.add_argument("--lr-backbone", type=_positive_float, default=5e-5, metavar="LR", help="default 5e-5")
     parser.add_argument("--lr-head", type=_positive_float, default=1e-3, metavar="LR", help="default 1e-3")
-    parser.add_argument("--freeze-cnn", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep the CNN feature encoder frozen (default: frozen)")
+    parser.add_argument(
+        "--freeze-cnn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the CNN feature encoder frozen (default: frozen)",
+    )
     parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (linear probe)")
-    parser.add_argument("--layer-weighted", action="store_true",
-                        help="kws/speaker: learn a weighted sum of all hidden layers")
-    parser.add_argument("--max-seconds", type=_positive_float, metavar="S",
-                        help="kws/speaker: crop clips to S seconds; asr: skip training clips longer than S")
+    parser.add_argument(
+        "--layer-weighted", action="store_true", help="kws/speaker: learn a weighted sum of all hidden layers"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=_positive_float,
+        metavar="S",
+        help="kws/speaker: crop clips to S seconds; asr: skip training clips longer than S",
+    )
     parser.add_argument("--no-dev", action="store_true", help="ignore the dev split; evaluate the last epoch")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the full result as JSON")
     federated = parser.add_argument_group("federated fine-tuning (--federated)")
-    federated.add_argument("--federated", action="store_true",
-                           help="fine-tune on Flower: clients are speaker partitions of the training data")
-    federated.add_argument("--clients", type=_positive_int, metavar="N",
-                           help="clients (speaker-disjoint partition of the training data; default 2)")
-    federated.add_argument("--partition", type=Path, metavar="FILE",
-                           help="use this partition JSON (fedspeech partition) instead of making one")
+    federated.add_argument(
+        "--federated",
+        action="store_true",
+        help="fine-tune on Flower: clients are speaker partitions of the training data",
+    )
+    federated.add_argument(
+        "--clients",
+        type=_positive_int,
+        metavar="N",
+        help="clients (speaker-disjoint partition of the training data; default 2)",
+    )
+    federated.add_argument(
+        "--partition",
+        type=Path,
+        metavar="FILE",
+        help="use this partition JSON (fedspeech partition) instead of making one",
+    )
     federated.add_argument("--clients-per-round", type=_positive_int, metavar="K", help="default: all clients")
     federated.add_argument("--rounds", type=_positive_int, metavar="R", help="default 10")
     federated.add_argument("--local-epochs", type=_positive_int, metavar="E", help="per client and round (default 1)")
     federated.add_argument("--strategy", choices=FED_STRATEGIES, help="aggregation rule (default fedavg)")
-    federated.add_argument("--loss-temperature", type=_positive_float, metavar="T",
-                           help="loss and mixed rules: softmax temperature (default 1.0)")
+    federated.add_argument(
+        "--loss-temperature",
+        type=_positive_float,
+        metavar="T",
+        help="loss and mixed rules: softmax temperature (default 1.0)",
+    )
     federated.add_argument("--mixed-beta", type=float, metavar="B", help="mixed rule: FedAvg share (default 0.2)")
-    federated.add_argument("--ldawa-warmup", type=int, metavar="R",
-                           help="ldawa: plain FedAvg for this many rounds (default 2)")
-    federated.add_argument("--runner", choices=RUNNERS,
-                           help="inprocess (default, no Ray) or Flower's Simulation Engine")
-    federated.add_argument("--out", type=Path, metavar="DIR",
-                           help="run folder: rounds.jsonl, result.json, best checkpoint (default runs/finetune)")
+    federated.add_argument(
+        "--ldawa-warmup", type=int, metavar="R", help="ldawa: plain FedAvg for this many rounds (default 2)"
+    )
+    federated.add_argument(
+        "--runner", choices=RUNNERS, help="inprocess (default, no Ray) or Flower's Simulation Engine"
+    )
+    federated.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="run folder: rounds.jsonl, result.json, best checkpoint (default runs/finetune)",
+    )
     parser.set_defaults(func=_run_finetune)
 
     from fedspeech.apps.finetune.compare import register as register_compare
@@ -127,8 +172,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
             raise ValueError("--layer-weighted applies to kws and speaker only")
         result = finetune_asr(args.backbone, data.train, data.test, **common)
     else:
-        result = finetune_classifier(args.backbone, data.train, data.test, task=args.task,
-                                     layer_weighted=args.layer_weighted, **common)
+        result = finetune_classifier(
+            args.backbone, data.train, data.test, task=args.task, layer_weighted=args.layer_weighted, **common
+        )
     result["manifest"] = str(args.manifest)
     print_result(result)
     _write_json(args, result)
@@ -143,16 +189,29 @@ def _run_federated(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag}: federated fine-tuning counts --rounds and --local-epochs instead")
-    given = {"clients": args.clients, "clients_per_round": args.clients_per_round, "rounds": args.rounds,
-             "local_epochs": args.local_epochs, "strategy": args.strategy,
-             **{name: getattr(args, name) for name in _RULE_OPTIONS},
-             "out_dir": str(args.out) if args.out else None,
-             "partition": str(args.partition) if args.partition else None}
+    given = {
+        "clients": args.clients,
+        "clients_per_round": args.clients_per_round,
+        "rounds": args.rounds,
+        "local_epochs": args.local_epochs,
+        "strategy": args.strategy,
+        **{name: getattr(args, name) for name in _RULE_OPTIONS},
+        "out_dir": str(args.out) if args.out else None,
+        "partition": str(args.partition) if args.partition else None,
+    }
     settings = FinetuneSettings(
-        task=args.task, manifest=str(args.manifest), backbone=str(args.backbone), batch_size=args.batch_size,
-        lr_backbone=args.lr_backbone, lr_head=args.lr_head, freeze_cnn=args.freeze_cnn,
-        freeze_backbone=args.freeze_backbone, layer_weighted=args.layer_weighted,
-        max_seconds=args.max_seconds or 0.0, use_dev=not args.no_dev, seed=args.seed,
+        task=args.task,
+        manifest=str(args.manifest),
+        backbone=str(args.backbone),
+        batch_size=args.batch_size,
+        lr_backbone=args.lr_backbone,
+        lr_head=args.lr_head,
+        freeze_cnn=args.freeze_cnn,
+        freeze_backbone=args.freeze_backbone,
+        layer_weighted=args.layer_weighted,
+        max_seconds=args.max_seconds or 0.0,
+        use_dev=not args.no_dev,
+        seed=args.seed,
         **{k: v for k, v in given.items() if v is not None},
     )
     result = run_federated_finetune(settings, runner=args.runner or "inprocess")
@@ -185,8 +244,16 @@ def print_result(result: dict) -> None:
     for name in metrics:
         table.add_row(f"test {name}", f"{result[name]:.4f}")
     best, losses = ("best_round", "round_losses") if federated else ("best_epoch", "epoch_losses")
-    for name in ("num_train", "num_dev", "num_eval", "steps", best, "selected_on", "trainable_parameters",
-                 "train_seconds"):
+    for name in (
+        "num_train",
+        "num_dev",
+        "num_eval",
+        "steps",
+        best,
+        "selected_on",
+        "trainable_parameters",
+        "train_seconds",
+    ):
         table.add_row(name, str(result[name]))
     table.add_row(losses.replace("_", " "), " ".join(f"{loss:.3f}" for loss in result[losses]))
     console.print(table)

@@ -16,9 +16,12 @@ client_app = ClientApp()
 def client_train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     state, metrics = local_finetune(
-        FinetuneSettings.from_run_config(context.run_config), dict(context.node_config),
-        msg.content["arrays"].to_torch_state_dict(), [str(c) for c in config[CLASSES_KEY]],
-        server_round=int(config["server-round"]), lr_scale=float(config[LR_SCALE_KEY]),
+        FinetuneSettings.from_run_config(context.run_config),
+        dict(context.node_config),
+        msg.content["arrays"].to_torch_state_dict(),
+        [str(c) for c in config[CLASSES_KEY]],
+        server_round=int(config["server-round"]),
+        lr_scale=float(config[LR_SCALE_KEY]),
     )
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

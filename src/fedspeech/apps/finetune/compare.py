@@ -42,10 +42,20 @@ def resolve_backbone(source: str, task: str) -> str:
     return str(latest)
 
 
-def compare_backbones(backbones: Mapping[str, str], manifest: str | Path, tasks: Sequence[str], *,
-                      epochs: int = 5, max_steps: int | None = None, batch_size: int = 8,
-                      lr_backbone: float = 5e-5, lr_head: float = 1e-3, max_seconds: float | None = 2.0,
-                      freeze_cnn: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+def compare_backbones(
+    backbones: Mapping[str, str],
+    manifest: str | Path,
+    tasks: Sequence[str],
+    *,
+    epochs: int = 5,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    lr_backbone: float = 5e-5,
+    lr_head: float = 1e-3,
+    max_seconds: float | None = 2.0,
+    freeze_cnn: bool = True,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Fine-tune every backbone on every task with one recipe; one row per (backbone, task)."""
     from fedspeech.data.manifest import read_manifest
     from fedspeech.downstream.finetune import finetune_asr, finetune_classifier
@@ -58,16 +68,32 @@ def compare_backbones(backbones: Mapping[str, str], manifest: str | Path, tasks:
         data = task_data(utterances, task, seed=seed)
         for name, source in backbones.items():
             path = resolve_backbone(source, task)
-            common = dict(dev_utts=data.dev or None, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                          lr_backbone=lr_backbone, lr_head=lr_head, max_seconds=max_seconds, freeze_cnn=freeze_cnn,
-                          seed=seed)
+            common = dict(
+                dev_utts=data.dev or None,
+                epochs=epochs,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                lr_backbone=lr_backbone,
+                lr_head=lr_head,
+                max_seconds=max_seconds,
+                freeze_cnn=freeze_cnn,
+                seed=seed,
+            )
             if task == "asr":
                 result = finetune_asr(path, data.train, data.test, **common)
             else:
                 result = finetune_classifier(path, data.train, data.test, task=task, **common)
             metric, _ = METRICS[task]
-            rows.append({"backbone": name, "source": path, "task": task, "metric": metric,
-                         "score": float(result[metric]), "wer": result.get("wer")})
+            rows.append(
+                {
+                    "backbone": name,
+                    "source": path,
+                    "task": task,
+                    "metric": metric,
+                    "score": float(result[metric]),
+                    "wer": result.get("wer"),
+                }
+            )
     return rows
 
 
@@ -115,9 +141,19 @@ def run_compare(args) -> int:
             raise ValueError(f"--backbone {item!r}: expected NAME=SOURCE (preset, HF folder or run folder)")
         backbones[name] = source
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    rows = compare_backbones(backbones, args.manifest, tasks, epochs=args.epochs, max_steps=args.max_steps,
-                             batch_size=args.batch_size, max_seconds=args.max_seconds, lr_backbone=args.lr_backbone,
-                             lr_head=args.lr_head, freeze_cnn=args.freeze_cnn, seed=args.seed)
+    rows = compare_backbones(
+        backbones,
+        args.manifest,
+        tasks,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        max_seconds=args.max_seconds,
+        lr_backbone=args.lr_backbone,
+        lr_head=args.lr_head,
+        freeze_cnn=args.freeze_cnn,
+        seed=args.seed,
+    )
     Console().print(comparison_table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,9 +164,15 @@ def run_compare(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "compare", help="fine-tune several backbones with one recipe and compare them on every task")
-    parser.add_argument("--backbone", action="append", required=True, metavar="NAME=SOURCE",
-                        help="repeatable; SOURCE = preset (random init), HF folder, or pretraining run folder")
+        "compare", help="fine-tune several backbones with one recipe and compare them on every task"
+    )
+    parser.add_argument(
+        "--backbone",
+        action="append",
+        required=True,
+        metavar="NAME=SOURCE",
+        help="repeatable; SOURCE = preset (random init), HF folder, or pretraining run folder",
+    )
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--tasks", default="kws,asr,speaker")
     parser.add_argument("--epochs", type=int, default=5)
@@ -139,9 +181,13 @@ def register(subparsers) -> None:
     parser.add_argument("--max-seconds", type=float, default=2.0)
     parser.add_argument("--lr-backbone", type=float, default=5e-5)
     parser.add_argument("--lr-head", type=float, default=1e-3)
-    parser.add_argument("--freeze-cnn", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep the CNN frozen (--no-freeze-cnn when a random-init row is compared: "
-                             "a frozen random CNN would handicap it)")
+    parser.add_argument(
+        "--freeze-cnn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the CNN frozen (--no-freeze-cnn when a random-init row is compared: "
+        "a frozen random CNN would handicap it)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for compare.json and compare.png")
     parser.set_defaults(func=run_compare)

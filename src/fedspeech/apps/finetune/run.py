@@ -17,8 +17,10 @@ from fedspeech.downstream.heads import is_preset
 from fedspeech.federated import roundlog
 from fedspeech.federated.runners import check_runner
 
-APP_COMPONENTS = {"serverapp": "fedspeech.apps.finetune.server_app:server_app",
-                  "clientapp": "fedspeech.apps.finetune.client_app:client_app"}
+APP_COMPONENTS = {
+    "serverapp": "fedspeech.apps.finetune.server_app:server_app",
+    "clientapp": "fedspeech.apps.finetune.client_app:client_app",
+}
 
 
 def write_flower_app(folder: str | Path, settings: FinetuneSettings) -> Path:
@@ -27,8 +29,13 @@ def write_flower_app(folder: str | Path, settings: FinetuneSettings) -> Path:
     pretraining app), so ``flwr run FOLDER`` runs federated fine-tuning."""
     from fedspeech.federated.engines import write_app_folder
 
-    return write_app_folder(Path(folder), "fedspeech-finetune", "fedspeech federated downstream fine-tuning",
-                            APP_COMPONENTS, settings.to_run_config())
+    return write_app_folder(
+        Path(folder),
+        "fedspeech-finetune",
+        "fedspeech federated downstream fine-tuning",
+        APP_COMPONENTS,
+        settings.to_run_config(),
+    )
 
 
 def prepare(settings: FinetuneSettings) -> FinetuneSettings:
@@ -58,12 +65,14 @@ def prepare(settings: FinetuneSettings) -> FinetuneSettings:
             raise ValueError(f"task {settings.task}: no training utterances in {manifest}")
         made = partition_by_speaker(train, settings.clients, settings.seed, split=None, manifest=str(manifest))
         partition = str(made.save(out / PARTITION_FILE))
-    return dataclasses.replace(settings, manifest=str(manifest), backbone=backbone, out_dir=str(out),
-                               partition=partition)
+    return dataclasses.replace(
+        settings, manifest=str(manifest), backbone=backbone, out_dir=str(out), partition=partition
+    )
 
 
-def run_federated_finetune(settings: FinetuneSettings, runner: str = "inprocess",
-                           timeout: float = 24 * 3600) -> dict[str, Any]:
+def run_federated_finetune(
+    settings: FinetuneSettings, runner: str = "inprocess", timeout: float = 24 * 3600
+) -> dict[str, Any]:
     """Run federated fine-tuning with ``runner`` (``inprocess`` or ``simulation``); returns
     the result (test metrics of the best round and bookkeeping, also in ``OUT/result.json``).
     The round log is ``OUT/rounds.jsonl``."""
@@ -71,8 +80,9 @@ def run_federated_finetune(settings: FinetuneSettings, runner: str = "inprocess"
     settings = prepare(settings)
     num_clients = Partition.load(settings.partition).num_clients
     if settings.clients_per_round > num_clients:
-        raise ValueError(f"clients_per_round: {settings.clients_per_round} exceeds the {num_clients} clients "
-                         f"of {settings.partition}")
+        raise ValueError(
+            f"clients_per_round: {settings.clients_per_round} exceeds the {num_clients} clients of {settings.partition}"
+        )
     out = Path(settings.out_dir)
     if runner == "inprocess":
         from fedspeech.apps.finetune.client_app import client_app

@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 server_app = ServerApp()
 
 
-def _save_best(out: Path, server_round: int, model: DownstreamModel, classes: list[str],
-               settings: FinetuneSettings) -> Path:
+def _save_best(
+    out: Path, server_round: int, model: DownstreamModel, classes: list[str], settings: FinetuneSettings
+) -> Path:
     """The best round's model: an HF folder (the CTC model, or the classifier's backbone)
     plus the classifier head in ``extra.safetensors``; older best rounds are removed."""
     if isinstance(model, CTCModel):
@@ -55,9 +56,13 @@ def _save_best(out: Path, server_round: int, model: DownstreamModel, classes: li
         in_backbone = {f"speech_model.{name}" for name in model.backbone.state_dict()}
         hf_model = model.backbone
         extra = {k: v for k, v in model.state_dict().items() if k not in in_backbone}
-    folder = checkpoints.save_checkpoint(out, server_round, hf_model, extra,
-                                         state={"task": settings.task, "classes": classes,
-                                                "settings": settings.to_run_config()})
+    folder = checkpoints.save_checkpoint(
+        out,
+        server_round,
+        hf_model,
+        extra,
+        state={"task": settings.task, "classes": classes, "settings": settings.to_run_config()},
+    )
     checkpoints.prune_checkpoints(out, 1)
     return folder
 
@@ -112,8 +117,13 @@ class FinetuneRounds(RoundHooks):
             self.best_key, self.best_round, self.best_state = key, server_round, trainable_state(model)
             _save_best(self.out, server_round, model, self.classes, self.settings)
         record["best_round"] = self.best_round
-        log.info("round %d: train loss %.4f%s (best round %d)", server_round, record["train_loss"],
-                 f", dev {self.metric} {record['dev'][self.metric]:.4f}" if "dev" in record else "", self.best_round)
+        log.info(
+            "round %d: train loss %.4f%s (best round %d)",
+            server_round,
+            record["train_loss"],
+            f", dev {self.metric} {record['dev'][self.metric]:.4f}" if "dev" in record else "",
+            self.best_round,
+        )
         return record
 
 
@@ -139,31 +149,57 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
     num_clients = partition.num_clients
     nodes = wait_for_nodes(grid, num_clients)
     # Sampling is the round loop's (SampledGrid): the strategy addresses every node it is shown.
-    strategy = make_strategy(settings.strategy, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                             min_available_nodes=1, **rule_options(settings.strategy, settings))
+    strategy = make_strategy(
+        settings.strategy,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+        **rule_options(settings.strategy, settings),
+    )
     hooks = FinetuneRounds(settings, model, classes, dev_loader)
     started_run = time.perf_counter()
-    history = run_rounds(grid, strategy, hooks, ArrayRecord(trainable_state(model)), nodes=nodes,
-                         clients_per_round=settings.clients_per_round, seed=settings.seed, rounds=settings.rounds,
-                         out=out, label="federated fine-tuning")
+    history = run_rounds(
+        grid,
+        strategy,
+        hooks,
+        ArrayRecord(trainable_state(model)),
+        nodes=nodes,
+        clients_per_round=settings.clients_per_round,
+        seed=settings.seed,
+        rounds=settings.rounds,
+        out=out,
+        label="federated fine-tuning",
+    )
     train_seconds = time.perf_counter() - started_run
 
     best = checkpoints.round_dir(out, hooks.best_round)
     load_trainable_state(model, hooks.best_state)
     result = evaluate(model, test_loader)
     result.update(
-        task=settings.task, backbone=settings.backbone, federated=True, strategy=settings.strategy,
-        rounds=settings.rounds, num_clients=num_clients,
+        task=settings.task,
+        backbone=settings.backbone,
+        federated=True,
+        strategy=settings.strategy,
+        rounds=settings.rounds,
+        num_clients=num_clients,
         clients_per_round=min(settings.clients_per_round or num_clients, num_clients),
-        local_epochs=settings.local_epochs, best_round=hooks.best_round,
+        local_epochs=settings.local_epochs,
+        best_round=hooks.best_round,
         selected_on=f"dev {hooks.metric}" if dev_loader is not None else "last round",
         round_losses=[h["train_loss"] for h in history],
         history=[{k: h[k] for k in ("round", "train_loss", "dev", "best_round") if k in h} for h in history],
         num_train=num_train_utterances(settings, num_clients),
-        num_dev=len(data.dev) if dev_loader is not None else 0, num_eval=len(data.test), steps=hooks.total_steps,
+        num_dev=len(data.dev) if dev_loader is not None else 0,
+        num_eval=len(data.test),
+        steps=hooks.total_steps,
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        train_seconds=round(train_seconds, 2), seed=settings.seed, out_dir=str(out), checkpoint=str(best),
-        partition=settings.partition, partition_scheme=partition.scheme,
+        train_seconds=round(train_seconds, 2),
+        seed=settings.seed,
+        out_dir=str(out),
+        checkpoint=str(best),
+        partition=settings.partition,
+        partition_scheme=partition.scheme,
     )
     if settings.task == "asr":
         result["vocab"] = classes

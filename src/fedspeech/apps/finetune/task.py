@@ -68,13 +68,21 @@ def class_names(task: str, data: TaskData) -> list[str]:
 def build_model(settings: FinetuneSettings, classes: list[str]) -> DownstreamModel:
     """The global model's architecture, identical on every side: built under the run's
     seed, so frozen (never transmitted) weights of a random-init preset agree too."""
-    options = dict(freeze_feature_encoder=settings.freeze_cnn, freeze_backbone=settings.freeze_backbone,
-                   **settings.config_overrides)
+    options = dict(
+        freeze_feature_encoder=settings.freeze_cnn,
+        freeze_backbone=settings.freeze_backbone,
+        **settings.config_overrides,
+    )
     with seeded(settings.seed):
         if settings.task == "asr":
             return CTCModel.build(settings.backbone, CharVocab.from_dict({"tokens": classes}), **options)
-        return UtteranceClassifier.build(settings.backbone, classes, target_field=TARGET_FIELD[settings.task],
-                                         layer_weighted=settings.layer_weighted, **options)
+        return UtteranceClassifier.build(
+            settings.backbone,
+            classes,
+            target_field=TARGET_FIELD[settings.task],
+            layer_weighted=settings.layer_weighted,
+            **options,
+        )
 
 
 def evaluate(model: DownstreamModel, loader) -> dict[str, Any]:
@@ -93,11 +101,16 @@ def client_task_utterances(manifest: str, partition: str, client_id: int, task: 
 
 
 @lru_cache(maxsize=256)
-def _client_dataset(manifest: str, partition: str, client_id: int, task: str, max_seconds: float,
-                    seed: int) -> AudioDataset:
+def _client_dataset(
+    manifest: str, partition: str, client_id: int, task: str, max_seconds: float, seed: int
+) -> AudioDataset:
     """A client's training audio, decoded once per process (clients are called every round)."""
-    return training_dataset(client_task_utterances(manifest, partition, client_id, task, seed),
-                            max_seconds=max_seconds or None, seed=seed + client_id, crop_training=task != "asr")
+    return training_dataset(
+        client_task_utterances(manifest, partition, client_id, task, seed),
+        max_seconds=max_seconds or None,
+        seed=seed + client_id,
+        crop_training=task != "asr",
+    )
 
 
 def num_train_utterances(settings: FinetuneSettings, num_clients: int) -> int:
@@ -116,8 +129,14 @@ def _round_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([abs(p) for p in parts]).generate_state(1)[0])
 
 
-def local_finetune(settings: FinetuneSettings, node_config: dict, global_state: dict[str, torch.Tensor],
-                   classes: list[str], server_round: int, lr_scale: float) -> tuple[dict[str, torch.Tensor], dict]:
+def local_finetune(
+    settings: FinetuneSettings,
+    node_config: dict,
+    global_state: dict[str, torch.Tensor],
+    classes: list[str],
+    server_round: int,
+    lr_scale: float,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """One client's round on plain tensors: load the global weights, fine-tune backbone and
     head on the client's utterances, return (trained weights, metrics). Deterministic per
     (seed, round, client), so a test can recompute what a client sent."""
@@ -129,14 +148,23 @@ def local_finetune(settings: FinetuneSettings, node_config: dict, global_state: 
     model = build_model(settings, classes)
     load_trainable_state(model, global_state)
     dataset = _client_dataset(manifest, partition, client_id, settings.task, settings.max_seconds, settings.seed)
-    loader = make_loader(dataset, settings.batch_size, shuffle=True,
-                         seed=_round_seed(settings.seed, server_round, client_id),
-                         normalize=wants_normalized_audio(settings.backbone))
+    loader = make_loader(
+        dataset,
+        settings.batch_size,
+        shuffle=True,
+        seed=_round_seed(settings.seed, server_round, client_id),
+        normalize=wants_normalized_audio(settings.backbone),
+    )
     optimizer = make_optimizer(model, settings.lr_backbone * lr_scale, settings.lr_head * lr_scale)
     with seeded(_round_seed(settings.seed, server_round, client_id, 1)):  # dropout, SpecAugment
-        stats = train_epochs(model, loader, optimizer, epochs=settings.local_epochs,
-                             grad_clip=settings.grad_clip or None,
-                             start_epoch=(server_round - 1) * settings.local_epochs)
+        stats = train_epochs(
+            model,
+            loader,
+            optimizer,
+            epochs=settings.local_epochs,
+            grad_clip=settings.grad_clip or None,
+            start_epoch=(server_round - 1) * settings.local_epochs,
+        )
     metrics = {
         "num-examples": len(dataset),  # FedAvg weight n_k: the client's utterances
         "train_loss": stats.last_loss,

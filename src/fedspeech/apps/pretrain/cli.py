@@ -21,16 +21,19 @@ PRESETS = {
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ``PretrainSettings`` field, so the CLI and Flower's run config agree."""
     helps = {
-        "manifest": "corpus manifest (TSV)", "partition": "client partition JSON (fedspeech partition)",
+        "manifest": "corpus manifest (TSV)",
+        "partition": "client partition JSON (fedspeech partition)",
         "out_dir": "run folder (round log, checkpoints, plots)",
         "model": "tiny, base, large or a local HF checkpoint folder",
-        "method": f"SSL method: {', '.join(METHODS)}", "strategy": f"aggregation rule: {', '.join(STRATEGIES)}",
+        "method": f"SSL method: {', '.join(METHODS)}",
+        "strategy": f"aggregation rule: {', '.join(STRATEGIES)}",
         "backbone_only": "send and aggregate only the backbone; heads stay on the clients",
-        "clients_per_round": "clients sampled per round (0 = all)", "max_seconds": "random crop length for training",
+        "clients_per_round": "clients sampled per round (0 = all)",
+        "max_seconds": "random crop length for training",
         "resume": "continue the run in --out from its last completed round",
         "lr_schedule": "round: one learning rate per round; step: the warm-up/cosine curve followed step by step",
         "optimizer_state": "clients' AdamW moments between rounds: reset, client (kept in the node's state) or "
-                           "server (averaged by the server and sent back; 3x the traffic)",
+        "server (averaged by the server and sent back; 3x the traffic)",
         "server_optimizer": f"server-side step after the rule (Flower's strategies): {', '.join(SERVER_OPTIMIZERS)}",
         "server_lr": "server learning rate (FedAvgM server_learning_rate, FedAdam/FedYogi/FedAdagrad eta)",
         "server_momentum": "server momentum (FedAvgM server_momentum, FedAdam/FedYogi beta_1)",
@@ -55,8 +58,10 @@ def _check_preset(preset: str | None, settings: PretrainSettings) -> None:
 
     clients = Partition.load(settings.partition).num_clients
     if clients != PRESETS[preset]["clients"]:
-        raise ValueError(f"--preset {preset} needs a partition with {PRESETS[preset]['clients']} clients; "
-                         f"{settings.partition} has {clients}")
+        raise ValueError(
+            f"--preset {preset} needs a partition with {PRESETS[preset]['clients']} clients; "
+            f"{settings.partition} has {clients}"
+        )
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -89,21 +94,32 @@ def _plot(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "pretrain", help="federated self-supervised pretraining (wav2vec 2.0 or feature matching)",
+        "pretrain",
+        help="federated self-supervised pretraining (wav2vec 2.0 or feature matching)",
         description="Federated SSL pretraining on Flower. Every setting is also a Flower run-config key "
-                    "(kebab-case), so `flwr run .` takes the same settings.",
+        "(kebab-case), so `flwr run .` takes the same settings.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="reference-study client settings: gao10 = 10 clients all per round; gao100 = 20 of "
-                             "100 per round (partition with that many clients); 1 local epoch (the study's batch 4: "
-                             "--batch-size 4)")
-    parser.add_argument("--runner", choices=RUNNERS, default="inprocess",
-                        help="inprocess (default, no Ray), Flower's Simulation Engine, or Flower's Deployment Engine "
-                             "on this machine (SuperLink + one SuperNode per client on loopback, TLS, "
-                             "SuperNode authentication)")
-    parser.add_argument("--centralised", action="store_true",
-                        help="centralised baseline: same model and objective on the pooled training data, "
-                             "same number of examples per round as the federated run")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="reference-study client settings: gao10 = 10 clients all per round; gao100 = 20 of "
+        "100 per round (partition with that many clients); 1 local epoch (the study's batch 4: "
+        "--batch-size 4)",
+    )
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="inprocess",
+        help="inprocess (default, no Ray), Flower's Simulation Engine, or Flower's Deployment Engine "
+        "on this machine (SuperLink + one SuperNode per client on loopback, TLS, "
+        "SuperNode authentication)",
+    )
+    parser.add_argument(
+        "--centralised",
+        action="store_true",
+        help="centralised baseline: same model and objective on the pooled training data, "
+        "same number of examples per round as the federated run",
+    )
     add_settings_arguments(parser)
     parser.set_defaults(func=_pretrain)
 

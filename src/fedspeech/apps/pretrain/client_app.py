@@ -25,9 +25,13 @@ def client_train(msg: Message, context: Context) -> Message:
     elif settings.optimizer_state == "server" and OPTIMIZER_RECORD in msg.content.array_records:
         moments = msg.content[OPTIMIZER_RECORD].to_torch_state_dict()
     update = local_round(
-        settings, dict(context.node_config),
-        msg.content["arrays"].to_torch_state_dict(), kept.to_torch_state_dict() if kept is not None else {},
-        server_round=int(config["server-round"]), lr=float(config["lr"]), global_step=int(config["global-step"]),
+        settings,
+        dict(context.node_config),
+        msg.content["arrays"].to_torch_state_dict(),
+        kept.to_torch_state_dict() if kept is not None else {},
+        server_round=int(config["server-round"]),
+        lr=float(config["lr"]),
+        global_step=int(config["global-step"]),
         optimizer_state=moments,
         fedu_mu=float(config[FEDU_MU_KEY]) if FEDU_MU_KEY in config else None,  # sent by the FedU strategy
     )

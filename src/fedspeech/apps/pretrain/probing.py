@@ -20,8 +20,9 @@ TRACKER_FILE = "best_rounds.json"
 class RoundProber:
     """Probe suite + best-round tracker for one run folder; resumable."""
 
-    def __init__(self, manifest: str, tasks: list[str], out_dir: Path, method: str, seed: int,
-                 resume_after: int | None) -> None:
+    def __init__(
+        self, manifest: str, tasks: list[str], out_dir: Path, method: str, seed: int, resume_after: int | None
+    ) -> None:
         from fedspeech.data.manifest import read_manifest
         from fedspeech.downstream.probes import ProbeSuite
         from fedspeech.downstream.selection import BestRoundTracker

@@ -28,7 +28,6 @@ from fedspeech.federated.runners import check_runner
 log = logging.getLogger(__name__)
 
 
-
 def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeout: float = 24 * 3600) -> list[dict]:
     """Run the federated pretraining app; returns the round log."""
     check_runner(runner)
@@ -37,8 +36,10 @@ def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeo
 
     num_clients = Partition.load(settings.partition).num_clients
     # Flower's engines run the apps in other processes and folders: pass absolute paths.
-    settings = dataclasses.replace(settings, **{name: str(Path(getattr(settings, name)).resolve())
-                                                for name in ("manifest", "partition", "out_dir")})
+    settings = dataclasses.replace(
+        settings,
+        **{name: str(Path(getattr(settings, name)).resolve()) for name in ("manifest", "partition", "out_dir")},
+    )
     run_config = settings.to_run_config()
     if runner == "inprocess":
         from fedspeech.federated.inprocess import run_inprocess
@@ -47,15 +48,22 @@ def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeo
     elif runner == "simulation":
         from fedspeech.federated.engines import project_app_dir, run_simulation
 
-        run_simulation(project_app_dir(), run_config, num_clients, flwr_home=Path(settings.out_dir) / "flwr-home",
-                       timeout=timeout)
+        run_simulation(
+            project_app_dir(), run_config, num_clients, flwr_home=Path(settings.out_dir) / "flwr-home", timeout=timeout
+        )
     elif runner == "deployment":
         from fedspeech.federated.engines import DeploymentCluster, project_app_dir
 
         # Each SuperNode reads its own partition from its node config, as on real machines.
         node_configs = [{"manifest": settings.manifest, "partition": settings.partition} for _ in range(num_clients)]
-        with DeploymentCluster(Path(settings.out_dir) / "deployment", num_clients, node_configs=node_configs,
-                               tls=True, supernode_auth=True, startup_timeout=300) as cluster:
+        with DeploymentCluster(
+            Path(settings.out_dir) / "deployment",
+            num_clients,
+            node_configs=node_configs,
+            tls=True,
+            supernode_auth=True,
+            startup_timeout=300,
+        ) as cluster:
             cluster.run(project_app_dir(), run_config, timeout=timeout)
     return roundlog.read_rounds(settings.out_dir)
 
@@ -105,8 +113,14 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
     if settings.probe_tasks:
         from fedspeech.apps.pretrain.probing import RoundProber
 
-        prober = RoundProber(settings.manifest, settings.probe_tasks, out, settings.probe_method, settings.seed,
-                             resume_after=first_round - 1 if latest is not None else None)
+        prober = RoundProber(
+            settings.manifest,
+            settings.probe_tasks,
+            out,
+            settings.probe_method,
+            settings.seed,
+            resume_after=first_round - 1 if latest is not None else None,
+        )
     records = []
     moments = None  # AdamW state carried across rounds unless optimizer_state="reset"
     if latest is not None:
@@ -120,26 +134,55 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
         rng = np.random.default_rng([settings.seed, server_round, 999_983])
         indices = rng.choice(len(pool), size=min(budget, len(pool)), replace=False)
         pool.set_epoch(server_round)
-        loader = make_loader(tud.Subset(pool, indices.tolist()), settings.batch_size, shuffle=True,
-                             seed=settings.seed * 100_003 + server_round)
-        base_lr, schedule = round_lr_schedule(settings, server_round, settings.lr_at_round(server_round),
-                                              len(loader) * settings.local_epochs, int(global_step))
+        loader = make_loader(
+            tud.Subset(pool, indices.tolist()),
+            settings.batch_size,
+            shuffle=True,
+            seed=settings.seed * 100_003 + server_round,
+        )
+        base_lr, schedule = round_lr_schedule(
+            settings,
+            server_round,
+            settings.lr_at_round(server_round),
+            len(loader) * settings.local_epochs,
+            int(global_step),
+        )
         keep_moments = settings.optimizer_state != "reset"  # one optimiser across rounds, as a plain run has
-        result = train_local(model, method.objective, loader, epochs=settings.local_epochs,
-                             lr=base_lr, lr_schedule=schedule, start_step=int(global_step),
-                             max_grad_norm=settings.max_grad_norm, rng=rng,
-                             optimizer_state=moments if keep_moments else None, return_optimizer_state=keep_moments)
+        result = train_local(
+            model,
+            method.objective,
+            loader,
+            epochs=settings.local_epochs,
+            lr=base_lr,
+            lr_schedule=schedule,
+            start_step=int(global_step),
+            max_grad_norm=settings.max_grad_norm,
+            rng=rng,
+            optimizer_state=moments if keep_moments else None,
+            return_optimizer_state=keep_moments,
+        )
         moments = result.optimizer_state
         global_step += result.steps
         val_loss = evaluate_loss(model, method.objective, val_loader) if val_loader else None
-        checkpoints.save_checkpoint(out, server_round, *method.checkpoint_parts(model),
-                                    state={"global_step": global_step, "settings": settings.to_run_config()},
-                                    server_arrays={f"optimizer.{k}": v.numpy() for k, v in (moments or {}).items()})
+        checkpoints.save_checkpoint(
+            out,
+            server_round,
+            *method.checkpoint_parts(model),
+            state={"global_step": global_step, "settings": settings.to_run_config()},
+            server_arrays={f"optimizer.{k}": v.numpy() for k, v in (moments or {}).items()},
+        )
         checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
         probe_scores = prober(server_round, method.checkpoint_parts(model)[0]) if prober else {}
-        record = {"round": server_round, "centralised": True, "train_loss": result.mean_loss_last_epoch,
-                  "examples": result.num_examples, "val_loss": val_loss, "probes": probe_scores, "lr": settings.lr_at_round(server_round),
-                  "round_seconds": time.perf_counter() - started}
+        record = {
+            "round": server_round,
+            "centralised": True,
+            "train_loss": result.mean_loss_last_epoch,
+            "examples": result.num_examples,
+            "val_loss": val_loss,
+            "probes": probe_scores,
+            "lr": settings.lr_at_round(server_round),
+            "round_seconds": time.perf_counter() - started,
+        }
         roundlog.append_round(out, record)
         records.append(record)
         log.info("centralised round %d: train loss %.4f, val loss %s", server_round, record["train_loss"], val_loss)

@@ -65,8 +65,9 @@ def average_optimizer_states(replies: list[Message], weights: dict[int, float]) 
     if not states or total <= 0:
         return None
     keys = states[0][1]
-    return ArrayRecord({k: Array(np.ascontiguousarray(sum(w / total * s[k] for w, s in states).astype(keys[k].dtype)))
-                        for k in keys})
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(sum(w / total * s[k] for w, s in states).astype(keys[k].dtype))) for k in keys}
+    )
 
 
 def build_server_optimizer(settings: PretrainSettings):
@@ -75,8 +76,9 @@ def build_server_optimizer(settings: PretrainSettings):
         return None
     from fedspeech.federated.server_optimizers import ServerOptimizer
 
-    return ServerOptimizer(settings.server_optimizer, lr=settings.server_lr, momentum=settings.server_momentum,
-                           tau=settings.server_tau)
+    return ServerOptimizer(
+        settings.server_optimizer, lr=settings.server_lr, momentum=settings.server_momentum, tau=settings.server_tau
+    )
 
 
 def build_strategy(settings: PretrainSettings, method: SSLMethod) -> RobustFedAvg:
@@ -84,12 +86,21 @@ def build_strategy(settings: PretrainSettings, method: SSLMethod) -> RobustFedAv
     method transmits."""
     options = rule_options(settings.strategy, settings)
     if settings.strategy == "fedu":  # which arrays FedU compares and keeps are the method's
-        options.update(encoder_prefixes=FeatureMatchingModel.online_encoder_keys(),
-                       predictor_prefixes=FeatureMatchingModel.predictor_keys())
+        options.update(
+            encoder_prefixes=FeatureMatchingModel.online_encoder_keys(),
+            predictor_prefixes=FeatureMatchingModel.predictor_keys(),
+        )
     # Sampling is the round loop's (SampledGrid): the strategy addresses every node it is shown.
-    return make_strategy(settings.strategy, backbone_prefixes=method.transmitted_prefixes(), fraction_train=1.0,
-                         fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1,
-                         server_optimizer=build_server_optimizer(settings), **options)
+    return make_strategy(
+        settings.strategy,
+        backbone_prefixes=method.transmitted_prefixes(),
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+        server_optimizer=build_server_optimizer(settings),
+        **options,
+    )
 
 
 class PretrainRounds(RoundHooks):
@@ -97,8 +108,16 @@ class PretrainRounds(RoundHooks):
     averaged AdamW moments (``optimizer_state="server"``), then validation, checkpoint and
     probes of the new global model."""
 
-    def __init__(self, settings: PretrainSettings, method: SSLMethod, model: torch.nn.Module,
-                 strategy: RobustFedAvg, global_step: float, optimizer_record: ArrayRecord | None, prober=None):
+    def __init__(
+        self,
+        settings: PretrainSettings,
+        method: SSLMethod,
+        model: torch.nn.Module,
+        strategy: RobustFedAvg,
+        global_step: float,
+        optimizer_record: ArrayRecord | None,
+        prober=None,
+    ):
         self.settings, self.method, self.model, self.strategy = settings, method, model, strategy
         self.global_step, self.optimizer_record, self.prober = global_step, optimizer_record, prober
         self.out = Path(settings.out_dir)
@@ -122,14 +141,22 @@ class PretrainRounds(RoundHooks):
         ok = [c for c in clients if "error" not in c]
         self.global_step += sum(c["steps"] for c in ok) / max(1, len(ok))
         val_loss = evaluate_loss(model, method.objective, self.val_loader) if self.val_loader else None
-        checkpoints.save_checkpoint(self.out, outcome.server_round, *method.checkpoint_parts(model),
-                                    state={"global_step": self.global_step, "settings": settings.to_run_config()},
-                                    server_arrays=_server_arrays(self.strategy, self.optimizer_record))
+        checkpoints.save_checkpoint(
+            self.out,
+            outcome.server_round,
+            *method.checkpoint_parts(model),
+            state={"global_step": self.global_step, "settings": settings.to_run_config()},
+            server_arrays=_server_arrays(self.strategy, self.optimizer_record),
+        )
         checkpoints.prune_checkpoints(self.out, settings.keep_checkpoints)
         probes = self.prober(outcome.server_round, method.checkpoint_parts(model)[0]) if self.prober else {}
         totals = round_totals(ok)
-        log.info("round %d: train loss %.4f, val loss %s", outcome.server_round, totals["train_loss"],
-                 f"{val_loss:.4f}" if val_loss is not None else "n/a")
+        log.info(
+            "round %d: train loss %.4f, val loss %s",
+            outcome.server_round,
+            totals["train_loss"],
+            f"{val_loss:.4f}" if val_loss is not None else "n/a",
+        )
         return {
             "round": outcome.server_round,
             "sampled": totals["sampled"],
@@ -160,20 +187,38 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
     nodes = wait_for_nodes(grid, len(Partition.load(settings.partition).clients))
     strategy = build_strategy(settings, method)
     if strategy.server_optimizer is not None:
-        strategy.server_optimizer.load_state({k.removeprefix(SERVER_OPT_PREFIX): v for k, v in saved.items()
-                                              if k.startswith(SERVER_OPT_PREFIX)})
+        strategy.server_optimizer.load_state(
+            {k.removeprefix(SERVER_OPT_PREFIX): v for k, v in saved.items() if k.startswith(SERVER_OPT_PREFIX)}
+        )
     moments = {k.removeprefix(CLIENT_OPT_PREFIX): Array(v) for k, v in saved.items() if k.startswith(CLIENT_OPT_PREFIX)}
     prober = None
     if settings.probe_tasks:
         from fedspeech.apps.pretrain.probing import RoundProber
 
-        prober = RoundProber(settings.manifest, settings.probe_tasks, out, settings.probe_method, settings.seed,
-                             resume_after=first_round - 1 if settings.resume else None)
-    hooks = PretrainRounds(settings, method, model, strategy, global_step,
-                           ArrayRecord(moments) if moments else None, prober)
-    return run_rounds(grid, strategy, hooks, ArrayRecord(method.transmitted_state(model)), nodes=nodes,
-                      clients_per_round=settings.clients_per_round, seed=settings.seed, rounds=settings.rounds,
-                      out=out, first_round=first_round, label="federated pretraining")
+        prober = RoundProber(
+            settings.manifest,
+            settings.probe_tasks,
+            out,
+            settings.probe_method,
+            settings.seed,
+            resume_after=first_round - 1 if settings.resume else None,
+        )
+    hooks = PretrainRounds(
+        settings, method, model, strategy, global_step, ArrayRecord(moments) if moments else None, prober
+    )
+    return run_rounds(
+        grid,
+        strategy,
+        hooks,
+        ArrayRecord(method.transmitted_state(model)),
+        nodes=nodes,
+        clients_per_round=settings.clients_per_round,
+        seed=settings.seed,
+        rounds=settings.rounds,
+        out=out,
+        first_round=first_round,
+        label="federated pretraining",
+    )
 
 
 @server_app.main()

@@ -67,13 +67,18 @@ class PretrainSettings(Settings):
         check_rule(self.strategy, PRETRAIN)
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {METHODS}, got {self.method!r}")
-        for name, allowed in (("server_optimizer", SERVER_OPTIMIZERS), ("optimizer_state", OPTIMIZER_STATES),
-                              ("lr_schedule", LR_SCHEDULES)):
+        for name, allowed in (
+            ("server_optimizer", SERVER_OPTIMIZERS),
+            ("optimizer_state", OPTIMIZER_STATES),
+            ("lr_schedule", LR_SCHEDULES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {allowed}, got {getattr(self, name)!r}")
         if not (self.server_lr > 0 and 0 <= self.server_momentum < 1 and self.server_tau > 0):
-            raise ValueError(f"server_lr must be > 0, server_momentum in [0, 1), server_tau > 0; got "
-                             f"{self.server_lr}, {self.server_momentum}, {self.server_tau}")
+            raise ValueError(
+                f"server_lr must be > 0, server_momentum in [0, 1), server_tau > 0; got "
+                f"{self.server_lr}, {self.server_momentum}, {self.server_tau}"
+            )
         if RULES[self.strategy].needs == "predictor" and self.method != "byol":
             raise ValueError(f"strategy {self.strategy!r} needs a method with a predictor: use --method byol")
         for name in ("rounds", "local_epochs", "batch_size"):

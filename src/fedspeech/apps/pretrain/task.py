@@ -81,10 +81,17 @@ class ClientUpdate:
     optimizer_state: dict[str, torch.Tensor] | None = None  # AdamW moments, unless reset every round
 
 
-def local_round(settings: PretrainSettings, node_config: dict, global_state: dict[str, torch.Tensor],
-                kept: dict[str, torch.Tensor], server_round: int, lr: float, global_step: int,
-                optimizer_state: dict[str, torch.Tensor] | None = None,
-                fedu_mu: float | None = None) -> ClientUpdate:
+def local_round(
+    settings: PretrainSettings,
+    node_config: dict,
+    global_state: dict[str, torch.Tensor],
+    kept: dict[str, torch.Tensor],
+    server_round: int,
+    lr: float,
+    global_step: int,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+    fedu_mu: float | None = None,
+) -> ClientUpdate:
     """One client's round: apply the global model, train on its partition, report.
     ``fedu_mu``: FedU's threshold, when the strategy's train config carries one.
 
@@ -107,10 +114,17 @@ def local_round(settings: PretrainSettings, node_config: dict, global_state: dic
     base_lr, schedule = round_lr_schedule(settings, server_round, lr, len(loader) * settings.local_epochs, global_step)
     keep_moments = settings.optimizer_state != "reset"
     result = train_local(
-        model, method.objective, loader, epochs=settings.local_epochs, lr=base_lr, lr_schedule=schedule,
-        start_step=global_step, max_grad_norm=settings.max_grad_norm,
+        model,
+        method.objective,
+        loader,
+        epochs=settings.local_epochs,
+        lr=base_lr,
+        lr_schedule=schedule,
+        start_step=global_step,
+        max_grad_norm=settings.max_grad_norm,
         rng=np.random.default_rng([settings.seed, server_round, client_id]),
-        optimizer_state=optimizer_state if keep_moments else None, return_optimizer_state=keep_moments,
+        optimizer_state=optimizer_state if keep_moments else None,
+        return_optimizer_state=keep_moments,
     )
     metrics = {
         "num-examples": result.num_examples,

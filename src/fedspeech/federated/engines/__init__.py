@@ -44,6 +44,22 @@ from fedspeech.federated.engines.processes import (
 )
 from fedspeech.federated.engines.simulation import LocalSimulation, run_simulation
 
-__all__ = ["COMPLETED", "TAG_VARIABLE", "DeploymentCluster", "EngineError", "LocalSimulation", "RunResult",
-           "SimulationResult", "TaggedProcesses", "app_config", "free_port", "node_config_arg", "port_in_use",
-           "project_app_dir", "run_simulation", "tagged_pids", "write_app_folder", "write_run_config"]
+__all__ = [
+    "COMPLETED",
+    "TAG_VARIABLE",
+    "DeploymentCluster",
+    "EngineError",
+    "LocalSimulation",
+    "RunResult",
+    "SimulationResult",
+    "TaggedProcesses",
+    "app_config",
+    "free_port",
+    "node_config_arg",
+    "port_in_use",
+    "project_app_dir",
+    "run_simulation",
+    "tagged_pids",
+    "write_app_folder",
+    "write_run_config",
+]

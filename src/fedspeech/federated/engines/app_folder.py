@@ -37,13 +37,15 @@ def project_app_dir() -> Path:
     try:
         app_config(root)
     except (FileNotFoundError, ValueError) as exc:
-        raise FileNotFoundError(f"fedspeech is not installed from a source checkout ({exc}); "
-                                "pass the checkout folder as the app folder") from None
+        raise FileNotFoundError(
+            f"fedspeech is not installed from a source checkout ({exc}); pass the checkout folder as the app folder"
+        ) from None
     return root
 
 
-def write_app_folder(folder: Path, name: str, description: str, components: dict[str, str],
-                     run_config: dict[str, Any]) -> Path:
+def write_app_folder(
+    folder: Path, name: str, description: str, components: dict[str, str], run_config: dict[str, Any]
+) -> Path:
     """A Flower app folder (a ``pyproject.toml`` only) whose components are importable
     ``module:object`` names of this package and whose ``[tool.flwr.app.config]`` is
     ``run_config``, so ``flwr run FOLDER`` runs a workload other than the checkout's own
@@ -52,8 +54,13 @@ def write_app_folder(folder: Path, name: str, description: str, components: dict
     folder.mkdir(parents=True, exist_ok=True)
     document = {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {"name": name, "version": "0.1.0", "license": "Apache-2.0", "description": description,
-                    "dependencies": []},
+        "project": {
+            "name": name,
+            "version": "0.1.0",
+            "license": "Apache-2.0",
+            "description": description,
+            "dependencies": [],
+        },
         "tool": {"flwr": {"app": {"publisher": "fedspeech", "components": components, "config": run_config}}},
     }
     (folder / "pyproject.toml").write_text(tomli_w.dumps(document))
@@ -69,12 +76,13 @@ def write_run_config(path: Path, run_config: dict[str, Any], app_dir: Path) -> P
     known = app_config(app_dir)
     unknown = sorted(set(run_config) - set(known))
     if unknown:
-        raise ValueError(f"run_config keys {unknown} are not in [tool.flwr.app.config] of "
-                         f"{Path(app_dir) / 'pyproject.toml'} (known: {sorted(known)})")
+        raise ValueError(
+            f"run_config keys {unknown} are not in [tool.flwr.app.config] of "
+            f"{Path(app_dir) / 'pyproject.toml'} (known: {sorted(known)})"
+        )
     for key, value in run_config.items():
         if not isinstance(value, _SCALARS):
-            raise ValueError(f"run_config[{key!r}] = {value!r}: Flower run configs hold only "
-                             "str, int, float or bool")
+            raise ValueError(f"run_config[{key!r}] = {value!r}: Flower run configs hold only str, int, float or bool")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(dict(run_config)))
     return path

@@ -46,10 +46,18 @@ class DeploymentCluster:
     killed the ServerApp; the in-memory state has no such lock.
     """
 
-    def __init__(self, workdir: Path, num_supernodes: int, *,
-                 node_configs: list[dict[str, Any]] | None = None, tls: bool = False,
-                 certificates: Certificates | None = None, supernode_auth: bool = False,
-                 database: bool = False, startup_timeout: float = 120.0):
+    def __init__(
+        self,
+        workdir: Path,
+        num_supernodes: int,
+        *,
+        node_configs: list[dict[str, Any]] | None = None,
+        tls: bool = False,
+        certificates: Certificates | None = None,
+        supernode_auth: bool = False,
+        database: bool = False,
+        startup_timeout: float = 120.0,
+    ):
         if num_supernodes < 1:
             raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
         if node_configs is not None and len(node_configs) != num_supernodes:
@@ -89,9 +97,14 @@ class DeploymentCluster:
             return ["--insecure"]
         assert self.certificates is not None
         if role == "superlink":
-            return ["--ssl-ca-certfile", str(self.certificates.ca_cert),
-                    "--ssl-certfile", str(self.certificates.server_cert),
-                    "--ssl-keyfile", str(self.certificates.server_key)]
+            return [
+                "--ssl-ca-certfile",
+                str(self.certificates.ca_cert),
+                "--ssl-certfile",
+                str(self.certificates.server_cert),
+                "--ssl-keyfile",
+                str(self.certificates.server_key),
+            ]
         return ["--root-certificates", str(self.certificates.ca_cert)]
 
     def start(self) -> DeploymentCluster:
@@ -114,22 +127,45 @@ class DeploymentCluster:
         self.tag, self.node_ids = processes.tag, []
         bin_dir = Path(sys.executable).parent
         try:
-            processes.start("superlink", [
-                str(bin_dir / "flower-superlink"), *self._tls_args("superlink"),
-                *(["--enable-supernode-auth"] if self.supernode_auth else []),
-                "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
-                *database_args,
-            ])
+            processes.start(
+                "superlink",
+                [
+                    str(bin_dir / "flower-superlink"),
+                    *self._tls_args("superlink"),
+                    *(["--enable-supernode-auth"] if self.supernode_auth else []),
+                    "--isolation",
+                    "subprocess",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    *database_args,
+                ],
+            )
             scheme = "https" if self.tls else "http"
-            wait_healthy(processes, "superlink", f"{scheme}://{self.address}/health", self.startup_timeout,
-                          ca_file=self.certificates.ca_cert if self.tls else None)
+            wait_healthy(
+                processes,
+                "superlink",
+                f"{scheme}://{self.address}/health",
+                self.startup_timeout,
+                ca_file=self.certificates.ca_cert if self.tls else None,
+            )
             auth_args = self._register_all() if self.supernode_auth else [[] for _ in self.node_configs]
             for i in range(self.num_supernodes):
-                processes.start(f"supernode-{i}", [
-                    str(bin_dir / "flower-supernode"), *self._tls_args("supernode"), *auth_args[i],
-                    "--superlink", self.address, "--port", str(free_port()),
-                    "--node-config", self._node_args[i],
-                ])
+                processes.start(
+                    f"supernode-{i}",
+                    [
+                        str(bin_dir / "flower-supernode"),
+                        *self._tls_args("supernode"),
+                        *auth_args[i],
+                        "--superlink",
+                        self.address,
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        self._node_args[i],
+                    ],
+                )
             self._wait_nodes_online()
         except BaseException:
             self.stop()
@@ -140,10 +176,10 @@ class DeploymentCluster:
         """Create a key pair per SuperNode and register the public keys with the SuperLink
         (concurrently: each `flwr` call is a Python start-up); returns each node's args."""
         assert self._processes is not None
-        keys = [make_supernode_keys(self.workdir / "supernode-keys", f"supernode-{i}")
-                for i in range(self.num_supernodes)]
-        commands = [["supernode", "register", str(k.public_key), CLUSTER_CONNECTION, "--format", "json"]
-                    for k in keys]
+        keys = [
+            make_supernode_keys(self.workdir / "supernode-keys", f"supernode-{i}") for i in range(self.num_supernodes)
+        ]
+        commands = [["supernode", "register", str(k.public_key), CLUSTER_CONNECTION, "--format", "json"] for k in keys]
         with ThreadPoolExecutor(max_workers=len(commands)) as pool:
             replies = list(pool.map(lambda c: self._processes.cli(c, timeout=self.startup_timeout), commands))
         for i, done in enumerate(replies):
@@ -152,8 +188,10 @@ class DeploymentCluster:
             except ValueError:
                 reply = {}
             if not reply.get("success"):
-                raise EngineError(f"`flwr supernode register` failed for SuperNode {i}: "
-                                  f"{reply.get('error-message') or tail(done.stdout + done.stderr)}")
+                raise EngineError(
+                    f"`flwr supernode register` failed for SuperNode {i}: "
+                    f"{reply.get('error-message') or tail(done.stdout + done.stderr)}"
+                )
             self.node_ids.append(int(reply["node-id"]))
         return [["--auth-supernode-private-key", str(k.private_key)] for k in keys]
 
@@ -176,13 +214,14 @@ class DeploymentCluster:
             if online >= self.num_supernodes:
                 return
             if time.monotonic() > deadline:
-                raise EngineError(f"only {online}/{self.num_supernodes} SuperNodes online after "
-                                  f"{self.startup_timeout:.0f} s; supernode-0 log:\n"
-                                  f"{file_tail(self.log_path('supernode-0'))}")
+                raise EngineError(
+                    f"only {online}/{self.num_supernodes} SuperNodes online after "
+                    f"{self.startup_timeout:.0f} s; supernode-0 log:\n"
+                    f"{file_tail(self.log_path('supernode-0'))}"
+                )
             time.sleep(1.0)
 
-    def run(self, app_dir: Path, run_config: dict[str, Any], timeout: float, *,
-            check: bool = True) -> RunResult:
+    def run(self, app_dir: Path, run_config: dict[str, Any], timeout: float, *, check: bool = True) -> RunResult:
         """Submit the app with ``flwr run`` and wait for it to finish; raises
         ``EngineError`` unless it completed (``check=False`` returns the result)."""
         if self._processes is None:

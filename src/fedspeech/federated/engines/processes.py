@@ -33,6 +33,8 @@ LOCAL_CONNECTION = "fedspeech-local"  # names in FLWR_HOME/config.toml
 CLUSTER_CONNECTION = "fedspeech-cluster"
 COMPLETED = "finished:completed"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class EngineError(RuntimeError):
     """A Flower engine failed to start, or a run did not complete; the message carries
     the status and the tail of the relevant log."""
@@ -151,16 +153,18 @@ class TaggedProcesses:
 
     def _make_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "FLWR_HOME": str(self.flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "RAY_USAGE_STATS_ENABLED": "0",  # offline: Ray would try to report usage
-            TAG_VARIABLE: self.tag,
-            # flwr starts flower-superexec, flwr-serverapp, flwr-clientapp by name.
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        })
+        env.update(
+            {
+                "FLWR_HOME": str(self.flwr_home),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "RAY_USAGE_STATS_ENABLED": "0",  # offline: Ray would try to report usage
+                TAG_VARIABLE: self.tag,
+                # flwr starts flower-superexec, flwr-serverapp, flwr-clientapp by name.
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            }
+        )
         return env
 
     def log_path(self, name: str) -> Path:
@@ -171,28 +175,36 @@ class TaggedProcesses:
         log_file = self.log_path(name).open("ab")
         self._log_files.append(log_file)
         log.info("starting %s: %s", name, " ".join(command))
-        process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         self.children[name] = process
         return process
 
     def check_alive(self, name: str) -> None:
         process = self.children[name]
         if process.poll() is not None:
-            raise EngineError(f"{name} exited with code {process.returncode}; log "
-                              f"{self.log_path(name)}:\n{file_tail(self.log_path(name))}")
+            raise EngineError(
+                f"{name} exited with code {process.returncode}; log "
+                f"{self.log_path(name)}:\n{file_tail(self.log_path(name))}"
+            )
 
     def cli(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
         """Run ``flwr ARGS`` with our environment (and tag: a CLI can start a SuperLink)."""
         command = [str(Path(sys.executable).parent / "flwr"), *args]
         log.debug("running %s", " ".join(command))
         try:
-            return subprocess.run(command, env=self.env, capture_output=True, text=True,
-                                  timeout=max(timeout, 1.0), stdin=subprocess.DEVNULL)
+            return subprocess.run(
+                command,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=max(timeout, 1.0),
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as exc:  # run() has killed it; output is bytes here
             out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            raise EngineError(f"`flwr {' '.join(args)}` did not return within {timeout:.0f} s\n"
-                              f"{tail(out)}") from None
+            raise EngineError(f"`flwr {' '.join(args)}` did not return within {timeout:.0f} s\n{tail(out)}") from None
 
     def stop_all(self, grace: float = 10.0) -> None:
         """Terminate every process we started or that descends from them."""
@@ -238,8 +250,7 @@ class TaggedProcesses:
         return count
 
 
-def wait_healthy(processes: TaggedProcesses, name: str, url: str, timeout: float,
-                  ca_file: Path | None = None) -> None:
+def wait_healthy(processes: TaggedProcesses, name: str, url: str, timeout: float, ca_file: Path | None = None) -> None:
     """Poll a SuperLink's ``/health`` endpoint until it answers (or its process dies)."""
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # loopback: no proxy
     if ca_file:
@@ -255,14 +266,21 @@ def wait_healthy(processes: TaggedProcesses, name: str, url: str, timeout: float
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise EngineError(f"{name} not healthy at {url} after {timeout:.0f} s; log:\n"
-                              f"{file_tail(processes.log_path(name))}")
+            raise EngineError(
+                f"{name} not healthy at {url} after {timeout:.0f} s; log:\n{file_tail(processes.log_path(name))}"
+            )
         time.sleep(0.5)
 
 
-def submit_and_wait(processes: TaggedProcesses, connection: str, app_dir: Path,
-                     run_config: dict[str, Any], timeout: float, extra_args: list[str],
-                     check: bool) -> RunResult:
+def submit_and_wait(
+    processes: TaggedProcesses,
+    connection: str,
+    app_dir: Path,
+    run_config: dict[str, Any],
+    timeout: float,
+    extra_args: list[str],
+    check: bool,
+) -> RunResult:
     """``flwr run --stream`` (returns when the run ends), then read the run's real status
     with ``flwr list``; stop the run if it outlives ``timeout``.
 
@@ -272,8 +290,7 @@ def submit_and_wait(processes: TaggedProcesses, connection: str, app_dir: Path,
     app_dir = Path(app_dir).resolve()
     start = time.monotonic()
     deadline = start + timeout
-    overrides = write_run_config(processes.flwr_home / f"run-config-{uuid.uuid4().hex[:8]}.toml",
-                                 run_config, app_dir)
+    overrides = write_run_config(processes.flwr_home / f"run-config-{uuid.uuid4().hex[:8]}.toml", run_config, app_dir)
     command = ["run", str(app_dir), connection, "--run-config", str(overrides), *extra_args, "--stream"]
     try:
         streamed = processes.cli(command, timeout=deadline - time.monotonic())
@@ -284,8 +301,7 @@ def submit_and_wait(processes: TaggedProcesses, connection: str, app_dir: Path,
     while True:
         new = [run for run in list_runs(processes, connection, deadline) if run["run-id"] not in processes.seen_runs]
         if not new:
-            raise EngineError(f"`flwr {' '.join(command)}` started no run (exit code {exit_code}):\n"
-                              f"{tail(output)}")
+            raise EngineError(f"`flwr {' '.join(command)}` started no run (exit code {exit_code}):\n{tail(output)}")
         info = new[0]
         # The stream can end before the status is final (e.g. a dropped connection).
         if str(info.get("status", "")).startswith("finished") or time.monotonic() > deadline:
@@ -298,10 +314,15 @@ def submit_and_wait(processes: TaggedProcesses, connection: str, app_dir: Path,
             processes.cli(["stop", str(run_id), connection], timeout=30.0)
         except EngineError:
             pass  # the engine's processes are terminated on exit anyway
-        raise EngineError(f"run {run_id} still {status!r} after {timeout:.0f} s; stopped it. "
-                          f"Log tail:\n{tail(output)}")
-    result = RunResult(run_id=run_id, status=status, details=str(info.get("status-details", "")),
-                       seconds=time.monotonic() - start, log=output, info=info)
+        raise EngineError(f"run {run_id} still {status!r} after {timeout:.0f} s; stopped it. Log tail:\n{tail(output)}")
+    result = RunResult(
+        run_id=run_id,
+        status=status,
+        details=str(info.get("status-details", "")),
+        seconds=time.monotonic() - start,
+        log=output,
+        info=info,
+    )
     if check and not result.ok:
         raise EngineError(f"run {run_id} ended {status}: {result.details}\nLog tail:\n{tail(output)}")
     return result
@@ -309,13 +330,13 @@ def submit_and_wait(processes: TaggedProcesses, connection: str, app_dir: Path,
 
 def list_runs(processes: TaggedProcesses, connection: str, deadline: float) -> list[dict]:
     """The rows of ``flwr list --format json`` (all runs on this SuperLink)."""
-    listed = processes.cli(["list", connection, "--format", "json"],
-                           timeout=max(deadline - time.monotonic(), 30.0))
+    listed = processes.cli(["list", connection, "--format", "json"], timeout=max(deadline - time.monotonic(), 30.0))
     try:
         reply = parse_json_output(listed.stdout)
     except ValueError:
         reply = {}
     if not reply.get("success"):
-        raise EngineError(f"`flwr list {connection}` failed: "
-                          f"{reply.get('error-message') or tail(listed.stdout + listed.stderr)}")
+        raise EngineError(
+            f"`flwr list {connection}` failed: {reply.get('error-message') or tail(listed.stdout + listed.stderr)}"
+        )
     return list(reply.get("runs", []))

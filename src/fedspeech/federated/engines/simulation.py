@@ -37,18 +37,29 @@ class LocalSimulation:
     start-up, and on exit we stop it with the SuperExec, ServerApps and Ray processes.
     """
 
-    def __init__(self, flwr_home: Path, num_supernodes: int, *, num_cpus_per_client: float = 1,
-                 port: int | None = None, startup_timeout: float = 120.0,
-                 federation_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        flwr_home: Path,
+        num_supernodes: int,
+        *,
+        num_cpus_per_client: float = 1,
+        port: int | None = None,
+        startup_timeout: float = 120.0,
+        federation_config: dict[str, Any] | None = None,
+    ):
         if num_supernodes < 1:
             raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
         if num_cpus_per_client < 1 or num_cpus_per_client != int(num_cpus_per_client):
             # Flower 1.41's federation config holds client-resources-num-cpus as uint32.
-            raise ValueError(f"num_cpus_per_client must be a whole number >= 1 (Flower 1.41 "
-                             f"accepts no fractions), got {num_cpus_per_client}")
+            raise ValueError(
+                f"num_cpus_per_client must be a whole number >= 1 (Flower 1.41 "
+                f"accepts no fractions), got {num_cpus_per_client}"
+            )
         if port is not None and port_in_use(port):
-            raise EngineError(f"port {port} is taken (a local SuperLink already running?); "
-                              "stop it or leave port=None to use a free one")
+            raise EngineError(
+                f"port {port} is taken (a local SuperLink already running?); "
+                "stop it or leave port=None to use a free one"
+            )
         self.flwr_home = Path(flwr_home).resolve()
         self.num_supernodes = num_supernodes
         self.num_cpus_per_client = num_cpus_per_client
@@ -56,9 +67,11 @@ class LocalSimulation:
         self.control_port = free_port()
         self.startup_timeout = startup_timeout
         self.tag = ""  # FEDSPEECH_ENGINE_TAG of every process this instance starts
-        self.federation_config = {"num-supernodes": num_supernodes,
-                                  "client-resources-num-cpus": int(num_cpus_per_client),
-                                  **(federation_config or {})}
+        self.federation_config = {
+            "num-supernodes": num_supernodes,
+            "client-resources-num-cpus": int(num_cpus_per_client),
+            **(federation_config or {}),
+        }
         self._processes: TaggedProcesses | None = None
         self._ray_tmp: Path | None = None
 
@@ -76,28 +89,38 @@ class LocalSimulation:
         processes.env["RAY_TMPDIR"] = str(self._ray_tmp)
         try:
             # The command flwr.cli.local_superlink uses, with our ports.
-            processes.start("superlink", [
-                str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
-                "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
-                "--control-api-address", f"127.0.0.1:{self.control_port}",
-                # In memory (no --database): a fresh run history each time, nothing left behind.
-            ])
-            wait_healthy(processes, "superlink", f"http://127.0.0.1:{self.port}/health",
-                          self.startup_timeout)
+            processes.start(
+                "superlink",
+                [
+                    str(Path(sys.executable).parent / "flower-superlink"),
+                    "--insecure",
+                    "--simulation",
+                    "--isolation",
+                    "subprocess",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--control-api-address",
+                    f"127.0.0.1:{self.control_port}",
+                    # In memory (no --database): a fresh run history each time, nothing left behind.
+                ],
+            )
+            wait_healthy(processes, "superlink", f"http://127.0.0.1:{self.port}/health", self.startup_timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def run(self, app_dir: Path, run_config: dict[str, Any], timeout: float, *,
-            check: bool = True) -> RunResult:
+    def run(self, app_dir: Path, run_config: dict[str, Any], timeout: float, *, check: bool = True) -> RunResult:
         """Run the app once under simulation; raises ``EngineError`` unless it completed
         (``check=False`` returns the failed result instead)."""
         if self._processes is None:
             raise RuntimeError("LocalSimulation.run() outside `with` (or before start())")
         federation = " ".join(f"{k}={json.dumps(v)}" for k, v in self.federation_config.items())
-        return submit_and_wait(self._processes, LOCAL_CONNECTION, app_dir, run_config, timeout,
-                                ["--federation-config", federation], check)
+        return submit_and_wait(
+            self._processes, LOCAL_CONNECTION, app_dir, run_config, timeout, ["--federation-config", federation], check
+        )
 
     def stop(self) -> None:
         if self._processes is not None:
@@ -114,8 +137,15 @@ class LocalSimulation:
         self.stop()
 
 
-def run_simulation(app_dir: Path, run_config: dict[str, Any], num_supernodes: int, *,
-                   flwr_home: Path, num_cpus_per_client: float = 1, timeout: float) -> RunResult:
+def run_simulation(
+    app_dir: Path,
+    run_config: dict[str, Any],
+    num_supernodes: int,
+    *,
+    flwr_home: Path,
+    num_cpus_per_client: float = 1,
+    timeout: float,
+) -> RunResult:
     """Run a Flower app once under the Simulation Engine (Ray) and return its result.
 
     Raises ``EngineError`` (with the log tail) unless the run finished completed; always
