@@ -52,6 +52,7 @@ from fedspeech.apps.earlyexit.cli import write_report
 from fedspeech.apps.earlyexit.report import summarize
 from fedspeech.apps.earlyexit.run import run_early_exit
 from fedspeech.apps.earlyexit.settings import DEFAULT_FLEET, MODES, EarlyExitSettings
+from fedspeech.cli import quiet_logging
 from fedspeech.data.manifest import read_manifest
 from fedspeech.data.partition import make_partition
 from fedspeech.data.synth import build_corpus
@@ -276,9 +277,8 @@ def main() -> int:
     if args.summarize:
         summarize_seeds(args.summarize)
         return 0
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_logging()
     logging.getLogger("fedspeech.apps.earlyexit.server_app").setLevel(logging.INFO)
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # one "Sampled N nodes" line per round otherwise
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     started = time.perf_counter()

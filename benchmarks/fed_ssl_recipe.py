@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ssl_quality  # noqa: E402  (the corpus, pool, partition and shared init of that benchmark)
+from fedspeech.cli import quiet_logging
 
 RECIPE = ssl_quality.FULL
 
@@ -231,7 +232,6 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     """Pretrain one variant (or reuse its cached run); returns its table row. ``setting``
     runs the variant's recipe on another setting's data and budget; ``cached_only`` returns
     None instead of running what is not cached."""
-    import logging
 
     import torch
 
@@ -239,7 +239,7 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     from fedspeech.apps.pretrain.settings import PretrainSettings
     from fedspeech.federated import roundlog
 
-    logging.basicConfig(level=logging.WARNING)
+    quiet_logging()
     torch.set_num_threads(1)
     setting_name, overrides, centralised, _ = VARIANTS[name]
     setting_name = setting or setting_name

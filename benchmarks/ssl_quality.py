@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedspeech.cli import quiet_logging
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fed_ssl_recipe beside this file
 
 # The recipe, full and --quick. Model overrides go into the shared untrained checkpoint.
@@ -285,11 +287,9 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="also draw the table as grouped bars (PNG)")
     args = parser.parse_args()
 
-    import logging
-
     import torch
 
-    logging.basicConfig(level=logging.WARNING)
+    quiet_logging()
     torch.set_num_threads(args.threads)
     recipe = QUICK if args.quick else FULL
     started = time.perf_counter()

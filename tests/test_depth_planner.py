@@ -216,3 +216,9 @@ def test_fleet_load_names_the_file(tmp_path):
         FleetConfig.load(bad)
     with pytest.raises(FileNotFoundError):
         FleetConfig.load(tmp_path / "none.toml")
+
+
+def test_a_device_without_memory_size_is_refused_by_name():
+    unknown = Device("mystery", "mystery", memory_bytes=None, throughput_flops=1e12)
+    with pytest.raises(ValueError, match="mystery.*no memory size"):
+        plan_depth(COSTS, unknown, deadline_seconds=60, steps_per_round=1)

@@ -58,6 +58,12 @@ def configure_logging(verbose: bool) -> None:
         flower.addFilter(_ErrorsOnly())
 
 
+def quiet_logging() -> None:
+    """Warnings and errors only, each line once (benchmarks: their tables are the output)."""
+    configure_logging(verbose=False)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
 class _ErrorsOnly(logging.Filter):
     fedspeech = True
 

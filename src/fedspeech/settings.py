@@ -33,7 +33,8 @@ class Settings:
             key = f.name.replace("_", "-")
             if key not in config:
                 continue
-            kind, raw = type(f.default), config[key]
+            kind: type[Any] = type(f.default)
+            raw = config[key]
             values[f.name] = (str(raw).lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
         return cls(**values)
 

@@ -17,11 +17,12 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REQUIRED_COLUMNS = ("id", "path", "duration", "sample_rate", "speaker", "transcript", "label", "split")
 SPLITS = ("train", "dev", "test")
 # Plain TSV: no quoting, so a transcript with quotes round-trips unchanged.
-_TSV = {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "quotechar": None}
+_TSV: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "quotechar": None}
 
 
 class ManifestError(ValueError):

@@ -85,7 +85,7 @@ def train_epochs(
     stats = TrainStats()
     model.train()
     for epoch in range(start_epoch, start_epoch + epochs):
-        dataset = getattr(loader, "dataset", None)
+        dataset: Any = getattr(loader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         total, count = 0.0, 0
@@ -154,7 +154,8 @@ def evaluate_classifier(model: UtteranceClassifier, loader: Iterable[dict]) -> d
     """Accuracy, macro accuracy (mean per-class recall), confusion matrix, mean loss."""
     device = _device(model)
     model.eval()
-    true, predicted = [], []
+    true: list[str] = []
+    predicted: list[str] = []
     loss_total = 0.0
     for batch in loader:
         inputs, mask = _inputs(batch, device)
@@ -226,8 +227,16 @@ def evaluation_dataset(
     return AudioDataset(list(utterances), max_seconds=max_seconds if crop_training else None, seed=seed, crop="center")
 
 
-def _datasets(train, evaluation, dev, *, max_seconds, seed, crop_training: bool):
-    options = dict(max_seconds=max_seconds, seed=seed, crop_training=crop_training)
+def _datasets(
+    train: Sequence[Utterance],
+    evaluation: Sequence[Utterance],
+    dev: Sequence[Utterance],
+    *,
+    max_seconds: float | None,
+    seed: int,
+    crop_training: bool,
+) -> tuple[AudioDataset, AudioDataset, AudioDataset | None]:
+    options: dict[str, Any] = dict(max_seconds=max_seconds, seed=seed, crop_training=crop_training)
     train_set = training_dataset(train, **options)
     eval_set = evaluation_dataset(evaluation, **options)
     dev_set = evaluation_dataset(dev, **options) if dev else None
@@ -285,7 +294,7 @@ def _fit(
     for epoch in range(epochs):
         stats = train_epochs(model, loader, optimizer, scheduler=scheduler, max_steps=total - steps, start_epoch=epoch)
         steps += stats.steps
-        entry = {"epoch": epoch + 1, "loss": stats.last_loss, "steps": steps}
+        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": stats.last_loss, "steps": steps}
         if dev_loader is not None:
             entry["dev"] = {k: v for k, v in evaluate(dev_loader).items() if k in DEV_KEYS}
             key = selection_key(entry["dev"])

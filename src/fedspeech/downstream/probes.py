@@ -104,7 +104,7 @@ def frame_features(
     """Per utterance, the (frames, D) frozen features of its valid frames only."""
     backbone = backbone_of(model)
     device = next(backbone.parameters()).device
-    features = []
+    features: list[torch.Tensor] = []
     with _EvalMode(backbone):
         for batch in batches:
             hidden, mask = _hidden(backbone, batch, layer, device)
@@ -315,11 +315,11 @@ class ProbeSuite:
         tasks = []
         for name, (train, test) in sets.items():
             crop = None if name == "asr" else max_seconds
-            data = [
+            train_data, test_data = [
                 prepare_probe_data(u, batch_size=batch_size, max_seconds=crop, normalize=normalize)
                 for u in (train, test)
             ]
-            tasks.append(ProbeTask(name, *data, method=method))
+            tasks.append(ProbeTask(name, train_data, test_data, method=method))
         return cls(tasks, **options)
 
     @property

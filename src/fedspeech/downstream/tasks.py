@@ -39,7 +39,7 @@ def in_split(utterances: Sequence[Utterance], split: str) -> list[Utterance]:
     return [u for u in utterances if u.split == split]
 
 
-def _ordered(utterances: Sequence[Utterance], seed: int) -> list[Utterance]:
+def _ordered(utterances: Sequence[Utterance], seed: int | Sequence[int]) -> list[Utterance]:
     """Seeded shuffle that does not depend on the input order (sort by id first)."""
     items = sorted(utterances, key=lambda u: u.id)
     order = np.random.default_rng(seed).permutation(len(items))

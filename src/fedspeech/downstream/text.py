@@ -111,7 +111,7 @@ def ctc_greedy_decode(logits: torch.Tensor, lengths: torch.Tensor | None = None,
     best = logits.argmax(dim=-1).cpu()
     if lengths is None:
         lengths = torch.full((best.shape[0],), best.shape[1], dtype=torch.long)
-    decoded = []
+    decoded: list[list[int]] = []
     for row, length in zip(best, lengths.tolist(), strict=True):
         path = row[: int(length)]
         if len(path) == 0:

@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def load_server_arrays(folder: Path) -> dict[str, np.ndarray]:
     return load_numpy(str(path)) if path.is_file() else {}
 
 
-def prune_checkpoints(out_dir: Path, keep_last: int, protect: set[int] = frozenset()) -> None:
+def prune_checkpoints(out_dir: Path, keep_last: int, protect: AbstractSet[int] = frozenset()) -> None:
     """Delete all but the newest ``keep_last`` round folders (0 keeps all)."""
     if keep_last <= 0:
         return

@@ -60,6 +60,7 @@ class ServerOptimizer:
         if not tau > 0:
             raise ValueError(f"server_tau: must be > 0, got {tau}")
         flower_cls = SERVER_OPTIMIZERS[name]
+        assert flower_cls is not None  # checked above
         stepper = type(f"{flower_cls.__name__}Step", (flower_cls, _GivenAggregate), {})
         if flower_cls is FedAvgM:
             self._strategy = stepper(server_learning_rate=lr, server_momentum=momentum)

@@ -409,9 +409,9 @@ class LDAWA(RobustFedAvg):
         state = agg.ldawa(reference, states, client_ids=_ids(updates))
         deltas = agg.ldawa_deltas(reference, states)
         count = len(updates)
-        weights = [float(np.mean(list(d.values()))) / count for d in deltas]
+        client_weights = [float(np.mean(list(d.values()))) / count for d in deltas]
         details = {"warmup": False, "deltas": {u.node_id: d for u, d in zip(updates, deltas)}}
-        return state, _by_node(updates, weights), details
+        return state, _by_node(updates, client_weights), details
 
 
 class FedU(RobustFedAvg):

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +134,7 @@ class EarlyExitModel(nn.Module):
         head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        config = getattr(backbone, "config", None)
+        config: Any = getattr(backbone, "config", None)  # a transformers config (untyped)
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -187,7 +187,7 @@ class EarlyExitModel(nn.Module):
         exits: Sequence[int] | None = None,
         every: int | None = None,
         config_overrides: Mapping[str, object] | None = None,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> EarlyExitModel:
         """From a preset name (random init) or a local HF checkpoint folder (its weights)."""
         from fedspeech.models.loading import load_backbone
@@ -621,6 +621,7 @@ def predict(
                 chosen_logits = logits.clone()
                 chosen_exit = torch.full((logits.shape[0],), state.layer, dtype=torch.long, device=logits.device)
                 decided = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+            assert chosen_exit is not None and decided is not None  # set with chosen_logits
             if isinstance(policy, FixedExit) or state.layer == stop:
                 take = ~decided  # fixed exit, or the deepest allowed fallback
             else:

@@ -280,6 +280,8 @@ def plan_depth(
         precision = "fp32"
         notes.append(f"{device.name} has no mixed precision: planned in fp32")
     usable = device.usable_bytes
+    if usable is None:
+        raise ValueError(f"device {device.name!r}: no memory size; the depth planner needs one")
     if device.throughput_flops is None:
         throughput = math.nan  # round time unknown: NaN seconds, deadline not checked
         notes.append(f"{device.name} has no throughput: deadline not checked")
@@ -298,6 +300,7 @@ def plan_depth(
         )
 
     candidates = tuple(candidate(c) for c in _costs_at(costs, seconds, batch, precision, measure_lengths))
+    assert device.memory_bytes is not None  # usable_bytes was not None
     budget = (
         f"usable {_gb(usable)} ({_gb(device.memory_bytes)} less {device.headroom:.0%} headroom), "
         f"deadline {deadline_seconds:.0f} s"
@@ -377,7 +380,10 @@ class FleetConfig:
 
     @property
     def device_names(self) -> list[str]:
-        return sorted(self.fractions) if self.fractions is not None else sorted(set(self.clients))
+        if self.fractions is not None:
+            return sorted(self.fractions)
+        assert self.clients is not None  # __post_init__: exactly one of fractions and clients
+        return sorted(set(self.clients))
 
     def assign(self, num_clients: int) -> list[str]:
         """Device name of each client ``0..num_clients-1``; same seed, same answer.
@@ -391,6 +397,7 @@ class FleetConfig:
             if len(self.clients) != num_clients:
                 raise ValueError(f"fleet: 'clients' lists {len(self.clients)} devices for {num_clients} clients")
             return list(self.clients)
+        assert self.fractions is not None  # __post_init__: exactly one of fractions and clients
         names = sorted(self.fractions)
         exact = {n: self.fractions[n] * num_clients for n in names}
         counts = {n: math.floor(exact[n]) for n in names}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 from fedspeech.profiling.catalogue import Device, select_devices
 from fedspeech.profiling.planner import (
@@ -73,7 +73,7 @@ def plan(
     }
     for device in devices:
         entry = predictions[device.id].to_dict()
-        entry["throughput_gflops"] = None if device.memory_only else device.throughput_flops / 1e9
+        entry["throughput_gflops"] = None if device.memory_only else cast(float, device.throughput_flops) / 1e9
         entry["headroom"] = device.headroom
         result["devices"].append(entry)
 
@@ -119,7 +119,8 @@ def fleet_wallclock(
 ) -> dict[str, Any]:
     """Mixed fleet: each round samples clients from the whole fleet; a sampled client whose
     device cannot train (out of memory, no throughput) drops out of that round."""
-    times, unable = [], Counter()
+    times: list[float | None] = []
+    unable: Counter[str] = Counter()
     for device in clients:
         p = predict(device, workload, fp32)
         if p.seconds_per_batch is None:

@@ -159,6 +159,7 @@ def predict(device: Device, workload: Workload, fp32_workload: Workload | None =
     if device.memory_only:
         reasons.append(f"memory-only device, no throughput ({device.source or 'no calibration'})")
     else:
+        assert device.throughput_flops is not None  # not memory_only
         compute = plan.train_flops() / (device.throughput_flops * device.speedup(plan.precision))
     return Prediction(
         device=device.id,

@@ -41,9 +41,9 @@ def _gflops(flops: float) -> float:
     return flops / GIGA
 
 
-def modules_table(layers: list[LayerFigures], other: LayerFigures) -> dict[str, dict[str, float]]:
+def modules_table(layers: list[LayerFigures], other: LayerFigures) -> dict[str, dict[str, float | str]]:
     """Per-group params and inference GFLOPs; the groups plus ``other`` add up to ``total``."""
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, float | str]] = {}
     for group in GROUPS:
         members = [layer for layer in layers if layer.group == group]
         flops = sum(m.forward_flops for m in members)
@@ -113,6 +113,8 @@ def saver_rows(baseline: StepMeasurement, variants: list[StepMeasurement]) -> li
             seconds_per_audio_second=(m.seconds_per_step / audio) if m.seconds_per_step else None,
         )
         if m.seconds_per_step and baseline.seconds_per_step:
+            # measure_step fills step_seconds and step_cpu_seconds from the same timings
+            assert m.cpu_seconds_per_step is not None and baseline.cpu_seconds_per_step is not None
             row["time_cost_seconds"] = m.seconds_per_step - baseline.seconds_per_step
             row["time_cost_percent"] = 100 * (m.seconds_per_step / baseline.seconds_per_step - 1)
             row["cpu_time_cost_percent"] = 100 * (m.cpu_seconds_per_step / baseline.cpu_seconds_per_step - 1)

@@ -54,6 +54,7 @@ class LRSchedule:
             return (step + 1) / self.warmup_steps
         if self.decay == "constant":
             return 1.0
+        assert self.total_steps is not None  # __post_init__: a decaying schedule has total_steps
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
         if self.decay == "linear":

@@ -193,6 +193,8 @@ def client_train(msg: Message, context: Context) -> Message:
     keep_feature_cache(context, cache)
 
     peak = cost.at(objective.longest_seconds, objective.largest_batch).peak_bytes
+    usable = device.usable_bytes
+    assert usable is not None  # client_device() only returns devices with a memory size
     metrics = {
         "num-examples": result.num_examples,
         "train_loss": result.mean_loss_last_epoch,
@@ -203,7 +205,7 @@ def client_train(msg: Message, context: Context) -> Message:
         "train-flops": objective.flops,
         "cnn-cache-flops": objective.cache_flops,
         "predicted-peak-bytes": peak,
-        "fits-memory": int(peak <= device.usable_bytes),
+        "fits-memory": int(peak <= usable),
         "seconds": time.perf_counter() - start,
     }
     simulated = device_seconds(objective.flops, device, precision)

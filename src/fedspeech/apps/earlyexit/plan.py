@@ -27,6 +27,7 @@ from fedspeech.profiling.depth_planner import DepthCostModel, DepthPlan, FleetCo
 def _planner_device(entry: Device) -> Device:
     """A catalogue entry as a fleet sees it: named by its catalogue id (the round log's
     device tiers), its memory in (fractional) bytes as a fleet file gives them."""
+    assert entry.memory_bytes is not None  # resolve_device() rejects entries without memory
     return dataclasses.replace(entry, name=entry.id, memory_bytes=float(entry.memory_bytes))
 
 

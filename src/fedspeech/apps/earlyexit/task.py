@@ -29,7 +29,7 @@ from fedspeech.data.partition import Partition, client_utterances
 from fedspeech.downstream.tasks import asr_utterances
 from fedspeech.downstream.text import CharVocab, pad_targets
 from fedspeech.federated import checkpoints
-from fedspeech.models.early_exit import EarlyExitModel, early_exit_loss
+from fedspeech.models.early_exit import EarlyExitModel, Task, early_exit_loss
 from fedspeech.models.feature_cache import FrozenFeatureCache
 from fedspeech.profiling.depth_planner import DepthCostModel, measure_depth_costs
 from fedspeech.ssl.train import LRSchedule
@@ -64,7 +64,7 @@ def run_vocab(settings: EarlyExitSettings) -> CharVocab:
     return CharVocab(settings.letter_set) if settings.letter_set else CharVocab()
 
 
-def model_head(settings: EarlyExitSettings) -> tuple[str, int]:
+def model_head(settings: EarlyExitSettings) -> tuple[Task, int]:
     """(model task, outputs per exit) of the run's task."""
     if settings.task == "asr":
         return "ctc", len(run_vocab(settings))

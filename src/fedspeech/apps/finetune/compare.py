@@ -68,7 +68,7 @@ def compare_backbones(
         data = task_data(utterances, task, seed=seed)
         for name, source in backbones.items():
             path = resolve_backbone(source, task)
-            common = dict(
+            common: dict[str, Any] = dict(
                 dev_utts=data.dev or None,
                 epochs=epochs,
                 max_steps=max_steps,

@@ -138,7 +138,9 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
     data = task_data(read_manifest(settings.manifest), settings.task, seed=settings.seed)
     classes = class_names(settings.task, data)
     model = build_model(settings, classes)
-    options = dict(max_seconds=settings.max_seconds_or_none, seed=settings.seed, crop_training=settings.task != "asr")
+    options: dict[str, Any] = dict(
+        max_seconds=settings.max_seconds_or_none, seed=settings.seed, crop_training=settings.task != "asr"
+    )
     normalize = wants_normalized_audio(settings.backbone)
     dev_loader = None
     if settings.use_dev and data.dev:
@@ -173,6 +175,8 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
     )
     train_seconds = time.perf_counter() - started_run
 
+    # settings.rounds >= 1 and the first round always counts as the best so far
+    assert hooks.best_round is not None and hooks.best_state is not None
     best = checkpoints.round_dir(out, hooks.best_round)
     load_trainable_state(model, hooks.best_state)
     result = evaluate(model, test_loader)

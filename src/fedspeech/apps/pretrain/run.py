@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,10 +37,10 @@ def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeo
 
     num_clients = Partition.load(settings.partition).num_clients
     # Flower's engines run the apps in other processes and folders: pass absolute paths.
-    settings = dataclasses.replace(
-        settings,
-        **{name: str(Path(getattr(settings, name)).resolve()) for name in ("manifest", "partition", "out_dir")},
-    )
+    absolute: dict[str, Any] = {
+        name: str(Path(getattr(settings, name)).resolve()) for name in ("manifest", "partition", "out_dir")
+    }
+    settings = dataclasses.replace(settings, **absolute)
     run_config = settings.to_run_config()
     if runner == "inprocess":
         from fedspeech.federated.inprocess import run_inprocess

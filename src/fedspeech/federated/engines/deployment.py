@@ -9,7 +9,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fedspeech.federated.engines.app_folder import node_config_arg
 from fedspeech.federated.engines.processes import (
@@ -119,6 +119,7 @@ class DeploymentCluster:
         self.port = free_port()
         connection: dict[str, Any] = {"address": self.address}
         if self.tls:
+            assert self.certificates is not None  # made just above when TLS had none
             connection["root-certificates"] = str(Path(self.certificates.ca_cert).resolve())
         else:
             connection["insecure"] = True
@@ -148,7 +149,7 @@ class DeploymentCluster:
                 "superlink",
                 f"{scheme}://{self.address}/health",
                 self.startup_timeout,
-                ca_file=self.certificates.ca_cert if self.tls else None,
+                ca_file=cast(Certificates, self.certificates).ca_cert if self.tls else None,
             )
             auth_args = self._register_all() if self.supernode_auth else [[] for _ in self.node_configs]
             for i in range(self.num_supernodes):
@@ -176,12 +177,13 @@ class DeploymentCluster:
         """Create a key pair per SuperNode and register the public keys with the SuperLink
         (concurrently: each `flwr` call is a Python start-up); returns each node's args."""
         assert self._processes is not None
+        processes = self._processes
         keys = [
             make_supernode_keys(self.workdir / "supernode-keys", f"supernode-{i}") for i in range(self.num_supernodes)
         ]
         commands = [["supernode", "register", str(k.public_key), CLUSTER_CONNECTION, "--format", "json"] for k in keys]
         with ThreadPoolExecutor(max_workers=len(commands)) as pool:
-            replies = list(pool.map(lambda c: self._processes.cli(c, timeout=self.startup_timeout), commands))
+            replies = list(pool.map(lambda c: processes.cli(c, timeout=self.startup_timeout), commands))
         for i, done in enumerate(replies):
             try:
                 reply = parse_json_output(done.stdout)
@@ -206,6 +208,7 @@ class DeploymentCluster:
         return sum(1 for node in nodes if node.get("status") == "online")
 
     def _wait_nodes_online(self) -> None:
+        assert self._processes is not None
         deadline = time.monotonic() + self.startup_timeout
         while True:
             for i in range(self.num_supernodes):
