@@ -391,6 +391,95 @@ def ldawa(
     return result
 
 
+# --------------------------------------------------------------- robust aggregation
+
+
+def update_norm(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """‖w_k − w_global‖₂ over the float tensors both hold (integer buffers are not weights)."""
+    total = 0.0
+    for key, value in state.items():
+        ref = reference.get(key)
+        if ref is None or np.asarray(value).dtype.kind != "f":
+            continue
+        delta = np.asarray(value, dtype=np.float64) - np.asarray(ref, dtype=np.float64)
+        total += float(np.dot(delta.ravel(), delta.ravel()))
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: Mapping[int, float], *, bound: float = 0.0, median_ratio: float = 0.0) -> dict[int, str]:
+    """Clients whose update norm is beyond ``bound`` (absolute; 0 = off) or beyond
+    ``median_ratio`` × the median of the round's norms (0 = off), with the reason.
+
+    The median is robust to a minority of attackers: scaled-up updates cannot raise it
+    unless they are the majority."""
+    median = float(np.median(list(norms.values()))) if norms else 0.0
+    outliers = {}
+    for client, norm in norms.items():
+        if bound > 0 and norm > bound:
+            outliers[client] = f"update norm {norm:.4g} above the bound {bound:.4g}"
+        elif median_ratio > 0 and median > 0 and norm > median_ratio * median:
+            outliers[client] = f"update norm {norm:.4g} above {median_ratio:g} x the round's median {median:.4g}"
+    return outliers
+
+
+def clip_update(
+    state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], max_norm: float
+) -> tuple[StateDict, float]:
+    """The update scaled so that ‖w_k − w_global‖₂ ≤ ``max_norm`` (float tensors only);
+    returns (state, the factor applied, 1.0 when within the norm)."""
+    norm = update_norm(state, reference)
+    if norm <= max_norm or norm == 0.0:
+        return dict(state), 1.0
+    factor = max_norm / norm
+    clipped = {}
+    for key, value in state.items():
+        ref = reference.get(key)
+        if ref is None or np.asarray(value).dtype.kind != "f":
+            clipped[key] = value
+            continue
+        ref64 = np.asarray(ref, dtype=np.float64)
+        clipped[key] = _cast_like(ref64 + factor * (np.asarray(value, dtype=np.float64) - ref64), value)
+    return clipped, factor
+
+
+def coordinate_median(reference: Mapping[str, np.ndarray], states: Sequence[Mapping[str, np.ndarray]]) -> StateDict:
+    """Coordinate-wise median (Yin et al., ICML 2018): unweighted, robust to fewer than
+    half of the clients sending anything at all."""
+    return trimmed_mean(reference, states, 0.5)
+
+
+def trimmed_mean(
+    reference: Mapping[str, np.ndarray], states: Sequence[Mapping[str, np.ndarray]], trim: float
+) -> StateDict:
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the
+    ``floor(trim · K)`` largest and smallest client values and average the rest (unweighted).
+    ``trim`` = 0.5 is the coordinate-wise median. Non-float tensors take the first client's
+    value when all agree, else the reference's."""
+    if not 0.0 <= trim <= 0.5:
+        raise ValueError(f"trim must be in [0, 0.5], got {trim}")
+    if not states:
+        return _copy_state(reference)
+    result: StateDict = {}
+    for key, ref_value in reference.items():
+        values = [np.asarray(s[key]) for s in states if key in s]
+        if not values:
+            result[key] = np.array(ref_value, copy=True)
+            continue
+        if np.asarray(ref_value).dtype.kind != "f":
+            same = all(np.array_equal(v, values[0]) for v in values)
+            result[key] = np.array(values[0] if same else ref_value, copy=True)
+            continue
+        stacked = np.stack([v.astype(np.float64) for v in values])
+        if trim >= 0.5:
+            combined = np.median(stacked, axis=0)
+        else:
+            cut = int(math.floor(trim * len(values)))
+            ordered = np.sort(stacked, axis=0)
+            combined = ordered[cut : len(values) - cut].mean(axis=0)
+        result[key] = _cast_like(combined, ref_value)
+    return result
+
+
 # ---------------------------------------------------------------- heterogeneous depth
 
 

@@ -96,6 +96,9 @@ def run_rounds(
             record = hooks.after_round(
                 RoundOutcome(server_round, config, messages, replies, arrays, strategy.last_report)
             )
+            report = strategy.last_report
+            if report is not None and "failed" in report.details:  # too few valid replies: model unchanged
+                record["round_failed"] = report.details["failed"]
             record["round_seconds"] = time.perf_counter() - started
             roundlog.append_round(out, record)
             records.append(record)

@@ -55,6 +55,13 @@ RULES: dict[str, Rule] = {
             workloads=(PRETRAIN,),
             needs="predictor",
         ),
+        Rule("median", "CoordinateMedian", "coordinate-wise median of the updates (robust to a minority of attackers)"),
+        Rule(
+            "trimmed",
+            "TrimmedMean",
+            "coordinate-wise mean without the trim_fraction largest and smallest values",
+            {"trim": "trim_fraction"},
+        ),
         Rule(
             "partial",
             "DepthAwarePartial",
@@ -77,6 +84,31 @@ def check_rule(name: str, workload: str) -> Rule:
     return RULES[name]
 
 
+#: Screening every rule applies (strategies.RobustFedAvg), fed by the same settings fields in
+#: every workload.
+SCREENING_OPTIONS: Mapping[str, str] = {
+    "max_update_norm": "update_norm_bound",
+    "norm_median_ratio": "update_norm_ratio",
+    "clip_norm": "clip_norm",
+    "min_replies": "min_replies",
+}
+
+
 def rule_options(name: str, settings: Any) -> dict[str, Any]:
-    """The strategy keywords of rule ``name``, read from ``settings``' fields."""
-    return {option: getattr(settings, field_name) for option, field_name in RULES[name].options.items()}
+    """The strategy keywords of rule ``name`` and the screening, read from ``settings``' fields."""
+    options = {option: getattr(settings, field_name) for option, field_name in RULES[name].options.items()}
+    options.update({option: getattr(settings, field_name) for option, field_name in SCREENING_OPTIONS.items()})
+    return options
+
+
+def check_screening(settings: Any) -> None:
+    """Validate the screening fields (and ``trim_fraction`` where present), naming the field."""
+    for field_name in ("update_norm_bound", "update_norm_ratio", "clip_norm"):
+        value = getattr(settings, field_name)
+        if not (value >= 0 and value != float("inf")):
+            raise ValueError(f"{field_name}: must be finite and >= 0 (0 = off), got {value}")
+    if settings.min_replies < 1:
+        raise ValueError(f"min_replies: must be >= 1, got {settings.min_replies}")
+    trim = getattr(settings, "trim_fraction", 0.0)
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim_fraction: must be in [0, 0.5), got {trim}")

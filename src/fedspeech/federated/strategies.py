@@ -23,6 +23,7 @@ unchanged; non-backbone arrays in a reply are ignored with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -80,10 +81,13 @@ class RoundReport:
 
     def log_record(self) -> dict[str, Any]:
         """The round log's ``aggregation`` entry: refused clients and the weights used."""
-        return {
+        record: dict[str, Any] = {
             "refused": {str(k): v for k, v in self.refused.items()},
             "weights": {str(k): round(v, 6) for k, v in self.weights.items()},
         }
+        # the screening's verdicts, when it ran: the round failed, updates clipped, norms
+        record.update({k: self.details[k] for k in ("failed", "clipped", "update_norms") if k in self.details})
+        return record
 
 
 @dataclass
@@ -105,6 +109,12 @@ class RobustFedAvg(FedAvg):
     ``loss_key`` (metric holding the client's mean training loss) and
     ``server_optimizer`` (a step of FedAvgM/FedAdam/... from the old global model
     towards the rule's aggregate; ``None`` = the aggregate is the new model).
+
+    Screening, for every rule: a reply is refused for an error, a wrong or missing key,
+    shape or dtype, a non-finite value, or an update norm ‖w_k − w‖₂ above
+    ``max_update_norm`` or above ``norm_median_ratio`` × the round's median (0 = off);
+    accepted updates are scaled down to ``clip_norm`` (0 = off). With fewer than
+    ``min_replies`` accepted, the round fails: the global model stays as it was.
     """
 
     rule_name = "fedavg"
@@ -117,9 +127,24 @@ class RobustFedAvg(FedAvg):
         backbone_prefixes: Sequence[str] | str | None = None,
         loss_key: str = TRAIN_LOSS_KEY,
         server_optimizer: ServerOptimizer | None = None,
+        max_update_norm: float = 0.0,
+        norm_median_ratio: float = 0.0,
+        clip_norm: float = 0.0,
+        min_replies: int = 1,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        for name, value in (
+            ("max_update_norm", max_update_norm),
+            ("norm_median_ratio", norm_median_ratio),
+            ("clip_norm", clip_norm),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: must be finite and >= 0 (0 = off), got {value}")
+        if min_replies < 1:
+            raise ValueError(f"min_replies: must be >= 1, got {min_replies}")
+        self.max_update_norm, self.norm_median_ratio = max_update_norm, norm_median_ratio
+        self.clip_norm, self.min_replies = clip_norm, min_replies
         self.backbone_prefixes = agg.normalise_prefixes(backbone_prefixes)
         self.loss_key = loss_key
         self.server_optimizer = server_optimizer
@@ -283,16 +308,24 @@ class RobustFedAvg(FedAvg):
             return None, None
         reference = agg.select_keys(self._global_state, self.backbone_prefixes)
         updates, refused, ignored = self.screen_replies(replies, reference)
+        updates = self._guard_norms(updates, reference, refused, report)
         report.refused = refused
         report.accepted = [u.node_id for u in updates]
         if ignored:
             report.details["ignored_non_backbone_keys"] = ignored
-        if not updates:
+        if len(updates) < self.min_replies:
+            report.accepted, report.details["failed"] = (
+                [],
+                (f"{len(updates)} valid replies, fewer than min_replies={self.min_replies}"),
+            )
             logger.warning(
-                "%s: round %d: all %d client(s) refused; the global model stays as it was",
+                "%s: round %d: %d valid of %d replies (%d refused), fewer than %d; the global model stays as it was",
                 self.rule_name,
                 server_round,
+                len(updates),
+                len(replies),
                 len(refused),
+                self.min_replies,
             )
             return self._global_record, MetricRecord({ACCEPTED_METRIC: 0, REFUSED_METRIC: len(refused)})
         state, weights, details = self._aggregate(server_round, reference, updates)
@@ -302,6 +335,29 @@ class RobustFedAvg(FedAvg):
         if self.server_optimizer is not None:  # a step from the old global model towards the rule's aggregate
             record = self.server_optimizer.step(server_round, self._global_record, record)
         return record, self._aggregate_metrics(updates, len(refused))
+
+    def _guard_norms(
+        self, updates: list[ClientUpdate], reference: StateDict, refused: dict[int, list[str]], report: RoundReport
+    ) -> list[ClientUpdate]:
+        """Refuse updates with outlying norms (into ``refused``), then clip the rest."""
+        if not (self.max_update_norm or self.norm_median_ratio or self.clip_norm):
+            return updates
+        norms = {u.node_id: agg.update_norm(u.state, reference) for u in updates}
+        report.details["update_norms"] = {str(k): round(v, 6) for k, v in norms.items()}
+        outliers = agg.norm_outliers(norms, bound=self.max_update_norm, median_ratio=self.norm_median_ratio)
+        for node, reason in outliers.items():
+            refused[node] = [reason]
+            logger.warning("%s: refusing update from node %s: %s", self.rule_name, node, reason)
+        kept = [u for u in updates if u.node_id not in outliers]
+        if self.clip_norm:
+            clipped = {}
+            for i, update in enumerate(kept):
+                state, factor = agg.clip_update(update.state, reference, self.clip_norm)
+                if factor < 1.0:
+                    kept[i] = dataclasses.replace(update, state=state)
+                    clipped[str(update.node_id)] = round(factor, 6)
+            report.details["clipped"] = clipped
+        return kept
 
     def _to_record(self, aggregated: StateDict) -> ArrayRecord:
         """Full global ArrayRecord: new arrays for aggregated keys, old ones elsewhere."""
@@ -353,6 +409,37 @@ class LossWeighted(RobustFedAvg):
             client_ids=_ids(updates),
         )
         return state, _by_node(updates, agg.loss_weights(losses, self.temperature)), {}
+
+
+class CoordinateMedian(RobustFedAvg):
+    """Coordinate-wise median of the accepted updates (Yin et al., ICML 2018), unweighted."""
+
+    rule_name = "median"
+
+    def _aggregate(
+        self, server_round: int, reference: StateDict, updates: list[ClientUpdate]
+    ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
+        state = agg.coordinate_median(reference, [u.state for u in updates])
+        return state, {u.node_id: 1.0 / len(updates) for u in updates}, {}
+
+
+class TrimmedMean(RobustFedAvg):
+    """Coordinate-wise trimmed mean: the ``trim`` share of largest and smallest values
+    dropped per coordinate (Yin et al., ICML 2018), unweighted."""
+
+    rule_name = "trimmed"
+
+    def __init__(self, *, trim: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= trim < 0.5:
+            raise ValueError(f"trim_fraction: must be in [0, 0.5), got {trim}")
+        self.trim = trim
+
+    def _aggregate(
+        self, server_round: int, reference: StateDict, updates: list[ClientUpdate]
+    ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
+        state = agg.trimmed_mean(reference, [u.state for u in updates], self.trim)
+        return state, {u.node_id: 1.0 / len(updates) for u in updates}, {"trim": self.trim}
 
 
 class MixedFedAvgLoss(RobustFedAvg):

@@ -33,6 +33,7 @@ from fedspeech.data.partition import Partition
 from fedspeech.federated import checkpoints, roundlog
 from fedspeech.federated.inprocess import message_bytes
 from fedspeech.federated.round_loop import RoundHooks, RoundOutcome, resume_point, round_totals, run_rounds
+from fedspeech.federated.rules import rule_options
 from fedspeech.federated.sampling import wait_for_nodes
 from fedspeech.federated.strategies import make_strategy
 from fedspeech.models.early_exit import EarlyExitModel
@@ -248,6 +249,7 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
         fraction_evaluate=0.0,
         min_train_nodes=1,
         min_available_nodes=1,
+        **rule_options("partial", settings),
     )
     cumulative_flops = sum(r["client_flops"] for r in roundlog.read_rounds(out)) if first_round > 1 else 0.0
     hooks = EarlyExitRounds(settings, model, depths, client_of, deadline, cumulative_flops)

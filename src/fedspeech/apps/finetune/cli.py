@@ -19,7 +19,17 @@ from fedspeech.apps.finetune.settings import RUNNERS
 from fedspeech.apps.finetune.settings import STRATEGIES as FED_STRATEGIES
 
 TASK_CHOICES = ("asr", "kws", "speaker")
-_RULE_OPTIONS = ("loss_temperature", "mixed_beta", "ldawa_warmup")
+_RULE_OPTIONS = (
+    "loss_temperature",
+    "mixed_beta",
+    "ldawa_warmup",
+    "trim_fraction",
+    "update_norm_bound",
+    "update_norm_ratio",
+    "clip_norm",
+    "min_replies",
+    "faults",
+)
 _FEDERATED_ONLY = (
     "clients",
     "clients_per_round",
@@ -104,6 +114,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     federated.add_argument("--mixed-beta", type=float, metavar="B", help="mixed rule: FedAvg share (default 0.2)")
     federated.add_argument(
         "--ldawa-warmup", type=int, metavar="R", help="ldawa: plain FedAvg for this many rounds (default 2)"
+    )
+    federated.add_argument(
+        "--trim-fraction", type=float, metavar="F", help="trimmed: share of extreme values dropped (default 0.1)"
+    )
+    federated.add_argument(
+        "--update-norm-bound", type=float, metavar="N", help="refuse updates with norm above N (default 0 = off)"
+    )
+    federated.add_argument(
+        "--update-norm-ratio",
+        type=float,
+        metavar="R",
+        help="refuse updates with norm above R x the round's median (default 0 = off)",
+    )
+    federated.add_argument(
+        "--faults", metavar="SPEC", help="inject client faults, e.g. crash=0.1,scale=100:0.05 (docs/reliability.md)"
+    )
+    federated.add_argument("--clip-norm", type=float, metavar="N", help="clip updates to norm N (default 0 = off)")
+    federated.add_argument(
+        "--min-replies", type=int, metavar="K", help="fewer valid replies: the round fails (default 1)"
     )
     federated.add_argument(
         "--runner", choices=RUNNERS, help="inprocess (default, no Ray) or Flower's Simulation Engine"

@@ -8,8 +8,9 @@ from flwr.clientapp import ClientApp
 
 from fedspeech.apps.finetune.settings import FinetuneSettings
 from fedspeech.apps.finetune.task import CLASSES_KEY, LR_SCALE_KEY, local_finetune
+from fedspeech.federated.faults import faults_mod
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[faults_mod])  # faults_mod: no-op unless the run injects faults
 
 
 @client_app.train()

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from fedspeech.federated.rules import FINETUNE, rule_names
+from fedspeech.federated.faults import parse_faults
+from fedspeech.federated.rules import FINETUNE, check_screening, rule_names
 from fedspeech.federated.runners import RUNNERS as ALL_RUNNERS
 from fedspeech.settings import Settings
 
@@ -33,6 +34,13 @@ class FinetuneSettings(Settings):
     loss_temperature: float = 1.0  # loss-weighted and mixed rules
     mixed_beta: float = 0.2  # mixed FedAvg/loss rule
     ldawa_warmup: int = 2  # L-DAWA: plain FedAvg for this many rounds
+    trim_fraction: float = 0.1  # trimmed rule: share of largest and smallest values dropped
+    # Screening of every rule (federated/strategies.RobustFedAvg); 0 = off.
+    update_norm_bound: float = 0.0  # refuse an update whose norm |w_k - w| exceeds this
+    update_norm_ratio: float = 0.0  # refuse an update whose norm exceeds this x the round's median
+    clip_norm: float = 0.0  # scale accepted updates down to this norm
+    min_replies: int = 1  # fewer valid replies: the round fails, the global model stays
+    faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
     rounds: int = 10
     clients_per_round: int = 0  # 0 = every client, every round
     local_epochs: int = 1
@@ -49,6 +57,8 @@ class FinetuneSettings(Settings):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_screening(self)
+        parse_faults(self.faults)  # fails now, naming the entry
         if self.task not in TASKS:
             raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
         if self.strategy not in STRATEGIES:

@@ -9,9 +9,10 @@ from flwr.clientapp import ClientApp
 
 from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.apps.pretrain.task import LOCAL_STATE_KEY, OPTIMIZER_RECORD, OPTIMIZER_STATE_KEY, local_round
+from fedspeech.federated.faults import faults_mod
 from fedspeech.federated.strategies import FEDU_MU_KEY
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[faults_mod])  # faults_mod: no-op unless the run injects faults
 
 
 @client_app.train()
