@@ -86,8 +86,9 @@ def completed_rounds(out_dir: Path) -> list[int]:
     return sorted(rounds)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    rounds = completed_rounds(out_dir)
+def latest_checkpoint(out_dir: Path, at_most: int | None = None) -> Path | None:
+    """The newest round checkpoint (of a round ≤ ``at_most``, e.g. the last logged round)."""
+    rounds = [r for r in completed_rounds(out_dir) if at_most is None or r <= at_most]
     return round_dir(out_dir, rounds[-1]) if rounds else None
 
 
@@ -101,9 +102,16 @@ def load_server_arrays(folder: Path) -> dict[str, np.ndarray]:
 
 
 def prune_checkpoints(out_dir: Path, keep_last: int, protect: AbstractSet[int] = frozenset()) -> None:
-    """Delete all but the newest ``keep_last`` round folders (0 keeps all)."""
+    """Delete all but the newest ``keep_last`` round folders (0 keeps all). The checkpoint of
+    the last logged round is kept too: until the current round's log line is written, it is
+    where a killed run resumes."""
     if keep_last <= 0:
         return
+    from fedspeech.federated import roundlog
+
+    logged = completed_rounds(out_dir)
+    logged = [r for r in logged if r <= roundlog.last_round(out_dir)]
+    protect = set(protect) | set(logged[-1:])
     for server_round in completed_rounds(out_dir)[:-keep_last]:
         if server_round not in protect:
             shutil.rmtree(round_dir(out_dir, server_round), ignore_errors=True)

@@ -44,7 +44,10 @@ class RoundOutcome:
 
 
 class RoundHooks:
-    """Per-workload behaviour of the round loop; override what the workload needs."""
+    """Per-workload behaviour of the round loop; override what the workload needs.
+    ``keep_checkpoints``: round checkpoints kept once a round is logged (0 = all)."""
+
+    keep_checkpoints: int = 0
 
     def train_config(self, server_round: int) -> dict[str, Any]:
         """The config every client gets this round (learning rate, step, ...)."""
@@ -100,7 +103,8 @@ def run_rounds(
             if report is not None and "failed" in report.details:  # too few valid replies: model unchanged
                 record["round_failed"] = report.details["failed"]
             record["round_seconds"] = time.perf_counter() - started
-            roundlog.append_round(out, record)
+            roundlog.append_round(out, record)  # the round is complete from here on
+            checkpoints.prune_checkpoints(out, hooks.keep_checkpoints)
             records.append(record)
             progress.advance(task)
     return records
@@ -110,11 +114,14 @@ def resume_point(out: Path, resume: bool, *, resumable: bool = True) -> tuple[Pa
     """Where a run starts: ``(latest complete round's checkpoint, its state)`` when resuming
     (the round log is cut back to that round), ``(None, {})`` for a fresh run. A folder that
     already holds a run is refused unless resuming, so nothing is overwritten."""
-    latest = checkpoints.latest_checkpoint(out) if resume and resumable else None
+    # the newest checkpoint of a *logged* round: a round killed after its checkpoint but before
+    # its log line is not complete and runs again
+    latest = checkpoints.latest_checkpoint(out, roundlog.last_round(out)) if resume and resumable else None
     if latest is None:
         if roundlog.log_path(out).exists() and not (resume and resumable):
             hint = "pass --resume to continue it" if resumable else "this workload does not resume"
             raise ValueError(f"{out}: holds an earlier run ({hint}); choose another --out")
+        roundlog.truncate_after(out, 0)  # resuming a run killed before its first round completed
         return None, {}
     state = checkpoints.load_state(latest)
     roundlog.truncate_after(out, state["round"])

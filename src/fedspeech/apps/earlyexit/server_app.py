@@ -144,6 +144,7 @@ class EarlyExitRounds(RoundHooks):
         self.settings, self.model, self.depths, self.client_of = settings, model, depths, client_of
         self.deadline, self.cumulative_flops = deadline, cumulative_flops
         self.out = Path(settings.out_dir)
+        self.keep_checkpoints = settings.keep_checkpoints
         self.eval_set = eval_dataset(
             settings.manifest, settings.split_names, settings.eval_max_utterances, settings.max_seconds, settings.task
         )
@@ -179,7 +180,6 @@ class EarlyExitRounds(RoundHooks):
                 ),
             },
         )
-        checkpoints.prune_checkpoints(self.out, settings.keep_checkpoints)
         timed = [c["device_seconds"] for c in ok if c["device_seconds"] is not None]
         round_flops = sum(c["train_flops"] for c in ok)
         self.cumulative_flops += round_flops

@@ -100,7 +100,7 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
     method = get_method(settings)
     model = method.fresh_model()
     first_round, global_step = 1, 0.0
-    latest = checkpoints.latest_checkpoint(out) if settings.resume else None
+    latest = checkpoints.latest_checkpoint(out, roundlog.last_round(out)) if settings.resume else None
     if latest is not None:
         method.restore(model, latest)
         state = checkpoints.load_state(latest)
@@ -184,7 +184,8 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
             "lr": settings.lr_at_round(server_round),
             "round_seconds": time.perf_counter() - started,
         }
-        roundlog.append_round(out, record)
+        roundlog.append_round(out, record)  # the round is complete from here on
+        checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
         records.append(record)
         log.info("centralised round %d: train loss %.4f, val loss %s", server_round, record["train_loss"], val_loss)
     return records

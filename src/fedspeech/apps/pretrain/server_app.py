@@ -121,6 +121,7 @@ class PretrainRounds(RoundHooks):
         self.settings, self.method, self.model, self.strategy = settings, method, model, strategy
         self.global_step, self.optimizer_record, self.prober = global_step, optimizer_record, prober
         self.out = Path(settings.out_dir)
+        self.keep_checkpoints = settings.keep_checkpoints
         self.val_loader = validation_loader(settings)
 
     def train_config(self, server_round: int) -> dict[str, Any]:
@@ -148,7 +149,6 @@ class PretrainRounds(RoundHooks):
             state={"global_step": self.global_step, "settings": settings.to_run_config()},
             server_arrays=_server_arrays(self.strategy, self.optimizer_record),
         )
-        checkpoints.prune_checkpoints(self.out, settings.keep_checkpoints)
         probes = self.prober(outcome.server_round, method.checkpoint_parts(model)[0]) if self.prober else {}
         totals = round_totals(ok)
         log.info(

@@ -1,0 +1,128 @@
+"""Poisoning and faults in federated pretraining: what each defence keeps of the clean run.
+
+Ten speaker clients, all in every round; in the attacked runs two of them (20 %) send
+scaled (x100, model replacement) or sign-flipped updates every round, through the fault
+injection of ``federated/faults.py``. Each row is one pretraining run of the same seed and
+budget; the table gives the final validation contrastive loss (held-out speakers) and its
+ratio to the clean FedAvg run, measured side by side in this one invocation:
+
+    .venv/bin/python benchmarks/robustness.py --work runs/robustness [--rounds 6] [--jobs 2]
+
+Rows are cached under ``--work`` (rerunning prints the table); docs/reliability.md shows
+the result. Slow (minutes per row on 2 cores), so it is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ssl_quality  # noqa: E402  (the built-in corpus and pretraining pool)
+
+ATTACKERS = "malicious=0:5"  # partition ids 0 and 5: 2 of 10 clients
+#: name -> (settings overrides, what it shows)
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "clean-fedavg": ({}, "no attack, FedAvg (the reference)"),
+    "scale-fedavg": ({"faults": f"scale=100:0,{ATTACKERS}"}, "2 of 10 clients send 100x updates; plain FedAvg"),
+    "scale-normguard": (
+        {"faults": f"scale=100:0,{ATTACKERS}", "update_norm_ratio": 3.0},
+        "same attack; updates above 3x the round's median norm refused",
+    ),
+    "scale-median": ({"faults": f"scale=100:0,{ATTACKERS}", "strategy": "median"}, "same attack; coordinate median"),
+    "flip-fedavg": ({"faults": f"flip=0,{ATTACKERS}"}, "2 of 10 clients send sign-flipped updates; plain FedAvg"),
+    "flip-trimmed": (
+        {"faults": f"flip=0,{ATTACKERS}", "strategy": "trimmed", "trim_fraction": 0.2},
+        "same attack; trimmed mean (20 % each side)",
+    ),
+    "crash-fedavg": ({"faults": "crash=0.2"}, "each client crashes with probability 0.2 per round; FedAvg"),
+}
+
+
+def run_variant(name: str, work: str, rounds: int, seed: int) -> dict:
+    """One cached row: final validation loss and the refusals per round."""
+    import torch
+
+    from fedspeech.apps.pretrain.run import run_pretraining
+    from fedspeech.apps.pretrain.settings import PretrainSettings
+    from fedspeech.cli import quiet_logging
+    from fedspeech.data.manifest import read_manifest
+    from fedspeech.data.partition import make_partition
+
+    quiet_logging()
+    torch.set_num_threads(1)
+    root = Path(work)
+    cache = root / f"{name}-r{rounds}-s{seed}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    manifest = ssl_quality.pretraining_manifest(ssl_quality.corpus(root, 24, seed), 12, seed)
+    partition = root / f"partition-10-s{seed}.json"
+    if not partition.is_file():
+        make_partition(read_manifest(manifest), "speaker", 10, seed, manifest=str(manifest)).save(partition)
+    out = root / f"{name}-r{rounds}-s{seed}"
+    overrides, _ = VARIANTS[name]
+    settings = PretrainSettings(
+        manifest=str(manifest),
+        partition=str(partition),
+        out_dir=str(out),
+        rounds=rounds,
+        local_epochs=1,
+        seed=seed,
+        val_max_utterances=32,
+        keep_checkpoints=1,
+        resume=out.exists(),
+        **overrides,
+    )
+    started = time.perf_counter()
+    records = run_pretraining(settings)
+    row = {
+        "variant": name,
+        "rounds": rounds,
+        "seed": seed,
+        "val_loss": [r["val_loss"] for r in records],
+        "refused_per_round": [len(r["aggregation"].get("refused", {})) for r in records],
+        "failed_per_round": [len(r["failed"]) for r in records],
+        "seconds": time.perf_counter() - started,
+    }
+    cache.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="runs/robustness")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    # the corpus once, before the workers race to build it
+    ssl_quality.pretraining_manifest(ssl_quality.corpus(Path(args.work), 24, args.seed), 12, args.seed)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        count = len(args.variants)
+        rows = list(
+            pool.map(run_variant, args.variants, [args.work] * count, [args.rounds] * count, [args.seed] * count)
+        )
+    clean = next((r for r in rows if r["variant"] == "clean-fedavg"), None)
+    print("\n| variant | what it shows | val loss by round | final | ÷ clean | refused / failed per round | wall |")
+    print("|---|---|---|---:|---:|---|---:|")
+    for row in rows:
+        final = row["val_loss"][-1]
+        ratio = f"{final / clean['val_loss'][-1]:.3f}" if clean and math.isfinite(final) else "-"
+        curve = " ".join(f"{v:.2f}" for v in row["val_loss"])
+        faults = " ".join(f"{a}/{b}" for a, b in zip(row["refused_per_round"], row["failed_per_round"]))
+        print(
+            f"| {row['variant']} | {VARIANTS[row['variant']][1]} | {curve} | {final:.3f} | {ratio} | {faults} "
+            f"| {row['seconds'] / 60:.1f} min |"
+        )
+    print(f"\n(seed {args.seed}, {args.rounds} rounds of 1 local epoch, 10 clients, batch 1; n=1 per row)")
+
+
+if __name__ == "__main__":
+    main()
