@@ -10,6 +10,7 @@ the keys, only about differences outside those parts, which do point at a wrong 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,31 @@ log = logging.getLogger(__name__)
 # Parts of wav2vec 2.0 / WavLM (quantizer, project_q, project_hid) and HuBERT (final_proj,
 # label_embeddings_concat) pretraining models that a fine-tuning model does not have.
 PRETRAINING_ONLY = ("quantizer.", "project_q.", "project_hid.", "final_proj.", "label_embeddings_concat")
+
+
+#: Weight files that are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: Set to 1 to let a checkpoint folder that has only pickle weights load (trusted files only).
+ALLOW_PICKLE_ENV = "FEDSPEECH_ALLOW_PICKLE"
+
+
+def safe_load_kwargs(folder: str | Path) -> dict[str, Any]:
+    """``from_pretrained`` keywords that load ``folder`` offline and from safetensors only.
+
+    A folder whose weights are only pickle files (``pytorch_model.bin``, ``*.pt``, ...) is
+    refused, naming them, unless ``FEDSPEECH_ALLOW_PICKLE=1``: a pickle can execute code
+    when it is loaded, and checkpoints travel between machines nobody controls."""
+    folder = Path(folder)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if os.environ.get(ALLOW_PICKLE_ENV, "") == "1":
+        return {"local_files_only": True}
+    if pickles and not any(folder.glob("*.safetensors")):
+        raise ValueError(
+            f"{folder}: weights only in pickle files ({', '.join(pickles)}), which can run code when loaded; "
+            f"fedspeech loads safetensors only. Convert them (transformers: model.save_pretrained(folder)) "
+            f"or, for files you trust, set {ALLOW_PICKLE_ENV}=1"
+        )
+    return {"local_files_only": True, "use_safetensors": True}
 
 
 def _names(keys: Iterable[Any]) -> list[str]:
@@ -47,7 +73,9 @@ def from_pretrained(
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hf_logger.addFilter(_drop_load_report)
     try:
-        model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+        model, info = model_class.from_pretrained(
+            folder, output_loading_info=True, **safe_load_kwargs(folder), **kwargs
+        )
     finally:
         hf_logger.removeFilter(_drop_load_report)
     surprises = {

@@ -19,7 +19,7 @@ import torch
 from transformers import Wav2Vec2ForPreTraining, Wav2Vec2Model
 
 from fedspeech.models.configs import model_config
-from fedspeech.models.loading import load_extra
+from fedspeech.models.loading import PICKLE_SUFFIXES, load_extra, safe_load_kwargs
 from fedspeech.ssl.feature_matching import FeatureMatchingModel, FeatureMatchingObjective
 from fedspeech.ssl.fedu import fedu_client_update
 from fedspeech.ssl.wav2vec2 import Wav2Vec2Objective
@@ -131,8 +131,11 @@ class Wav2Vec2Method(SSLMethod):
 
     def build(self) -> torch.nn.Module:
         source = Path(self.settings.model)
-        if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
-            return Wav2Vec2ForPreTraining.from_pretrained(source, local_files_only=True)
+        weights = (
+            [p for p in source.iterdir() if p.suffix in (".safetensors", *PICKLE_SUFFIXES)] if source.is_dir() else []
+        )
+        if (source / "config.json").is_file() and weights:  # pickle-only folders are refused by name
+            return Wav2Vec2ForPreTraining.from_pretrained(source, **safe_load_kwargs(source))
         return Wav2Vec2ForPreTraining(model_config(self.settings.model))
 
     def make_objective(self) -> Wav2Vec2Objective:
@@ -142,7 +145,7 @@ class Wav2Vec2Method(SSLMethod):
         return model, {}
 
     def restore(self, model: torch.nn.Module, folder: Path) -> None:
-        loaded = Wav2Vec2ForPreTraining.from_pretrained(folder, local_files_only=True)
+        loaded = Wav2Vec2ForPreTraining.from_pretrained(folder, **safe_load_kwargs(folder))
         model.load_state_dict(loaded.state_dict())
 
 
@@ -195,7 +198,7 @@ class FeatureMatchingMethod(SSLMethod):
         return model.backbone, extra
 
     def restore(self, model: torch.nn.Module, folder: Path) -> None:
-        model.backbone.load_state_dict(Wav2Vec2Model.from_pretrained(folder, local_files_only=True).state_dict())
+        model.backbone.load_state_dict(Wav2Vec2Model.from_pretrained(folder, **safe_load_kwargs(folder)).state_dict())
         model.load_state_dict(load_extra(folder), strict=False)
 
 
