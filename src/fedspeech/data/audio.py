@@ -31,6 +31,12 @@ _STREAMING_SIZE = 0xFFFFFFFF  # "size unknown" placeholder written by streaming 
 # MP3 frame counts from the header can be estimates (no Xing/LAME tag), so a decode a
 # little shorter than announced is normal there; lossless formats must match exactly.
 _MP3_SHORTFALL_TOLERANCE = 0.05
+#: Sample rates a speech file can plausibly have; outside them the header is garbage (and
+#: resampling a "1 GHz" file would allocate for nothing).
+SAMPLE_RATE_RANGE = (1000, 384_000)
+#: Decoded samples are in [-1, 1] for integer formats; float files may overshoot a little.
+#: A peak beyond this is not speech but a broken or hostile file, and would swamp training.
+MAX_PEAK = 10.0
 
 
 class AudioError(ValueError):
@@ -61,6 +67,9 @@ def _check_header(path: Path, info) -> None:
             raise AudioError(path, f"truncated file: header declares {declared} bytes, only {actual} present")
     if info.frames == 0:
         raise AudioError(path, "zero-length audio (0 frames)")
+    low, high = SAMPLE_RATE_RANGE
+    if not low <= info.samplerate <= high:
+        raise AudioError(path, f"sample rate {info.samplerate} Hz outside {low}-{high} Hz")
 
 
 def audio_duration(path: str | Path) -> tuple[float, int]:
@@ -93,6 +102,9 @@ def load_audio(path: str | Path, target_sr: int = TARGET_SAMPLE_RATE) -> np.ndar
         raise AudioError(path, "zero-length audio (0 frames)")
     if not np.isfinite(data).all():
         raise AudioError(path, "contains non-finite samples (NaN or inf)")
+    peak = float(np.abs(data).max())
+    if peak > MAX_PEAK:
+        raise AudioError(path, f"sample peak {peak:.3g} far beyond full scale (max {MAX_PEAK:g})")
     wave = data.mean(axis=1, dtype=np.float32)  # down-mix before resampling: cheaper
     if info.samplerate != target_sr:
         wave = soxr.resample(wave, info.samplerate, target_sr, quality="HQ").astype(np.float32, copy=False)
