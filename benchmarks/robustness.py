@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 import ssl_quality  # noqa: E402  (the built-in corpus and pretraining pool)
 
@@ -93,6 +95,19 @@ def run_variant(name: str, work: str, rounds: int, seed: int) -> dict:
     return row
 
 
+def final_weights_finite(work: str, row: dict) -> bool:
+    """Whether the run's last global model is still finite (a poisoned FedAvg run is not)."""
+    from safetensors.numpy import load_file
+
+    from fedspeech.federated import checkpoints
+
+    out = Path(work) / f"{row['variant']}-r{row['rounds']}-s{row['seed']}"
+    latest = checkpoints.latest_checkpoint(out)
+    if latest is None:
+        return False
+    return all(np.isfinite(v).all() for v in load_file(str(latest / "model.safetensors")).values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/robustness")
@@ -110,8 +125,11 @@ def main() -> None:
             pool.map(run_variant, args.variants, [args.work] * count, [args.rounds] * count, [args.seed] * count)
         )
     clean = next((r for r in rows if r["variant"] == "clean-fedavg"), None)
-    print("\n| variant | what it shows | val loss by round | final | ÷ clean | refused / failed per round | wall |")
-    print("|---|---|---|---:|---:|---|---:|")
+    print(
+        "\n| variant | what it shows | val loss by round | final | ÷ clean | refused / failed clients per round "
+        "| final weights finite | wall |"
+    )
+    print("|---|---|---|---:|---:|---|---|---:|")
     for row in rows:
         final = row["val_loss"][-1]
         ratio = f"{final / clean['val_loss'][-1]:.3f}" if clean and math.isfinite(final) else "-"
@@ -119,7 +137,7 @@ def main() -> None:
         faults = " ".join(f"{a}/{b}" for a, b in zip(row["refused_per_round"], row["failed_per_round"]))
         print(
             f"| {row['variant']} | {VARIANTS[row['variant']][1]} | {curve} | {final:.3f} | {ratio} | {faults} "
-            f"| {row['seconds'] / 60:.1f} min |"
+            f"| {'yes' if final_weights_finite(args.work, row) else 'no'} | {row['seconds'] / 60:.1f} min |"
         )
     print(f"\n(seed {args.seed}, {args.rounds} rounds of 1 local epoch, 10 clients, batch 1; n=1 per row)")
 

@@ -31,6 +31,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean as flower_trim_mean
 
 logger = logging.getLogger(__name__)
 
@@ -470,12 +471,9 @@ def trimmed_mean(
             result[key] = np.array(values[0] if same else ref_value, copy=True)
             continue
         stacked = np.stack([v.astype(np.float64) for v in values])
-        if trim >= 0.5:
-            combined = np.median(stacked, axis=0)
-        else:
-            cut = int(math.floor(trim * len(values)))
-            ordered = np.sort(stacked, axis=0)
-            combined = ordered[cut : len(values) - cut].mean(axis=0)
+        # Flower's FedMedian/FedTrimmedAvg compute the same per tensor but average integer
+        # buffers as floats and skip our screening, so the strategies wrap the arithmetic only.
+        combined = np.median(stacked, axis=0) if trim >= 0.5 else flower_trim_mean(stacked, trim)
         result[key] = _cast_like(combined, ref_value)
     return result
 

@@ -91,6 +91,8 @@ SCREENING_OPTIONS: Mapping[str, str] = {
     "norm_median_ratio": "update_norm_ratio",
     "clip_norm": "clip_norm",
     "min_replies": "min_replies",
+    "dp_noise_multiplier": "dp_noise",
+    "dp_delta": "dp_delta",
 }
 
 
@@ -107,6 +109,12 @@ def check_screening(settings: Any) -> None:
         value = getattr(settings, field_name)
         if not (value >= 0 and value != float("inf")):
             raise ValueError(f"{field_name}: must be finite and >= 0 (0 = off), got {value}")
+    if not (settings.dp_noise >= 0 and settings.dp_noise != float("inf")):
+        raise ValueError(f"dp_noise: must be finite and >= 0 (0 = off), got {settings.dp_noise}")
+    if settings.dp_noise > 0 and settings.clip_norm <= 0:
+        raise ValueError("dp_noise: needs clip_norm > 0 (it bounds each client's contribution)")
+    if not 0 < settings.dp_delta < 1:
+        raise ValueError(f"dp_delta: must be in (0, 1), got {settings.dp_delta}")
     if settings.min_replies < 1:
         raise ValueError(f"min_replies: must be >= 1, got {settings.min_replies}")
     trim = getattr(settings, "trim_fraction", 0.0)

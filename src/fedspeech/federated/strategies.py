@@ -86,7 +86,7 @@ class RoundReport:
             "weights": {str(k): round(v, 6) for k, v in self.weights.items()},
         }
         # the screening's verdicts, when it ran: the round failed, updates clipped, norms
-        record.update({k: self.details[k] for k in ("failed", "clipped", "update_norms") if k in self.details})
+        record.update({k: self.details[k] for k in ("failed", "clipped", "update_norms", "dp") if k in self.details})
         return record
 
 
@@ -115,7 +115,17 @@ class RobustFedAvg(FedAvg):
     ``max_update_norm`` or above ``norm_median_ratio`` × the round's median (0 = off);
     accepted updates are scaled down to ``clip_norm`` (0 = off). With fewer than
     ``min_replies`` accepted, the round fails: the global model stays as it was.
+
+    Differential privacy (``dp_noise_multiplier`` > 0, FedAvg only): central DP-FedAvg
+    (McMahan et al., ICLR 2018; Flower's server-side fixed clipping): every update clipped
+    to ``clip_norm``, averaged with equal weights, Gaussian noise of std
+    ``dp_noise_multiplier * clip_norm / K`` added to the float arrays (integer buffers are
+    never noised); Flower's RDP accountant reports epsilon at ``dp_delta`` each round.
+    Noise comes from the OS's entropy unless ``dp_seed`` is given (tests only: seeded noise
+    is predictable, so it protects nothing).
     """
+
+    supports_dp = True  # equal-weight averaging bounds each client's influence by clip_norm / K
 
     rule_name = "fedavg"
     requires_loss = False
@@ -131,9 +141,29 @@ class RobustFedAvg(FedAvg):
         norm_median_ratio: float = 0.0,
         clip_norm: float = 0.0,
         min_replies: int = 1,
+        dp_noise_multiplier: float = 0.0,
+        dp_delta: float = 1e-5,
+        dp_seed: int | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        if dp_noise_multiplier < 0 or not math.isfinite(dp_noise_multiplier):
+            raise ValueError(f"dp_noise: must be finite and >= 0 (0 = off), got {dp_noise_multiplier}")
+        if dp_noise_multiplier > 0:
+            if not self.supports_dp:
+                raise ValueError(
+                    f"dp_noise: differential privacy needs equal-weight FedAvg (strategy fedavg); "
+                    f"the {self.rule_name} rule weighs or selects clients by their updates"
+                )
+            if clip_norm <= 0:
+                raise ValueError("dp_noise: needs clip_norm > 0 (it bounds each client's contribution)")
+            if not 0 < dp_delta < 1:
+                raise ValueError(f"dp_delta: must be in (0, 1), got {dp_delta}")
+        self.dp_noise_multiplier, self.dp_delta = dp_noise_multiplier, dp_delta
+        self._dp_rng = np.random.default_rng(dp_seed)  # None: fresh OS entropy
+        self.dp_population = 0  # clients that may take part (the server app sets it); 0 = those sampled
+        self._accountant: Any = None
+        self._accountant_state: dict[str, Any] | None = None
         for name, value in (
             ("max_update_norm", max_update_norm),
             ("norm_median_ratio", norm_median_ratio),
@@ -283,7 +313,8 @@ class RobustFedAvg(FedAvg):
         self, server_round: int, reference: StateDict, updates: list[ClientUpdate]
     ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
         """Aggregate screened updates: (state, weight per node, details)."""
-        counts = [u.num_examples for u in updates]
+        # under DP every (clipped) client counts the same, so none can move the mean by more than clip_norm / K
+        counts = [1.0] * len(updates) if self.dp_noise_multiplier else [u.num_examples for u in updates]
         state = agg.fedavg([u.state for u in updates], counts, global_state=reference, client_ids=_ids(updates))
         return state, _by_node(updates, agg.fedavg_weights(counts)), {}
 
@@ -331,6 +362,8 @@ class RobustFedAvg(FedAvg):
         state, weights, details = self._aggregate(server_round, reference, updates)
         report.weights = weights
         report.details.update(details)
+        if self.dp_noise_multiplier:
+            report.details["dp"] = self._add_dp_noise(state, len(updates))
         record = self._to_record(state)
         if self.server_optimizer is not None:  # a step from the old global model towards the rule's aggregate
             record = self.server_optimizer.step(server_round, self._global_record, record)
@@ -358,6 +391,50 @@ class RobustFedAvg(FedAvg):
                     clipped[str(update.node_id)] = round(factor, 6)
             report.details["clipped"] = clipped
         return kept
+
+    # ------------------------------------------------------------ differential privacy
+
+    def _add_dp_noise(self, state: StateDict, num_clients: int) -> dict[str, Any]:
+        """Noise the float arrays of the aggregate in place; compose the release in the
+        accountant and return what the round log shows (noise std, epsilon, delta)."""
+        from flwr.supercore.differential_privacy import compute_stdv
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        stdv = compute_stdv(self.dp_noise_multiplier, self.clip_norm, num_clients)
+        for key, value in state.items():
+            if np.asarray(value).dtype.kind == "f":
+                noisy = np.asarray(value, dtype=np.float64) + self._dp_rng.normal(0.0, stdv, np.shape(value))
+                state[key] = noisy.astype(np.asarray(value).dtype)
+        accountant = self._privacy_accountant(num_clients)
+        accountant.compose(
+            GaussianPrivacyEvent(self.dp_noise_multiplier, num_clients, accountant.config.population_size)
+        )
+        spent = accountant.get_privacy_spent()
+        return {"noise_std": stdv, "epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+
+    def _privacy_accountant(self, num_clients: int) -> Any:
+        """Flower's RDP accountant, made on first use (client-level, add-or-remove-one; no
+        credit for sampling, since our seeded per-round sample is not Poisson)."""
+        if self._accountant is None:
+            from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+            from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+            population = max(self.dp_population, num_clients)
+            config = PrivacyConfig(
+                self.dp_delta, population, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION
+            )
+            self._accountant = RdpAccountant(config)
+            if self._accountant_state is not None:
+                self._accountant.load_state_dict(self._accountant_state)
+        return self._accountant
+
+    def privacy_state(self) -> dict[str, Any] | None:
+        """The accountant's state, for a checkpoint (None without DP or before a release)."""
+        return None if self._accountant is None else self._accountant.state_dict()
+
+    def load_privacy_state(self, state: dict[str, Any] | None) -> None:
+        """Continue the accounting of a resumed run."""
+        self._accountant_state = state
 
     def _to_record(self, aggregated: StateDict) -> ArrayRecord:
         """Full global ArrayRecord: new arrays for aggregated keys, old ones elsewhere."""
@@ -389,6 +466,8 @@ class RobustFedAvg(FedAvg):
 class LossWeighted(RobustFedAvg):
     """Loss-weighted averaging: α = softmax(−L/T) of the clients' ``train_loss``."""
 
+    supports_dp = False
+
     rule_name = "loss"
     requires_loss = True
 
@@ -414,6 +493,8 @@ class LossWeighted(RobustFedAvg):
 class CoordinateMedian(RobustFedAvg):
     """Coordinate-wise median of the accepted updates (Yin et al., ICML 2018), unweighted."""
 
+    supports_dp = False
+
     rule_name = "median"
 
     def _aggregate(
@@ -426,6 +507,8 @@ class CoordinateMedian(RobustFedAvg):
 class TrimmedMean(RobustFedAvg):
     """Coordinate-wise trimmed mean: the ``trim`` share of largest and smallest values
     dropped per coordinate (Yin et al., ICML 2018), unweighted."""
+
+    supports_dp = False
 
     rule_name = "trimmed"
 
@@ -444,6 +527,8 @@ class TrimmedMean(RobustFedAvg):
 
 class MixedFedAvgLoss(RobustFedAvg):
     """FedVSSL's mix: β·FedAvg + (1−β)·loss-weighted, element-wise (β = 0.2)."""
+
+    supports_dp = False
 
     rule_name = "mixed"
     requires_loss = True
@@ -478,6 +563,8 @@ class LDAWA(RobustFedAvg):
     The previous global model is the one ``configure_train`` sent this round.
     """
 
+    supports_dp = False
+
     rule_name = "ldawa"
 
     def __init__(self, *, warmup_rounds: int = 2, **kwargs: Any) -> None:
@@ -509,6 +596,8 @@ class FedU(RobustFedAvg):
     both prefix lists so the client can apply
     :func:`~fedspeech.ssl.fedu.fedu_client_update`.
     """
+
+    supports_dp = False
 
     rule_name = "fedu"
 
@@ -549,6 +638,8 @@ class DepthAwarePartial(RobustFedAvg):
     whole (backbone) model. Never calls ``FedAvg.aggregate_train``, whose validation
     requires identical key sets.
     """
+
+    supports_dp = False
 
     rule_name = "partial"
     allow_missing_keys = True

@@ -29,6 +29,8 @@ _RULE_OPTIONS = (
     "clip_norm",
     "min_replies",
     "faults",
+    "dp_noise",
+    "dp_delta",
 )
 _FEDERATED_ONLY = (
     "clients",
@@ -130,6 +132,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     federated.add_argument(
         "--faults", metavar="SPEC", help="inject client faults, e.g. crash=0.1,scale=100:0.05 (docs/reliability.md)"
     )
+    federated.add_argument(
+        "--dp-noise", type=float, metavar="Z", help="DP noise multiplier (needs --clip-norm; fedavg) (default 0 = off)"
+    )
+    federated.add_argument("--dp-delta", type=float, metavar="D", help="delta of the reported epsilon (default 1e-5)")
     federated.add_argument("--clip-norm", type=float, metavar="N", help="clip updates to norm N (default 0 = off)")
     federated.add_argument(
         "--min-replies", type=int, metavar="K", help="fewer valid replies: the round fails (default 1)"

@@ -159,6 +159,7 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
         min_available_nodes=1,
         **rule_options(settings.strategy, settings),
     )
+    strategy.dp_population = num_clients
     hooks = FinetuneRounds(settings, model, classes, dev_loader)
     started_run = time.perf_counter()
     history = run_rounds(

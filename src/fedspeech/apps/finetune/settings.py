@@ -40,6 +40,8 @@ class FinetuneSettings(Settings):
     update_norm_ratio: float = 0.0  # refuse an update whose norm exceeds this x the round's median
     clip_norm: float = 0.0  # scale accepted updates down to this norm
     min_replies: int = 1  # fewer valid replies: the round fails, the global model stays
+    dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
+    dp_delta: float = 1e-5  # the delta epsilon is reported at
     faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
     rounds: int = 10
     clients_per_round: int = 0  # 0 = every client, every round

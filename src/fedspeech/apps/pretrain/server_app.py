@@ -124,6 +124,11 @@ class PretrainRounds(RoundHooks):
         self.keep_checkpoints = settings.keep_checkpoints
         self.val_loader = validation_loader(settings)
 
+    def _privacy(self) -> dict[str, Any]:
+        """The privacy accountant's state, so a resumed run keeps counting epsilon."""
+        state = self.strategy.privacy_state()
+        return {} if state is None else {"privacy": state}
+
     def train_config(self, server_round: int) -> dict[str, Any]:
         return {"lr": self.settings.lr_at_round(server_round), "global-step": int(self.global_step)}
 
@@ -146,7 +151,7 @@ class PretrainRounds(RoundHooks):
             self.out,
             outcome.server_round,
             *method.checkpoint_parts(model),
-            state={"global_step": self.global_step, "settings": settings.to_run_config()},
+            state={"global_step": self.global_step, "settings": settings.to_run_config(), **self._privacy()},
             server_arrays=_server_arrays(self.strategy, self.optimizer_record),
         )
         probes = self.prober(outcome.server_round, method.checkpoint_parts(model)[0]) if self.prober else {}
@@ -186,6 +191,8 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
     first_round, global_step = int(state.get("round", 0)) + 1, float(state.get("global_step", 0.0))
     nodes = wait_for_nodes(grid, len(Partition.load(settings.partition).clients))
     strategy = build_strategy(settings, method)
+    strategy.dp_population = len(nodes)
+    strategy.load_privacy_state(state.get("privacy"))
     if strategy.server_optimizer is not None:
         strategy.server_optimizer.load_state(
             {k.removeprefix(SERVER_OPT_PREFIX): v for k, v in saved.items() if k.startswith(SERVER_OPT_PREFIX)}

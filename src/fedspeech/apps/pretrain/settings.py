@@ -64,6 +64,8 @@ class PretrainSettings(Settings):
     update_norm_ratio: float = 0.0  # refuse an update whose norm exceeds this x the round's median
     clip_norm: float = 0.0  # scale accepted updates down to this norm
     min_replies: int = 1  # fewer valid replies: the round fails, the global model stays
+    dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
+    dp_delta: float = 1e-5  # the delta epsilon is reported at
     faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
     val_max_utterances: int = 64  # held-out speakers' utterances used for validation loss
     probes: str = ""  # per-round frozen-feature probes, e.g. "kws,speaker,asr" (docs/methods.md §4)
