@@ -43,6 +43,10 @@ VARIANTS: dict[str, tuple[dict, str]] = {
         "same attack; trimmed mean (20 % each side)",
     ),
     "crash-fedavg": ({"faults": "crash=0.2"}, "each client crashes with probability 0.2 per round; FedAvg"),
+    # Differential privacy: clipping alone, then Gaussian noise of two multipliers (epsilon in the log).
+    "dp-clip1": ({"clip_norm": 1.0, "dp_noise": 0.0}, "updates clipped to norm 1, no noise"),
+    "dp-z0.1": ({"clip_norm": 1.0, "dp_noise": 0.1}, "DP-FedAvg: clip 1, noise multiplier 0.1"),
+    "dp-z1": ({"clip_norm": 1.0, "dp_noise": 1.0}, "DP-FedAvg: clip 1, noise multiplier 1"),
 }
 
 
@@ -90,6 +94,7 @@ def run_variant(name: str, work: str, rounds: int, seed: int) -> dict:
         "refused_per_round": [len(r["aggregation"].get("refused", {})) for r in records],
         "failed_per_round": [len(r["failed"]) for r in records],
         "seconds": time.perf_counter() - started,
+        "epsilon": records[-1]["aggregation"].get("dp", {}).get("epsilon"),
     }
     cache.write_text(json.dumps(row, indent=2))
     return row
@@ -127,17 +132,19 @@ def main() -> None:
     clean = next((r for r in rows if r["variant"] == "clean-fedavg"), None)
     print(
         "\n| variant | what it shows | val loss by round | final | ÷ clean | refused / failed clients per round "
-        "| final weights finite | wall |"
+        "| final weights finite | epsilon (delta 1e-5) | wall |"
     )
-    print("|---|---|---|---:|---:|---|---|---:|")
+    print("|---|---|---|---:|---:|---|---|---:|---:|")
     for row in rows:
         final = row["val_loss"][-1]
         ratio = f"{final / clean['val_loss'][-1]:.3f}" if clean and math.isfinite(final) else "-"
         curve = " ".join(f"{v:.2f}" for v in row["val_loss"])
         faults = " ".join(f"{a}/{b}" for a, b in zip(row["refused_per_round"], row["failed_per_round"]))
+        finite = "yes" if final_weights_finite(args.work, row) else "no"
+        epsilon = f"{row['epsilon']:.1f}" if row.get("epsilon") is not None else "-"
         print(
             f"| {row['variant']} | {VARIANTS[row['variant']][1]} | {curve} | {final:.3f} | {ratio} | {faults} "
-            f"| {'yes' if final_weights_finite(args.work, row) else 'no'} | {row['seconds'] / 60:.1f} min |"
+            f"| {finite} | {epsilon} | {row['seconds'] / 60:.1f} min |"
         )
     print(f"\n(seed {args.seed}, {args.rounds} rounds of 1 local epoch, 10 clients, batch 1; n=1 per row)")
 
