@@ -56,3 +56,28 @@ def test_the_clis_offer_the_registry_and_the_runner_list():
     assert _choices(earlyexit_cli.register, "early-exit")["runner"] == RUNNERS
     with pytest.raises(ValueError, match="runner: unknown 'ray'"):
         check_runner("ray")
+
+
+def test_the_architecture_docs_worked_example_needs_only_a_class_and_a_registry_entry(monkeypatch):
+    """docs/architecture.md: a new rule = a strategy class + one Rule entry."""
+    import numpy as np
+
+    from fedspeech.federated import aggregation as agg
+    from fedspeech.federated.rules import Rule
+
+    class SqrtWeighted(strategies.RobustFedAvg):
+        rule_name = "sqrt"
+        supports_dp = False
+
+        def _aggregate(self, server_round, reference, updates):
+            weights = np.sqrt([u.num_examples for u in updates])
+            weights = weights / weights.sum()
+            state = agg.weighted_average(reference, [u.state for u in updates], weights)
+            return state, strategies._by_node(updates, weights), {}
+
+    monkeypatch.setattr(strategies, "SqrtWeighted", SqrtWeighted, raising=False)
+    monkeypatch.setitem(RULES, "sqrt", Rule("sqrt", "SqrtWeighted", "weights sqrt(n_k)"))
+    strategy = strategies.make_strategy("sqrt", **{"norm_median_ratio": 3.0})
+    assert isinstance(strategy, SqrtWeighted) and strategy.norm_median_ratio == 3.0
+    assert PretrainSettings(strategy="sqrt").strategy == "sqrt"
+    assert "sqrt" in rule_names(PRETRAIN) and "sqrt" in rule_names(FINETUNE)

@@ -49,11 +49,8 @@ from fedspeech.federated.server_optimizers import ServerOptimizer
 
 logger = logging.getLogger(__name__)
 
-NUM_EXAMPLES_KEY = "num-examples"
 TRAIN_LOSS_KEY = "train_loss"
-ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
-CONFIG_KEY = "config"
 #: Config keys the FedU strategy adds to every train message.
 FEDU_MU_KEY = "fedu-mu"
 FEDU_ENCODER_KEY = "fedu-encoder-prefixes"
