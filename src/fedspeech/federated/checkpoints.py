@@ -101,17 +101,19 @@ def load_server_arrays(folder: Path) -> dict[str, np.ndarray]:
     return load_numpy(str(path)) if path.is_file() else {}
 
 
-def prune_checkpoints(out_dir: Path, keep_last: int, protect: AbstractSet[int] = frozenset()) -> None:
-    """Delete all but the newest ``keep_last`` round folders (0 keeps all). The checkpoint of
-    the last logged round is kept too: until the current round's log line is written, it is
-    where a killed run resumes."""
+def prune_checkpoints(
+    out_dir: Path, keep_last: int, protect: AbstractSet[int] = frozenset(), *, resumable: bool = True
+) -> None:
+    """Delete all but the newest ``keep_last`` round folders (0 keeps all). In a resumable
+    run the checkpoint of the last logged round is kept too: until the current round's log
+    line is written, it is where a killed run resumes."""
     if keep_last <= 0:
         return
     from fedspeech.federated import roundlog
 
     logged = completed_rounds(out_dir)
     logged = [r for r in logged if r <= roundlog.last_round(out_dir)]
-    protect = set(protect) | set(logged[-1:])
+    protect = set(protect) | (set(logged[-1:]) if resumable else set())
     for server_round in completed_rounds(out_dir)[:-keep_last]:
         if server_round not in protect:
             shutil.rmtree(round_dir(out_dir, server_round), ignore_errors=True)

@@ -63,7 +63,7 @@ def _save_best(
         extra,
         state={"task": settings.task, "classes": classes, "settings": settings.to_run_config()},
     )
-    checkpoints.prune_checkpoints(out, 1)
+    checkpoints.prune_checkpoints(out, 1, resumable=False)  # best round only; fine-tuning does not resume
     return folder
 
 
