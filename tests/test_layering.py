@@ -15,7 +15,7 @@ ALLOWED = {
     "ssl": {"models", "data"},
     "downstream": {"models", "data"},
     "profiling": {"models"},
-    "federated": {"models", "data", "figures"},
+    "federated": {"models", "data", "figures", "settings"},
 }
 
 

@@ -51,7 +51,10 @@ def add_settings_flags(
     """One ``--kebab-name`` flag per field (``--flag/--no-flag`` for booleans), default ``None``
     so that :func:`given_settings` can tell which values the user set."""
     choices, flag_names = choices or {}, flag_names or {}
-    for field in dataclasses.fields(settings_type):
+    inherited = {f.name for base in settings_type.__mro__[1:] if dataclasses.is_dataclass(base)
+                 for f in dataclasses.fields(base)}  # fmt: skip
+    # the workload's own flags first, the shared ones (screening, privacy, faults) after them
+    for field in sorted(dataclasses.fields(settings_type), key=lambda f: f.name in inherited):
         if field.name in skip:
             continue
         flag = flag_names.get(field.name, "--" + field.name.replace("_", "-"))

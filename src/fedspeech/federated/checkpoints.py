@@ -111,9 +111,10 @@ def prune_checkpoints(
         return
     from fedspeech.federated import roundlog
 
-    logged = completed_rounds(out_dir)
-    logged = [r for r in logged if r <= roundlog.last_round(out_dir)]
-    protect = set(protect) | (set(logged[-1:]) if resumable else set())
-    for server_round in completed_rounds(out_dir)[:-keep_last]:
+    rounds = completed_rounds(out_dir)
+    if resumable:
+        last_logged = roundlog.last_round(out_dir)
+        protect = set(protect) | {max((r for r in rounds if r <= last_logged), default=0)}
+    for server_round in rounds[:-keep_last]:
         if server_round not in protect:
             shutil.rmtree(round_dir(out_dir, server_round), ignore_errors=True)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedspeech.settings import Settings
+
 PRETRAIN, FINETUNE, EARLYEXIT = "pretrain", "finetune", "earlyexit"
 
 
@@ -103,20 +105,36 @@ def rule_options(name: str, settings: Any) -> dict[str, Any]:
     return options
 
 
-def check_screening(settings: Any) -> None:
-    """Validate the screening fields (and ``trim_fraction`` where present), naming the field."""
-    for field_name in ("update_norm_bound", "update_norm_ratio", "clip_norm"):
-        value = getattr(settings, field_name)
-        if not (value >= 0 and value != float("inf")):
-            raise ValueError(f"{field_name}: must be finite and >= 0 (0 = off), got {value}")
-    if not (settings.dp_noise >= 0 and settings.dp_noise != float("inf")):
-        raise ValueError(f"dp_noise: must be finite and >= 0 (0 = off), got {settings.dp_noise}")
-    if settings.dp_noise > 0 and settings.clip_norm <= 0:
-        raise ValueError("dp_noise: needs clip_norm > 0 (it bounds each client's contribution)")
-    if not 0 < settings.dp_delta < 1:
-        raise ValueError(f"dp_delta: must be in (0, 1), got {settings.dp_delta}")
-    if settings.min_replies < 1:
-        raise ValueError(f"min_replies: must be >= 1, got {settings.min_replies}")
-    trim = getattr(settings, "trim_fraction", 0.0)
-    if not 0.0 <= trim < 0.5:
-        raise ValueError(f"trim_fraction: must be in [0, 0.5), got {trim}")
+@dataclass
+class GuardedSettings(Settings):
+    """The settings every federated workload shares: the screening of every rule
+    (``strategies.RobustFedAvg``; 0 = off), differential privacy and fault injection.
+    Workload settings subclass it, so the fields, their CLI flags and their validation
+    exist once."""
+
+    update_norm_bound: float = 0.0  # refuse an update whose norm |w_k - w| exceeds this
+    update_norm_ratio: float = 0.0  # refuse an update whose norm exceeds this x the round's median
+    clip_norm: float = 0.0  # scale accepted updates down to this norm
+    min_replies: int = 1  # fewer valid replies: the round fails, the global model stays
+    dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
+    dp_delta: float = 1e-5  # the delta epsilon is reported at
+    faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
+
+    def __post_init__(self) -> None:
+        """Validate the shared fields (and ``trim_fraction`` where present), naming the field."""
+        from fedspeech.federated.faults import parse_faults
+
+        for field_name in ("update_norm_bound", "update_norm_ratio", "clip_norm", "dp_noise"):
+            value = getattr(self, field_name)
+            if not (value >= 0 and value != float("inf")):
+                raise ValueError(f"{field_name}: must be finite and >= 0 (0 = off), got {value}")
+        if self.dp_noise > 0 and self.clip_norm <= 0:
+            raise ValueError("dp_noise: needs clip_norm > 0 (it bounds each client's contribution)")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_delta: must be in (0, 1), got {self.dp_delta}")
+        if self.min_replies < 1:
+            raise ValueError(f"min_replies: must be >= 1, got {self.min_replies}")
+        trim = getattr(self, "trim_fraction", 0.0)
+        if not 0.0 <= trim < 0.5:
+            raise ValueError(f"trim_fraction: must be in [0, 0.5), got {trim}")
+        parse_faults(self.faults)  # fails now, naming the entry

@@ -104,7 +104,7 @@ class Device:
         ``mixed_precision``: ``true`` or a list of precisions (non-empty = available);
         ``mixed_speedup`` or ``mixed_precision_speedup``.
         """
-        fields = dict(data)
+        fields: dict[str, Any] = dict(data)
         label = str(fields.pop("name", name or "?"))
         known = {
             "memory_bytes",
@@ -121,12 +121,12 @@ class Device:
             raise ValueError(f"device {label!r}: unknown fields {unknown} (known: {sorted(known)})")
         try:
             if "memory_gb" in fields:
-                fields["memory_bytes"] = float(fields.pop("memory_gb")) * 1e9  # type: ignore[arg-type]
+                fields["memory_bytes"] = float(fields.pop("memory_gb")) * 1e9
             if "memory_gib" in fields:
-                fields["memory_bytes"] = float(fields.pop("memory_gib")) * 2**30  # type: ignore[arg-type]
+                fields["memory_bytes"] = float(fields.pop("memory_gib")) * 2**30
             throughput = fields.get("throughput_flops")
             if "seconds_per_flop" in fields:
-                throughput = 1.0 / float(fields.pop("seconds_per_flop"))  # type: ignore[arg-type]
+                throughput = 1.0 / float(fields.pop("seconds_per_flop"))
             mixed = fields.get("mixed_precision", False)
             precisions = (
                 tuple(str(p) for p in mixed) if isinstance(mixed, (list, tuple)) else (("mixed",) if mixed else ())
@@ -134,13 +134,13 @@ class Device:
             return cls(
                 id=label,
                 name=label,
-                memory_bytes=float(fields["memory_bytes"]),  # type: ignore[arg-type]
-                throughput_flops=None if throughput is None else float(throughput),  # type: ignore[arg-type]
-                headroom=float(fields.get("headroom", 0.2)),  # type: ignore[arg-type]
+                memory_bytes=float(fields["memory_bytes"]),
+                throughput_flops=None if throughput is None else float(throughput),
+                headroom=float(fields.get("headroom", 0.2)),
                 mixed_precision=precisions,
                 mixed_precision_speedup=float(
                     fields.get(
-                        "mixed_speedup",  # type: ignore[arg-type]
+                        "mixed_speedup",
                         fields.get("mixed_precision_speedup", 1.0),
                     )
                 ),

@@ -24,9 +24,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from fedspeech.federated.faults import parse_faults
-from fedspeech.federated.rules import check_screening
-from fedspeech.settings import Settings, round_lr
+from fedspeech.federated.rules import GuardedSettings
+from fedspeech.settings import round_lr
 
 MODES = ("adaptive", "full", "exclusion", "smallest")
 TASKS = ("kws", "asr")
@@ -36,7 +35,7 @@ DEFAULT_FLEET = "raspberry-pi-4:0.4,jetson-xavier-nx:0.3,macbook-pro-2019:0.3"
 
 
 @dataclass
-class EarlyExitSettings(Settings):
+class EarlyExitSettings(GuardedSettings):
     manifest: str = ""
     partition: str = ""
     out_dir: str = "runs/early-exit"
@@ -56,14 +55,6 @@ class EarlyExitSettings(Settings):
     letters: str = ""  # asr: the vocabulary's letters besides the word break and "'"; "" = a-z
     rounds: int = 10
     clients_per_round: int = 0  # 0 = every taking-part client, every round
-    # Screening of every rule (federated/strategies.RobustFedAvg); 0 = off.
-    update_norm_bound: float = 0.0  # refuse an update whose norm |w_k - w| exceeds this
-    update_norm_ratio: float = 0.0  # refuse an update whose norm exceeds this x the round's median
-    clip_norm: float = 0.0  # scale accepted updates down to this norm
-    min_replies: int = 1  # fewer valid replies: the round fails, the global model stays
-    dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
-    dp_delta: float = 1e-5  # the delta epsilon is reported at
-    faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
     local_epochs: int = 1
     batch_size: int = 8
     max_seconds: float = 1.0  # kws: random crop length for training (keywords are shorter)
@@ -85,8 +76,7 @@ class EarlyExitSettings(Settings):
     resume: bool = False
 
     def __post_init__(self) -> None:
-        check_screening(self)
-        parse_faults(self.faults)  # fails now, naming the entry
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
         if self.task not in TASKS:

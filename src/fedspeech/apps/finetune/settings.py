@@ -10,10 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from fedspeech.federated.faults import parse_faults
-from fedspeech.federated.rules import FINETUNE, check_screening, rule_names
+from fedspeech.federated.rules import FINETUNE, GuardedSettings, rule_names
 from fedspeech.federated.runners import RUNNERS as ALL_RUNNERS
-from fedspeech.settings import Settings
 
 TASKS = ("asr", "kws", "speaker")
 STRATEGIES = rule_names(FINETUNE)
@@ -22,7 +20,7 @@ RUNNERS = tuple(r for r in ALL_RUNNERS if r != "deployment")
 
 
 @dataclass
-class FinetuneSettings(Settings):
+class FinetuneSettings(GuardedSettings):
     task: str = "kws"
     manifest: str = ""
     partition: str = ""  # "" = a speaker partition of the task's training data, written to OUT/partition.json
@@ -35,14 +33,6 @@ class FinetuneSettings(Settings):
     mixed_beta: float = 0.2  # mixed FedAvg/loss rule
     ldawa_warmup: int = 2  # L-DAWA: plain FedAvg for this many rounds
     trim_fraction: float = 0.1  # trimmed rule: share of largest and smallest values dropped
-    # Screening of every rule (federated/strategies.RobustFedAvg); 0 = off.
-    update_norm_bound: float = 0.0  # refuse an update whose norm |w_k - w| exceeds this
-    update_norm_ratio: float = 0.0  # refuse an update whose norm exceeds this x the round's median
-    clip_norm: float = 0.0  # scale accepted updates down to this norm
-    min_replies: int = 1  # fewer valid replies: the round fails, the global model stays
-    dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
-    dp_delta: float = 1e-5  # the delta epsilon is reported at
-    faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
     rounds: int = 10
     clients_per_round: int = 0  # 0 = every client, every round
     local_epochs: int = 1
@@ -59,8 +49,7 @@ class FinetuneSettings(Settings):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_screening(self)
-        parse_faults(self.faults)  # fails now, naming the entry
+        super().__post_init__()
         if self.task not in TASKS:
             raise ValueError(f"task: must be one of {TASKS}, got {self.task!r}")
         if self.strategy not in STRATEGIES:

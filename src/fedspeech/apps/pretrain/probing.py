@@ -51,3 +51,12 @@ class RoundProber:
             shutil.copytree(round_dir(self.out_dir, server_round), best)
         self.tracker.save(self.out_dir / TRACKER_FILE)
         return scores
+
+
+def run_prober(settings, out_dir: Path, resume_after: int | None) -> RoundProber | None:
+    """The run's prober (``settings.probes``), or None when the run probes nothing."""
+    if not settings.probe_tasks:
+        return None
+    return RoundProber(
+        settings.manifest, settings.probe_tasks, out_dir, settings.probe_method, settings.seed, resume_after
+    )

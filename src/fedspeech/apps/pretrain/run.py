@@ -110,18 +110,9 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
     import torch
     import torch.utils.data as tud
 
-    prober = None
-    if settings.probe_tasks:
-        from fedspeech.apps.pretrain.probing import RoundProber
+    from fedspeech.apps.pretrain.probing import run_prober
 
-        prober = RoundProber(
-            settings.manifest,
-            settings.probe_tasks,
-            out,
-            settings.probe_method,
-            settings.seed,
-            resume_after=first_round - 1 if latest is not None else None,
-        )
+    prober = run_prober(settings, out, resume_after=first_round - 1 if latest is not None else None)
     records = []
     moments = None  # AdamW state carried across rounds unless optimizer_state="reset"
     if latest is not None:
@@ -172,7 +163,6 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
             state={"global_step": global_step, "settings": settings.to_run_config()},
             server_arrays={f"optimizer.{k}": v.numpy() for k, v in (moments or {}).items()},
         )
-        checkpoints.prune_checkpoints(out, settings.keep_checkpoints)
         probe_scores = prober(server_round, method.checkpoint_parts(model)[0]) if prober else {}
         record = {
             "round": server_round,

@@ -198,18 +198,9 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
             {k.removeprefix(SERVER_OPT_PREFIX): v for k, v in saved.items() if k.startswith(SERVER_OPT_PREFIX)}
         )
     moments = {k.removeprefix(CLIENT_OPT_PREFIX): Array(v) for k, v in saved.items() if k.startswith(CLIENT_OPT_PREFIX)}
-    prober = None
-    if settings.probe_tasks:
-        from fedspeech.apps.pretrain.probing import RoundProber
+    from fedspeech.apps.pretrain.probing import run_prober
 
-        prober = RoundProber(
-            settings.manifest,
-            settings.probe_tasks,
-            out,
-            settings.probe_method,
-            settings.seed,
-            resume_after=first_round - 1 if settings.resume else None,
-        )
+    prober = run_prober(settings, out, resume_after=first_round - 1 if settings.resume else None)
     hooks = PretrainRounds(
         settings, method, model, strategy, global_step, ArrayRecord(moments) if moments else None, prober
     )

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedspeech.federated.faults import parse_faults
-from fedspeech.federated.rules import PRETRAIN, RULES, check_rule, check_screening, rule_names
-from fedspeech.settings import Settings, round_lr
+from fedspeech.federated.rules import PRETRAIN, RULES, GuardedSettings, check_rule, rule_names
+from fedspeech.settings import round_lr
 
 STRATEGIES = rule_names(PRETRAIN)
 METHODS = ("wav2vec2", "byol")
@@ -27,7 +26,7 @@ LR_SCHEDULES = ("round", "step")
 
 
 @dataclass
-class PretrainSettings(Settings):
+class PretrainSettings(GuardedSettings):
     manifest: str = ""
     partition: str = ""
     out_dir: str = "runs/pretrain"
@@ -59,14 +58,6 @@ class PretrainSettings(Settings):
     ldawa_warmup: int = 2  # L-DAWA: plain FedAvg for this many rounds
     fedu_mu: float = 0.4  # FedU divergence threshold
     trim_fraction: float = 0.1  # trimmed rule: share of largest and smallest values dropped
-    # Screening of every rule (federated/strategies.RobustFedAvg); 0 = off.
-    update_norm_bound: float = 0.0  # refuse an update whose norm |w_k - w| exceeds this
-    update_norm_ratio: float = 0.0  # refuse an update whose norm exceeds this x the round's median
-    clip_norm: float = 0.0  # scale accepted updates down to this norm
-    min_replies: int = 1  # fewer valid replies: the round fails, the global model stays
-    dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
-    dp_delta: float = 1e-5  # the delta epsilon is reported at
-    faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
     val_max_utterances: int = 64  # held-out speakers' utterances used for validation loss
     probes: str = ""  # per-round frozen-feature probes, e.g. "kws,speaker,asr" (docs/methods.md §4)
     probe_method: str = "linear"  # or "knn"
@@ -74,8 +65,7 @@ class PretrainSettings(Settings):
     resume: bool = False
 
     def __post_init__(self) -> None:
-        check_screening(self)
-        parse_faults(self.faults)  # fails now, naming the entry
+        super().__post_init__()
         check_rule(self.strategy, PRETRAIN)
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {METHODS}, got {self.method!r}")
