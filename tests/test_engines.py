@@ -170,7 +170,8 @@ def test_stop_all_terminates_detached_descendants_that_ignore_sigterm(tmp_path):
 @pytest.mark.slow
 def test_deployment_engine_over_tls_with_supernode_auth_runs_two_rounds(tmp_path):
     """A SuperLink and two SuperNodes on loopback, TLS with generated certificates, only
-    registered SuperNodes admitted, each SuperNode with its own node config."""
+    registered SuperNodes admitted (a third one with an unregistered key is refused, and the
+    run completes with the registered two), each SuperNode with its own node config."""
     result_path = tmp_path / "result.json"
     node_configs = [
         {"manifest": str(tmp_path / f"client {i}.tsv"), "partition": str(tmp_path / "p.toml")} for i in range(2)
@@ -181,7 +182,16 @@ def test_deployment_engine_over_tls_with_supernode_auth_runs_two_rounds(tmp_path
         tag = cluster.tag
         assert len(tagged_pids(tag)) >= 3  # SuperLink, 2 SuperNodes (+ their SuperExecs)
         assert len(cluster.node_ids) == 2
+        intruder = make_supernode_keys(tmp_path / "intruder-keys", "intruder")  # never registered
+        cluster.start_supernode("intruder", node_config_arg({"partition-id": 9}), Path(intruder.private_key))
         result = cluster.run(APP, {"num-rounds": 2, "result-path": str(result_path)}, timeout=240)
+        assert cluster.online_nodes() == 2  # the intruder never joined
+        refused = "Failed to activate SuperNode"  # Flower's exit code 305 on an unknown key
+        for _ in range(60):
+            if refused in cluster.log_path("intruder").read_text():
+                break
+            time.sleep(1.0)
+        assert refused in cluster.log_path("intruder").read_text()
         assert "https://127.0.0.1" in cluster.log_path("superlink").read_text()
     assert tagged_pids(tag) == []
 

@@ -52,3 +52,34 @@ def test_a_crashing_client_and_a_scaling_attacker_neither_stop_nor_poison_pretra
         settings(small_corpus, partition, tmp_path / "starved", faults="crash=0,malicious=0", min_replies=3, rounds=1)
     )
     assert "fewer than min_replies=3" in starved[0]["round_failed"]
+
+
+def test_a_client_past_the_reply_timeout_is_dropped_and_the_run_goes_on(small_corpus, speaker_partition, tmp_path):
+    partition = speaker_partition(3)
+    # client 1 stalls 6 s before training in every round; the round waits at most 3 s
+    stalled = dict(faults="slow=6:0,malicious=1", reply_timeout=3.0, rounds=1)
+    [record] = run_pretraining(settings(small_corpus, partition, tmp_path / "stalled", **stalled))
+    assert record["sampled"] == [0, 2] and len(record["failed"]) == 1
+    assert "timeout" in record["failed"][0]["error"]
+    assert all(c["seconds"] < 3.0 for c in record["clients"]) and np.isfinite(record["val_loss"])
+
+
+def test_a_node_that_never_answers_gets_an_error_reply():
+    """Flower's grids return only the replies that came within the timeout; the round loop
+    turns each missing one into an error reply, logged like a crash."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedspeech.federated.round_loop import receive_replies
+
+    class SilentNodeGrid:  # node 7 never answers
+        def send_and_receive(self, messages, *, timeout=None):
+            assert timeout == 2.5
+            return [Message(RecordDict(), reply_to=m) for m in messages if m.metadata.dst_node_id != 7]
+
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train") for n in (9, 7, 3)
+    ]
+    replies = receive_replies(SilentNodeGrid(), messages, reply_timeout=2.5)  # type: ignore[arg-type]
+    assert [int(r.metadata.src_node_id) for r in replies] == [3, 7, 9]
+    assert [r.has_error() for r in replies] == [False, True, False]
+    assert "2.5 s reply timeout" in replies[1].error.reason

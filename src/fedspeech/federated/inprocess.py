@@ -15,13 +15,15 @@ Flower's engines.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
@@ -38,7 +40,17 @@ def message_bytes(message: Message) -> int:
     """Bytes of a message's records, as Flower counts them (``count_bytes``)."""
     if not message.has_content():
         return 0
-    return sum(record.count_bytes() for record in message.content.values())
+    return sum(_record_bytes(record) for record in message.content.values())
+
+
+def _record_bytes(record: Any) -> int:
+    """``record.count_bytes()``; Flower's fails on an empty list value (it looks at the first
+    item), as SecAgg+ sends them, so those values count as their key only."""
+    if isinstance(record, ConfigRecord) and any(isinstance(v, list) and not v for v in record.values()):
+        empty = [k for k, v in record.items() if isinstance(v, list) and not v]
+        rest = ConfigRecord({k: v for k, v in record.items() if k not in empty})
+        return rest.count_bytes() + sum(len(k) for k in empty)
+    return int(record.count_bytes())
 
 
 def client_rows(replies: list[Message], extra_metrics: tuple[str, ...] = ()) -> list[dict]:
@@ -63,6 +75,17 @@ def client_rows(replies: list[Message], extra_metrics: tuple[str, ...] = ()) -> 
             }
         )
     return sorted(rows, key=lambda r: r.get("client", -1))
+
+
+def _own_copy(message: Message) -> Message:
+    """The message as this node alone receives it. Flower's engines deserialise a copy per
+    node; here the same objects would be shared, and a client that edits its records (as
+    Flower's ``secaggplus_mod`` pops its config keys) would change every other node's. The
+    records are copied, their arrays (immutable bytes) shared."""
+    own = copy.copy(message)
+    if message.has_content():
+        own.content = RecordDict({name: type(record)(dict(record)) for name, record in message.content.items()})
+    return own
 
 
 @dataclass
@@ -140,7 +163,7 @@ class InProcessGrid(Grid):
         start = time.perf_counter()
         error = None
         try:
-            reply = self.client_app(message, context)
+            reply = self.client_app(_own_copy(message), context)
         except Exception as exc:  # a faulty client must not stop the run
             log.warning("client %s failed: %s", context.node_config.get("partition-id"), exc, exc_info=True)
             error = f"{type(exc).__name__}: {exc}"
@@ -165,7 +188,18 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Replies of the clients that finished within ``timeout`` seconds. Clients run one
+        after another here but in parallel on Flower's engines, so the timeout applies to each
+        client's own time: a slower reply is discarded as it would not have arrived in time
+        (a client that never returns blocks this runner; Flower's engines drop it)."""
+        first_call = len(self.calls)
+        ids = list(self.push_messages(messages))
+        if timeout is not None:
+            for message_id, call in zip(ids, self.calls[first_call:], strict=True):
+                if call.seconds > timeout:
+                    self._replies.pop(message_id, None)
+                    call.error = f"replied after {call.seconds:.1f} s, beyond the {timeout:g} s timeout"
+        return self.pull_messages(ids)
 
 
 def run_inprocess(

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp import Grid
 
 from fedspeech.federated import checkpoints, roundlog
 from fedspeech.federated.sampling import SampledGrid, sampled_nodes
+from fedspeech.federated.secagg import secure_replies
 from fedspeech.federated.strategies import RobustFedAvg, RoundReport
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,13 @@ def run_rounds(
     out: Path,
     first_round: int = 1,
     label: str = "federated rounds",
+    reply_timeout: float = 0.0,
+    secure_aggregation: bool = False,
 ) -> list[dict[str, Any]]:
     """Run rounds ``first_round``..``rounds``; returns the records appended to the round log
-    (each with ``round_seconds`` added)."""
+    (each with ``round_seconds`` added). ``reply_timeout`` > 0: a client that has not replied
+    that many seconds after the round's messages went out is dropped from the round.
+    ``secure_aggregation``: the replies come from a SecAgg+ round (:mod:`secagg`)."""
     from rich.progress import Progress
 
     records = []
@@ -91,7 +96,10 @@ def run_rounds(
             config = ConfigRecord(hooks.train_config(server_round))
             messages = list(strategy.configure_train(server_round, arrays, config, SampledGrid(grid, chosen)))
             hooks.prepare_messages(server_round, messages)
-            replies = sorted(grid.send_and_receive(messages), key=lambda m: int(m.metadata.src_node_id))
+            if secure_aggregation:
+                replies = secure_replies(grid, messages, server_round, timeout=reply_timeout)
+            else:
+                replies = receive_replies(grid, messages, reply_timeout)
             hooks.check_replies(server_round, replies)
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:  # our strategies return the full global record
@@ -108,6 +116,20 @@ def run_rounds(
             records.append(record)
             progress.advance(task)
     return records
+
+
+def receive_replies(grid: Grid, messages: list[Message], reply_timeout: float = 0.0) -> list[Message]:
+    """Send ``messages`` and wait for the replies, at most ``reply_timeout`` seconds (0 = no
+    limit); in node order. A node that did not answer in time gets an error reply, so it is
+    logged as failed like a client that raised, and the round goes on without it."""
+    replies = list(grid.send_and_receive(messages, timeout=reply_timeout or None))
+    answered = {int(reply.metadata.src_node_id) for reply in replies}
+    for message in messages:
+        if int(message.metadata.dst_node_id) not in answered:
+            reason = f"no reply within the {reply_timeout:g} s reply timeout"
+            log.warning("node %d: %s; dropped from this round", message.metadata.dst_node_id, reason)
+            replies.append(Message(Error(code=0, reason=reason), reply_to=message))
+    return sorted(replies, key=lambda m: int(m.metadata.src_node_id))
 
 
 def resume_point(out: Path, resume: bool, *, resumable: bool = True) -> tuple[Path | None, dict[str, Any]]:

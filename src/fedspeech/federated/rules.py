@@ -105,6 +105,20 @@ def rule_options(name: str, settings: Any) -> dict[str, Any]:
     return options
 
 
+#: ``--help`` texts of the :class:`GuardedSettings` fields, shared by every workload's CLI.
+GUARDED_HELPS: Mapping[str, str] = {
+    "update_norm_bound": "refuse an update whose norm |w_k - w| exceeds this (0 = off)",
+    "update_norm_ratio": "refuse an update whose norm exceeds this x the round's median (0 = off)",
+    "clip_norm": "scale accepted updates down to this norm (0 = off)",
+    "min_replies": "fewer valid replies: the round fails and the global model stays",
+    "reply_timeout": "seconds a round waits for its clients; later replies are dropped (0 = no limit)",
+    "dp_noise": "differential privacy: Gaussian noise multiplier (needs --clip-norm)",
+    "dp_delta": "delta at which epsilon is reported",
+    "secure_aggregation": "SecAgg+ (Flower's): the server sees only the sum of the updates (fedavg, >= 3 clients)",
+    "faults": "inject client faults in simulated runs, e.g. crash=0.1,scale=100:0.05 (docs/reliability.md)",
+}
+
+
 @dataclass
 class GuardedSettings(Settings):
     """The settings every federated workload shares: the screening of every rule
@@ -116,15 +130,17 @@ class GuardedSettings(Settings):
     update_norm_ratio: float = 0.0  # refuse an update whose norm exceeds this x the round's median
     clip_norm: float = 0.0  # scale accepted updates down to this norm
     min_replies: int = 1  # fewer valid replies: the round fails, the global model stays
+    reply_timeout: float = 0.0  # seconds a round waits for its clients; later ones are dropped (0 = no limit)
     dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
     dp_delta: float = 1e-5  # the delta epsilon is reported at
+    secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the sum (federated/secagg.py)
     faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
 
     def __post_init__(self) -> None:
         """Validate the shared fields (and ``trim_fraction`` where present), naming the field."""
         from fedspeech.federated.faults import parse_faults
 
-        for field_name in ("update_norm_bound", "update_norm_ratio", "clip_norm", "dp_noise"):
+        for field_name in ("update_norm_bound", "update_norm_ratio", "clip_norm", "dp_noise", "reply_timeout"):
             value = getattr(self, field_name)
             if not (value >= 0 and value != float("inf")):
                 raise ValueError(f"{field_name}: must be finite and >= 0 (0 = off), got {value}")
@@ -138,3 +154,7 @@ class GuardedSettings(Settings):
         if not 0.0 <= trim < 0.5:
             raise ValueError(f"trim_fraction: must be in [0, 0.5), got {trim}")
         parse_faults(self.faults)  # fails now, naming the entry
+        if self.secure_aggregation:
+            from fedspeech.federated.secagg import check_secagg
+
+            check_secagg(getattr(self, "strategy", "partial"), self)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from fedspeech.apps.earlyexit.settings import DEFAULT_FLEET, MODES, PRECISIONS, TASKS, EarlyExitSettings
+from fedspeech.federated.rules import GUARDED_HELPS
 from fedspeech.federated.runners import RUNNERS
 from fedspeech.settings import add_settings_flags, given_settings
 
@@ -46,7 +47,7 @@ _HELPS = {
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ``EarlyExitSettings`` field, so the CLI and Flower's run config agree."""
-    add_settings_flags(parser, EarlyExitSettings, _HELPS, choices=_CHOICES, skip=_NOT_FLAGS)
+    add_settings_flags(parser, EarlyExitSettings, {**GUARDED_HELPS, **_HELPS}, choices=_CHOICES, skip=_NOT_FLAGS)
 
 
 def settings_from_args(args: argparse.Namespace) -> EarlyExitSettings:

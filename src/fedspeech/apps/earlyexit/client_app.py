@@ -35,6 +35,7 @@ from fedspeech.apps.earlyexit.task import (
 from fedspeech.data.audio import make_loader
 from fedspeech.data.partition import Partition
 from fedspeech.federated.faults import faults_mod
+from fedspeech.federated.secagg import secagg_mod
 from fedspeech.models.feature_cache import FrozenFeatureCache
 from fedspeech.profiling.catalogue import Device
 from fedspeech.profiling.depth_planner import DepthCostModel
@@ -43,7 +44,8 @@ from fedspeech.ssl.train import train_local
 log = logging.getLogger(__name__)
 
 
-client_app = ClientApp(mods=[faults_mod])  # faults_mod: no-op unless the run injects faults
+# no-ops unless the run asks for them; secagg_mod first: faults act on the training step it wraps
+client_app = ClientApp(mods=[secagg_mod, faults_mod])
 
 # What a client keeps in its node's ``context.state`` for the rest of the run. Under the
 # Deployment Engine every message runs in a fresh ClientApp process, so in-memory caches

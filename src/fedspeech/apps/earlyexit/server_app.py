@@ -32,7 +32,14 @@ from fedspeech.apps.earlyexit.task import HEAD_PREFIX, build_model, eval_dataset
 from fedspeech.data.partition import Partition
 from fedspeech.federated import checkpoints, roundlog
 from fedspeech.federated.inprocess import message_bytes
-from fedspeech.federated.round_loop import RoundHooks, RoundOutcome, resume_point, round_totals, run_rounds
+from fedspeech.federated.round_loop import (
+    RoundHooks,
+    RoundOutcome,
+    receive_replies,
+    resume_point,
+    round_totals,
+    run_rounds,
+)
 from fedspeech.federated.rules import rule_options
 from fedspeech.federated.sampling import wait_for_nodes
 from fedspeech.federated.strategies import make_strategy
@@ -46,13 +53,16 @@ server_app = ServerApp()
 PLAN_FILE = "plan.json"
 
 
-def _query_plans(grid: Grid, nodes: list[int]) -> tuple[dict[int, ClientPlan], dict[int, str]]:
-    """Every node's own depth plan; nodes that fail to plan are reported, not fatal."""
+def _query_plans(
+    grid: Grid, nodes: list[int], reply_timeout: float = 0.0
+) -> tuple[dict[int, ClientPlan], dict[int, str]]:
+    """Every node's own depth plan; nodes that fail to plan (or do not answer within
+    ``reply_timeout`` seconds) are reported, not fatal."""
     messages = [
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
     ]
     plans, failed = {}, {}
-    for reply in grid.send_and_receive(messages):
+    for reply in receive_replies(grid, messages, reply_timeout):
         node = int(reply.metadata.src_node_id)
         if reply.has_error():
             failed[node] = reply.error.reason
@@ -230,7 +240,7 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
     first_round = int(state.get("round", 0)) + 1
     num_clients = Partition.load(settings.partition).num_clients
     nodes = wait_for_nodes(grid, num_clients)
-    plans, failed = _query_plans(grid, nodes)
+    plans, failed = _query_plans(grid, nodes, settings.reply_timeout)
     deadline = settings.deadline
     if not deadline:
         deadline = inclusive_deadline(plans.values())
@@ -265,6 +275,8 @@ def run_server(grid: Grid, settings: EarlyExitSettings) -> list[dict]:
         out=out,
         first_round=first_round,
         label=f"early-exit fine-tuning ({settings.mode})",
+        reply_timeout=settings.reply_timeout,
+        secure_aggregation=settings.secure_aggregation,
     )
 
 

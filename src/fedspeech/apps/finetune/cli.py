@@ -28,6 +28,8 @@ _RULE_OPTIONS = (
     "update_norm_ratio",
     "clip_norm",
     "min_replies",
+    "reply_timeout",
+    "secure_aggregation",
     "faults",
     "dp_noise",
     "dp_delta",
@@ -139,6 +141,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     federated.add_argument("--clip-norm", type=float, metavar="N", help="clip updates to norm N (default 0 = off)")
     federated.add_argument(
         "--min-replies", type=int, metavar="K", help="fewer valid replies: the round fails (default 1)"
+    )
+    federated.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        default=None,
+        help="Flower's SecAgg+: the server sees only the sum of the updates (fedavg, >= 3 clients)",
+    )
+    federated.add_argument(
+        "--reply-timeout",
+        type=float,
+        metavar="S",
+        help="drop clients that reply after S seconds (default 0 = no limit)",
     )
     federated.add_argument(
         "--runner", choices=RUNNERS, help="inprocess (default, no Ray) or Flower's Simulation Engine"

@@ -9,8 +9,10 @@ from flwr.clientapp import ClientApp
 from fedspeech.apps.finetune.settings import FinetuneSettings
 from fedspeech.apps.finetune.task import CLASSES_KEY, LR_SCALE_KEY, local_finetune
 from fedspeech.federated.faults import faults_mod
+from fedspeech.federated.secagg import secagg_mod
 
-client_app = ClientApp(mods=[faults_mod])  # faults_mod: no-op unless the run injects faults
+# no-ops unless the run asks for them; secagg_mod first: faults act on the training step it wraps
+client_app = ClientApp(mods=[secagg_mod, faults_mod])
 
 
 @client_app.train()

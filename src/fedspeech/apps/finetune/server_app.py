@@ -173,6 +173,8 @@ def run_server(grid: Grid, settings: FinetuneSettings) -> dict[str, Any]:
         rounds=settings.rounds,
         out=out,
         label="federated fine-tuning",
+        reply_timeout=settings.reply_timeout,
+        secure_aggregation=settings.secure_aggregation,
     )
     train_seconds = time.perf_counter() - started_run
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedspeech.apps.pretrain.settings import METHODS, SERVER_OPTIMIZERS, STRATEGIES, PretrainSettings
+from fedspeech.federated.rules import GUARDED_HELPS
 from fedspeech.federated.runners import RUNNERS
 from fedspeech.settings import add_settings_flags, given_settings
 
@@ -39,7 +40,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         "server_momentum": "server momentum (FedAvgM server_momentum, FedAdam/FedYogi beta_1)",
         "server_tau": "FedAdam/FedYogi/FedAdagrad adaptivity tau",
     }
-    add_settings_flags(parser, PretrainSettings, helps, flag_names={"out_dir": "--out"})
+    add_settings_flags(parser, PretrainSettings, {**GUARDED_HELPS, **helps}, flag_names={"out_dir": "--out"})
 
 
 def settings_from_args(args: argparse.Namespace) -> PretrainSettings:

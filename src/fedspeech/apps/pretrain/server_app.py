@@ -216,6 +216,8 @@ def run_server(grid: Grid, settings: PretrainSettings) -> list[dict]:
         out=out,
         first_round=first_round,
         label="federated pretraining",
+        reply_timeout=settings.reply_timeout,
+        secure_aggregation=settings.secure_aggregation,
     )
 
 

@@ -151,31 +151,38 @@ class DeploymentCluster:
                 self.startup_timeout,
                 ca_file=cast(Certificates, self.certificates).ca_cert if self.tls else None,
             )
-            auth_args = self._register_all() if self.supernode_auth else [[] for _ in self.node_configs]
+            keys: list[Path | None] = [*self._register_all()] if self.supernode_auth else [None] * self.num_supernodes
             for i in range(self.num_supernodes):
-                processes.start(
-                    f"supernode-{i}",
-                    [
-                        str(bin_dir / "flower-supernode"),
-                        *self._tls_args("supernode"),
-                        *auth_args[i],
-                        "--superlink",
-                        self.address,
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
-                        self._node_args[i],
-                    ],
-                )
+                self.start_supernode(f"supernode-{i}", self._node_args[i], keys[i])
             self._wait_nodes_online()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _register_all(self) -> list[list[str]]:
+    def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> None:
+        """Start one more SuperNode (``node_config`` as ``--node-config`` takes it), with this
+        private key under SuperNode authentication; it joins only if its key is registered."""
+        if self._processes is None:
+            raise RuntimeError("start the cluster first")
+        self._processes.start(
+            name,
+            [
+                str(Path(sys.executable).parent / "flower-supernode"),
+                *self._tls_args("supernode"),
+                *(["--auth-supernode-private-key", str(private_key)] if private_key is not None else []),
+                "--superlink",
+                self.address,
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+            ],
+        )
+
+    def _register_all(self) -> list[Path]:
         """Create a key pair per SuperNode and register the public keys with the SuperLink
-        (concurrently: each `flwr` call is a Python start-up); returns each node's args."""
+        (concurrently: each `flwr` call is a Python start-up); returns each node's private key."""
         assert self._processes is not None
         processes = self._processes
         keys = [
@@ -195,7 +202,7 @@ class DeploymentCluster:
                     f"{reply.get('error-message') or tail(done.stdout + done.stderr)}"
                 )
             self.node_ids.append(int(reply["node-id"]))
-        return [["--auth-supernode-private-key", str(k.private_key)] for k in keys]
+        return [Path(k.private_key) for k in keys]
 
     def online_nodes(self) -> int:
         """How many SuperNodes the SuperLink reports online (``flwr supernode list``)."""
