@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/profiling_doc_tables.py [runs/profiling_docs]
 
-Prints one table per section (modules, sweep, precision, savers, catalogue); nothing is
+Prints one table per section (modules, conventions, sweep, precision, savers, catalogue); nothing is
 typed in by hand.
 """
 
@@ -46,6 +46,26 @@ def modules(folder: Path) -> str:
         ]
     )
     return table(headers, rows + [steps])
+
+
+def conventions(folder: Path) -> str:
+    """base and large at 5.5 s under both counting conventions, side by side."""
+    runs = [(model, convention) for model in ("base", "large") for convention in ("complete", "gao2022")]
+    reports = {run: json.loads((folder / f"conv_{run[0]}_{run[1]}.json").read_text()) for run in runs}
+    headers = ["module"] + [f"{m} {c} params" for m, c in runs] + [f"{m} {c} GFLOPs" for m, c in runs]
+
+    def cell(run: tuple[str, str], module: str, key: str) -> str:
+        entry = reports[run]["modules"].get(module)
+        if entry is None:
+            return "(in quantization)"
+        return f"{entry['params']:,}" if key == "params" else f"{entry['gflops']:.3f}"
+
+    modules = ("cnn_encoder", "transformer", "quantization", "projections", "other", "total")
+    rows = [
+        [f"`{module}`"] + [cell(run, module, "params") for run in runs] + [cell(run, module, "gflops") for run in runs]
+        for module in modules
+    ]
+    return table(headers, rows)
 
 
 def sweep(folder: Path) -> str:
@@ -134,6 +154,7 @@ def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/profiling_docs")
     for name, make in (
         ("MODULES", lambda: modules(folder)),
+        ("CONVENTIONS", lambda: conventions(folder)),
         ("SWEEP", lambda: sweep(folder)),
         ("PRECISION", lambda: precision(folder)),
         ("SAVERS", lambda: savers(folder)),

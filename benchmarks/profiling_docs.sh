@@ -12,6 +12,12 @@ run tiny       profile --model tiny  --seconds 5 --batch 1 --threads 1 --repeats
 run base_sweep profile --model base  --seconds 5 --batch 1 --threads 1 --sweep-seconds 1,2,4,8,12,16,20 \
                        --json "$OUT/base.json" --plots docs/img/profiling
 run large      profile --model large --seconds 5 --batch 1 --threads 1 --json "$OUT/large.json" --plots docs/img/profiling
+for model in base large; do
+    for convention in complete gao2022; do
+        run "conv_${model}_$convention" profile --model "$model" --seconds 5.5 --batch 1 --threads 1 --repeats 0 \
+                       --convention "$convention" --json "$OUT/conv_${model}_$convention.json"
+    done
+done
 run base_prec  profile --model base  --seconds 2 --batch 1 --threads 1 --compare-precision \
                        --json "$OUT/base_prec.json" --plots docs/img/profiling/precision
 run base_savers profile --model base --seconds 5 --batch 1 --threads 1 \

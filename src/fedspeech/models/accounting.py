@@ -6,6 +6,11 @@ layer norm, each Transformer layer) and, with a pretraining head, ``quantizer``,
 ``project_hid``, ``project_q``. Groups follow docs/methods.md §1. Whatever belongs to no unit
 (``masked_spec_embed``, glue ops between layers) is reported as ``other``, never dropped.
 
+Two counting conventions (:data:`CONVENTIONS`): ``complete`` counts every op torch's counter
+has a formula for; ``gao2022`` is the reference study's per-module table (METHODS.md §1): the
+FLOPs of conv and linear layers only (no attention Q·Kᵀ / A·V products), and the contrastive
+projections (:data:`PROJECTIONS`) outside every module and the total.
+
 Why not just ``FlopCounterMode.get_flop_counts()`` per module: its module tracker assigns
 backward FLOPs by module-boundary gradient hooks, which in these models hands one layer's
 backward to its neighbour (e.g. the feature projection's backward lands in the positional
@@ -19,7 +24,7 @@ included. Saved tensors are attributed the same way, through
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +36,20 @@ aten = torch.ops.aten
 
 GROUPS = ("cnn_encoder", "transformer", "quantization")
 OTHER = "other"
+PROJECTIONS = ("project_hid", "project_q")
+COMPLETE, GAO2022 = "complete", "gao2022"
+CONVENTIONS = {
+    COMPLETE: "every counted op (conv, linear, attention Q·Kᵀ and A·V); "
+    "quantization = quantizer + project_hid + project_q",
+    GAO2022: "conv + linear layers only (no attention Q·Kᵀ / A·V); quantization = quantizer only, "
+    "project_hid + project_q listed as projections, outside the total",
+}
+COUNTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d)
+
+
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown counting convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +93,7 @@ def discover_units(model: nn.Module) -> list[Unit]:
                 add(f"{prefix}encoder.{child_name}.{index}", "transformer")
         elif any(True for _ in child.parameters()):
             add(f"{prefix}encoder.{child_name}", "transformer")
-    for head in ("quantizer", "project_hid", "project_q"):
+    for head in ("quantizer", *PROJECTIONS):
         if isinstance(getattr(model, head, None), nn.Module):
             add(head, "quantization")
     return units
@@ -261,20 +280,55 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
 
 
+class ConvLinearGate:
+    """Tells whether the forward of a conv or linear layer (:data:`COUNTED_LAYERS`) is running,
+    so the gao2022 convention can count those layers' ops and nothing else (the attention's
+    Q·Kᵀ and A·V run outside them). Forward only: it is used for inference FLOPs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, COUNTED_LAYERS)]
+        self.depth = 0
+        self._handles: list[Any] = []
+
+    def __call__(self) -> bool:
+        return self.depth > 0
+
+    def _enter_layer(self, module: nn.Module, args: tuple) -> None:
+        self.depth += 1
+
+    def _leave_layer(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.depth -= 1
+
+    def __enter__(self) -> ConvLinearGate:
+        for layer in self.layers:
+            self._handles.append(layer.register_forward_pre_hook(self._enter_layer))
+            self._handles.append(layer.register_forward_hook(self._leave_layer))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.depth = 0
+
+
 class UnitFlopCounter(FlopCounterMode):
     """torch's FlopCounterMode, with counts also split by :class:`UnitAttribution` units.
 
     Overrides the private ``_count_flops`` hook of torch 2.13 (pinned); the FLOP formulas
-    (2 per multiply-add; matmul, conv, attention and their backward) stay torch's.
+    (2 per multiply-add; matmul, conv, attention and their backward) stay torch's. With
+    ``counts``, an op is counted only while ``counts()`` is true (see :class:`ConvLinearGate`).
     """
 
-    def __init__(self, attribution: UnitAttribution) -> None:
+    def __init__(self, attribution: UnitAttribution, counts: Callable[[], bool] | None = None) -> None:
         super().__init__(display=False, custom_mapping=FLOP_FORMULAS)
         self.attribution = attribution
+        self.counts = counts
         self.unit_flops: dict[str, int] = defaultdict(int)
 
     def _count_flops(self, func_packet, out, args, kwargs):
-        if func_packet in self.flop_registry:
+        if func_packet in self.flop_registry and (self.counts is None or self.counts()):
             count = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
             self.unit_flops[self.attribution.current()] += count
             self.flop_counts["Global"][func_packet] += count

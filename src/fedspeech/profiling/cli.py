@@ -67,6 +67,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     profile.add_argument("--compare-precision", action="store_true", help="also measure fp32, bf16 and fp16")
     profile.add_argument(
+        "--convention",
+        choices=("complete", "gao2022"),
+        default="complete",
+        help="counting convention of the module table: complete (default: every counted op, quantization = "
+        "quantizer + contrastive projections) or gao2022 (the reference study's table: conv + linear layers "
+        "only, quantization = quantizer only, projections listed outside the total)",
+    )
+    profile.add_argument(
         "--repeats", type=int, default=1, help="timed steps per measurement after warm-up (default: 1)"
     )
     profile.set_defaults(func=run_profile)
@@ -168,6 +176,7 @@ def run_profile(args: argparse.Namespace) -> int:
         args.sweep_seconds,
         args.compare_precision,
         log=log.info,
+        convention=args.convention,
     )
     print(render(report))
     _write_json(args.json, report)

@@ -16,15 +16,20 @@ instrumentation never inflates what it does not measure:
 from __future__ import annotations
 
 import statistics
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from fedspeech.models.accounting import (
+    COMPLETE,
+    GAO2022,
     OTHER,
+    ConvLinearGate,
     UnitAttribution,
     UnitFlopCounter,
+    check_convention,
     count_params,
     discover_units,
     unattributed_params,
@@ -92,14 +97,19 @@ def _layer_table(model: nn.Module) -> tuple[list[LayerFigures], LayerFigures, Un
     return layers, other, UnitAttribution(model, units)
 
 
-def inference_flops(template: nn.Module, seconds: float, seed: int = 0) -> tuple[list[LayerFigures], LayerFigures]:
-    """Forward FLOPs of one utterance (batch 1, eval mode, no masking) per layer."""
+def inference_flops(
+    template: nn.Module, seconds: float, seed: int = 0, convention: str = COMPLETE
+) -> tuple[list[LayerFigures], LayerFigures]:
+    """Forward FLOPs of one utterance (batch 1, eval mode, no masking) per layer, counted under
+    ``convention`` (``gao2022``: conv and linear layers only)."""
+    check_convention(convention)
     layers, other, attribution = _layer_table(template)
     audio = synthetic_batch(template, 1, seconds, seed).input_values
+    gate = ConvLinearGate(template) if convention == GAO2022 else None
     was_training = template.training
     template.eval()
     try:
-        with torch.no_grad(), attribution, UnitFlopCounter(attribution) as counter:
+        with torch.no_grad(), attribution, gate or nullcontext(), UnitFlopCounter(attribution, gate) as counter:
             template(audio)
     finally:
         template.train(was_training)

@@ -2,9 +2,14 @@
 
 JSON schema (``fedspeech.profile/1``), all FLOPs in GFLOPs (2 FLOPs per multiply-add):
 
+- ``convention``: ``name`` and ``description`` of the counting convention ``modules`` and the
+  sweep's ``inference_gflops`` follow (``complete`` or ``gao2022``, fedspeech.models.accounting);
+  the per-layer and train-step figures are always complete counts.
 - ``modules``: ``cnn_encoder``, ``transformer``, ``quantization``, ``other``, ``total`` ->
   ``params``, ``gflops`` (inference: one utterance of S seconds, batch 1). ``other`` holds what
-  docs/methods.md §1 puts in no group (``masked_spec_embed``), so the groups add up to ``total``.
+  docs/methods.md §1 puts in no group (``masked_spec_embed``). ``complete``: the groups add up to
+  ``total``. ``gao2022``: ``quantization`` is the quantizer alone, ``projections`` holds
+  ``project_hid`` + ``project_q``, and ``total`` is the three groups only (as published).
 - ``layers``: every conv layer, feature projection, positional conv, encoder layer norm, each
   Transformer layer, quantizer and the two projections -> ``name``, ``module``, ``group``,
   ``params``, ``forward_gflops``, ``train_gflops``, ``activation_bytes`` at the requested batch.
@@ -23,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedspeech.models.accounting import GROUPS, OTHER
+from fedspeech.models.accounting import COMPLETE, CONVENTIONS, GAO2022, GROUPS, OTHER, PROJECTIONS, check_convention
 from fedspeech.profiling.measure import GIGA, LayerFigures, StepMeasurement, inference_flops, measure_step
 from fedspeech.profiling.savers import PRECISIONS, Savers
 
@@ -35,17 +40,29 @@ MEMORY_METHOD = (
     "torch.cuda.max_memory_allocated. Allocator and framework overhead are not included."
 )
 Log = Callable[[str], None]
+PROJECTIONS_KEY = "projections"
 
 
 def _gflops(flops: float) -> float:
     return flops / GIGA
 
 
-def modules_table(layers: list[LayerFigures], other: LayerFigures) -> dict[str, dict[str, float | str]]:
-    """Per-group params and inference GFLOPs; the groups plus ``other`` add up to ``total``."""
+def modules_table(
+    layers: list[LayerFigures], other: LayerFigures, convention: str = COMPLETE
+) -> dict[str, dict[str, float | str]]:
+    """Per-group params and inference GFLOPs (FLOPs as counted by ``inference_flops`` under the
+    same convention). ``complete``: the groups plus ``other`` add up to ``total``. ``gao2022``:
+    the contrastive projections form their own ``projections`` entry and ``total`` is the three
+    METHODS.md §1 groups only, as in the reference study's table."""
+    check_convention(convention)
+    split = convention == GAO2022
+
+    def group_of(layer: LayerFigures) -> str:
+        return PROJECTIONS_KEY if split and layer.name in PROJECTIONS else layer.group
+
     table: dict[str, dict[str, float | str]] = {}
-    for group in GROUPS:
-        members = [layer for layer in layers if layer.group == group]
+    for group in GROUPS + ((PROJECTIONS_KEY,) if split else ()):
+        members = [layer for layer in layers if group_of(layer) == group]
         flops = sum(m.forward_flops for m in members)
         table[group] = {"params": sum(m.params for m in members), "gflops": _gflops(flops), "flops": flops}
     table[OTHER] = {
@@ -54,12 +71,13 @@ def modules_table(layers: list[LayerFigures], other: LayerFigures) -> dict[str, 
         "flops": other.forward_flops,
         "includes": other.module,
     }
-    flops = sum(layer.forward_flops for layer in layers) + other.forward_flops
-    table["total"] = {
-        "params": sum(layer.params for layer in layers) + other.params,
-        "gflops": _gflops(flops),
-        "flops": flops,
-    }
+    if split:
+        flops = sum(int(table[group]["flops"]) for group in GROUPS)
+        params = sum(int(table[group]["params"]) for group in GROUPS)
+    else:
+        flops = sum(layer.forward_flops for layer in layers) + other.forward_flops
+        params = sum(layer.params for layer in layers) + other.params
+    table["total"] = {"params": params, "gflops": _gflops(flops), "flops": flops}
     return table
 
 
@@ -134,10 +152,13 @@ def profile(
     sweep_seconds: list[float] | None = None,
     compare_precision: bool = False,
     log: Log = lambda message: None,
+    convention: str = COMPLETE,
 ) -> dict[str, Any]:
-    """Everything ``fedspeech profile`` reports, as the JSON-ready dict described above."""
-    log(f"inference FLOPs: {model_name}, {seconds:g} s, batch 1")
-    inference_layers, inference_other = inference_flops(template, seconds)
+    """Everything ``fedspeech profile`` reports, as the JSON-ready dict described above;
+    ``convention`` applies to the module table and the sweep's inference FLOPs."""
+    check_convention(convention)
+    log(f"inference FLOPs: {model_name}, {seconds:g} s, batch 1, convention {convention}")
+    inference_layers, inference_other = inference_flops(template, seconds, convention=convention)
     log(f"train step: batch {batch}, {savers.effective_seconds(seconds):g} s, {savers.effective_precision(precision)}")
     main = measure_step(template, model_name, seconds, batch, precision, savers, device_type, repeats)
     report: dict[str, Any] = {
@@ -154,7 +175,8 @@ def profile(
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
         },
-        "modules": modules_table(inference_layers, inference_other),
+        "convention": {"name": convention, "description": CONVENTIONS[convention]},
+        "modules": modules_table(inference_layers, inference_other, convention),
         "layers": layer_rows(main),
         "unattributed": {
             "params": main.other.params,
@@ -183,7 +205,7 @@ def profile(
         report["savers"] = saver_rows(baseline, variants)
     if sweep_seconds:
         report["sweep"] = sweep(
-            template, model_name, sweep_seconds, batch, precision, savers, device_type, repeats, log
+            template, model_name, sweep_seconds, batch, precision, savers, device_type, repeats, log, convention
         )
     if compare_precision:
         rows = []
@@ -215,12 +237,14 @@ def sweep(
     device_type: str,
     repeats: int,
     log: Log = lambda message: None,
+    convention: str = COMPLETE,
 ) -> list[dict[str, Any]]:
-    """Memory and FLOPs versus input length (crop saver ignored: the sweep sets the length)."""
+    """Memory and FLOPs versus input length (crop saver ignored: the sweep sets the length);
+    ``inference_gflops`` under ``convention``, train-step figures complete."""
     rows = []
     for length in lengths:
         log(f"sweep: {length:g} s")
-        layers, other = inference_flops(template, length)
+        layers, other = inference_flops(template, length, convention=convention)
         m = measure_step(
             template,
             model_name,
@@ -233,7 +257,7 @@ def sweep(
             with_layers=False,
         )
         row = step_summary(m)
-        row["inference_gflops"] = modules_table(layers, other)["total"]["gflops"]
+        row["inference_gflops"] = modules_table(layers, other, convention)["total"]["gflops"]
         rows.append(row)
     return rows
 
@@ -262,17 +286,20 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
 def render(report: dict[str, Any]) -> str:
     """Human-readable tables of a profile report."""
     c = report["config"]
+    convention = report["convention"]
     out = [
         f"# {c['model']}: {c['seconds']:g} s, batch {c['batch']}, {c['precision']}, "
         f"savers: {', '.join(c['savers']) or 'none'}",
         "",
-        "Modules (params; inference GFLOPs of one utterance, batch 1)",
+        f"Modules (params; inference GFLOPs of one utterance, batch 1), convention {convention['name']}: "
+        f"{convention['description']}",
         format_table(
             ["module", "params", "GFLOPs"],
             [[k, f"{v['params']:,}", f"{v['gflops']:.3f}"] for k, v in report["modules"].items()],
         ),
         "",
-        f"Layers (train step at batch {c['batch']})",
+        f"Layers (train step at batch {c['batch']})"
+        + ("" if convention["name"] == COMPLETE else f"; complete count, not {convention['name']}"),
         format_table(
             ["layer", "group", "params", "fwd GFLOPs", "train GFLOPs", "activations MiB"],
             [
