@@ -15,6 +15,7 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedspeech.federated import strategies as st
+from fedspeech.federated.clipping import CLIP_NORM_KEY, clipping_mod
 from test_strategies import instructions, reply, task_identity, to_state  # noqa: F401 (fixture)
 
 SIZE = 200_000
@@ -80,3 +81,63 @@ def test_pretraining_logs_epsilon_per_round_and_a_resumed_run_keeps_counting(sma
     epsilons = [r["aggregation"]["dp"]["epsilon"] for r in resumed]
     assert epsilons[0] == first[0]["aggregation"]["dp"]["epsilon"] and epsilons[1] > epsilons[0]
     assert resumed[1]["aggregation"]["dp"]["releases"] == 2
+
+
+# --------------------------------------------------------------- client-side clipping
+
+
+def test_client_clipping_asks_the_clients_and_refuses_an_unclipped_update():
+    strategy = st.RobustFedAvg(clip_norm=1.0, dp_clipping="client")
+    sent = instructions(strategy, GLOBAL, [1, 2], 1)
+    assert all(float(m.content["config"][CLIP_NORM_KEY]) == 1.0 for m in sent.values())
+    small = {"w": np.full(SIZE, 0.5 / np.sqrt(SIZE), dtype=np.float32), "steps": GLOBAL["steps"]}
+    large = {"w": np.full(SIZE, 10 / np.sqrt(SIZE), dtype=np.float32), "steps": GLOBAL["steps"]}
+    record, _ = strategy.aggregate_train(1, [reply(sent[1], small, 10), reply(sent[2], large, 10)])
+    report = strategy.last_report
+    assert report.accepted == [1] and "not clipped" in report.refused[2][0]
+    np.testing.assert_allclose(to_state(record)["w"], small["w"])  # accepted as sent: never rescaled
+
+
+def test_the_clipping_mod_clips_float_tensors_to_the_asked_norm_and_leaves_integers():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+    start = {"w": np.zeros(1000, dtype=np.float32), "steps": np.array([7], dtype=np.int64)}
+
+    def train(msg, context):
+        moved = ArrayRecord({"w": Array(np.full(1000, 0.1, dtype=np.float32)), "steps": Array(np.array([9]))})
+        return Message(RecordDict({"arrays": moved, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    def message(config):
+        arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+        return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), 1, "train")
+
+    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    clipped = clipping_mod(message({CLIP_NORM_KEY: 0.5}), context, train).content["arrays"]
+    assert np.linalg.norm(clipped["w"].numpy().astype(np.float64)) == pytest.approx(0.5, rel=1e-6)
+    assert clipped["steps"].numpy().tolist() == [9]
+    untouched = clipping_mod(message({}), context, train).content["arrays"]
+    assert np.linalg.norm(untouched["w"].numpy().astype(np.float64)) == pytest.approx(0.1 * np.sqrt(1000))
+
+
+def test_client_clipped_dp_runs_under_secagg_and_an_unclipped_attacker_is_refused(
+    small_corpus, speaker_partition, tmp_path
+):
+    from fedspeech.apps.pretrain.run import run_pretraining
+    from test_pretrain import settings
+
+    partition = speaker_partition(3)
+    dp = dict(rounds=1, clip_norm=0.05, dp_clipping="client")
+    # plain transport: every honest update arrives at most clip_norm long; the attacker
+    # (x100 after its clipping, as a client that skips it) is refused
+    [record] = run_pretraining(
+        settings(small_corpus, partition, tmp_path / "attacked", faults="scale=100:0,malicious=1", **dp)
+    )
+    norms = record["aggregation"]["update_norms"]
+    assert all(norms[n] <= 0.05 * (1 + 1e-4) for n in norms if n not in record["aggregation"]["refused"])
+    [(_, reasons)] = record["aggregation"]["refused"].items()
+    assert "not clipped" in reasons[0]
+    # under SecAgg+ the server sees only the (equal-weight) sum and adds the noise
+    [secure] = run_pretraining(
+        settings(small_corpus, partition, tmp_path / "secure", secure_aggregation=True, dp_noise=0.5, **dp)
+    )
+    assert secure["aggregation"]["dp"]["epsilon"] > 0 and np.isfinite(secure["val_loss"])

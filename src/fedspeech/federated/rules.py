@@ -86,6 +86,10 @@ def check_rule(name: str, workload: str) -> Rule:
     return RULES[name]
 
 
+#: Where updates are clipped to ``clip_norm``: by the server, or by each client before
+#: sending (federated/clipping.py; what DP under SecAgg+ needs).
+CLIPPING_SIDES = ("server", "client")
+
 #: Screening every rule applies (strategies.RobustFedAvg), fed by the same settings fields in
 #: every workload.
 SCREENING_OPTIONS: Mapping[str, str] = {
@@ -95,6 +99,7 @@ SCREENING_OPTIONS: Mapping[str, str] = {
     "min_replies": "min_replies",
     "dp_noise_multiplier": "dp_noise",
     "dp_delta": "dp_delta",
+    "dp_clipping": "dp_clipping",
 }
 
 
@@ -114,6 +119,7 @@ GUARDED_HELPS: Mapping[str, str] = {
     "reply_timeout": "seconds a round waits for its clients; later replies are dropped (0 = no limit)",
     "dp_noise": "differential privacy: Gaussian noise multiplier (needs --clip-norm)",
     "dp_delta": "delta at which epsilon is reported",
+    "dp_clipping": "who clips updates to --clip-norm: server, or client (before sending; needed with SecAgg+)",
     "secure_aggregation": "SecAgg+ (Flower's): the server sees only the sum of the updates (fedavg, >= 3 clients)",
     "faults": "inject client faults in simulated runs, e.g. crash=0.1,scale=100:0.05 (docs/reliability.md)",
 }
@@ -133,6 +139,7 @@ class GuardedSettings(Settings):
     reply_timeout: float = 0.0  # seconds a round waits for its clients; later ones are dropped (0 = no limit)
     dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
     dp_delta: float = 1e-5  # the delta epsilon is reported at
+    dp_clipping: str = "server"  # who clips to clip_norm: "server" or "client" (federated/clipping.py)
     secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the sum (federated/secagg.py)
     faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
 
@@ -146,6 +153,10 @@ class GuardedSettings(Settings):
                 raise ValueError(f"{field_name}: must be finite and >= 0 (0 = off), got {value}")
         if self.dp_noise > 0 and self.clip_norm <= 0:
             raise ValueError("dp_noise: needs clip_norm > 0 (it bounds each client's contribution)")
+        if self.dp_clipping not in CLIPPING_SIDES:
+            raise ValueError(f"dp_clipping: must be one of {CLIPPING_SIDES}, got {self.dp_clipping!r}")
+        if self.dp_clipping == "client" and self.clip_norm <= 0:
+            raise ValueError("dp_clipping: 'client' needs clip_norm > 0 (the norm clients clip to)")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta: must be in (0, 1), got {self.dp_delta}")
         if self.min_replies < 1:

@@ -17,9 +17,11 @@ quantisation SecAgg+ needs (values clipped to ``±clipping_range``) loses little
 quantisation range is the widest the 32-bit modulus allows for the round's client count.
 
 What cannot run under it: the server sees only the sum, so no rule that weighs, screens,
-clips or ranks individual updates (loss-weighted, L-DAWA, median, norm guards, clipping,
-server-side DP) and no per-client extra content (server-held optimizer state, per-depth
-partial updates). :func:`check_secagg` refuses those, naming the field.
+clips or ranks individual updates (loss-weighted, L-DAWA, median, norm guards, server-side
+clipping and DP) and no per-client extra content (server-held optimizer state, per-depth
+partial updates). :func:`check_secagg` refuses those, naming the field. DP does work with
+clipping on the clients (``dp_clipping="client"``): they clip before masking, report equal
+weights, and the server noises the unmasked mean.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from fedspeech.federated.clipping import CLIP_NORM_KEY
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,10 @@ _NEEDS_INDIVIDUAL_UPDATES = {
 }
 
 
+_CLIENT_SIDE = ("clip_norm", "dp_noise")
+_CLIENT_CLIPPING_HINT = " or let the clients clip (dp_clipping='client')"
+
+
 def check_secagg(strategy: str, settings: Any) -> None:
     """Refuse settings that need to see individual updates; the error names the field."""
     if strategy not in SECURE_RULES:
@@ -58,11 +66,14 @@ def check_secagg(strategy: str, settings: Any) -> None:
             f"secure_aggregation: works with strategy {' or '.join(SECURE_RULES)} only (the server sees just "
             f"the sum of the updates), got strategy {strategy!r}"
         )
+    client_clipping = getattr(settings, "dp_clipping", "server") == "client"
     for field_name, off in _NEEDS_INDIVIDUAL_UPDATES.items():
+        if client_clipping and field_name in _CLIENT_SIDE:
+            continue  # clients clip before masking; the server noises the sum
         if getattr(settings, field_name, off) != off:
             raise ValueError(
                 f"secure_aggregation: {field_name} needs individual updates, which the server never sees "
-                f"under SecAgg+; leave it at {off}"
+                f"under SecAgg+; leave it at {off}{_CLIENT_CLIPPING_HINT if field_name in _CLIENT_SIDE else ''}"
             )
     if getattr(settings, "optimizer_state", "reset") == "server":
         raise ValueError("secure_aggregation: optimizer_state='server' sends per-client moments; use reset or client")
@@ -197,7 +208,9 @@ def _legacy_training_step(
         trained = reply.content["arrays"]
         update = [trained[k].numpy().astype(np.float64) - s for k, s in zip(keys, start, strict=True)]
         metrics = dict(reply.content["metrics"])
-        fit_res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(update), int(metrics["num-examples"]), metrics)
+        # clipped for DP: every client weighs the same, so none moves the mean by more than clip_norm / K
+        weight = 1 if float(config.get(CLIP_NORM_KEY, 0.0)) > 0 else int(metrics["num-examples"])
+        fit_res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(update), weight, metrics)
         return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=msg)
 
     return step

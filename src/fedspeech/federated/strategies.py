@@ -44,7 +44,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedspeech.federated import aggregation as agg
 from fedspeech.federated.aggregation import StateDict
-from fedspeech.federated.rules import RULES
+from fedspeech.federated.clipping import CLIP_NORM_KEY
+from fedspeech.federated.rules import CLIPPING_SIDES, RULES
 from fedspeech.federated.server_optimizers import ServerOptimizer
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ class RobustFedAvg(FedAvg):
     ``dp_noise_multiplier * clip_norm / K`` added to the float arrays (integer buffers are
     never noised); Flower's RDP accountant reports epsilon at ``dp_delta`` each round.
     Noise comes from the OS's entropy unless ``dp_seed`` is given (tests only: seeded noise
-    is predictable, so it protects nothing).
+    is predictable, so it protects nothing). ``dp_clipping="client"``: clients clip their
+    own updates (:mod:`clipping`; needed under SecAgg+), the server refuses any update above
+    ``clip_norm`` instead of clipping it.
     """
 
     supports_dp = True  # equal-weight averaging bounds each client's influence by clip_norm / K
@@ -141,9 +144,15 @@ class RobustFedAvg(FedAvg):
         dp_noise_multiplier: float = 0.0,
         dp_delta: float = 1e-5,
         dp_seed: int | None = None,
+        dp_clipping: str = "server",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        if dp_clipping not in CLIPPING_SIDES:
+            raise ValueError(f"dp_clipping: must be one of {CLIPPING_SIDES}, got {dp_clipping!r}")
+        if dp_clipping == "client" and clip_norm <= 0:
+            raise ValueError("dp_clipping: 'client' needs clip_norm > 0 (the norm clients clip to)")
+        self.dp_clipping = dp_clipping
         if dp_noise_multiplier < 0 or not math.isfinite(dp_noise_multiplier):
             raise ValueError(f"dp_noise: must be finite and >= 0 (0 = off), got {dp_noise_multiplier}")
         if dp_noise_multiplier > 0:
@@ -217,6 +226,8 @@ class RobustFedAvg(FedAvg):
         round_config = ConfigRecord(dict(config))  # never mutate the caller's record
         for key, value in self._extra_train_config(server_round).items():
             round_config[key] = value
+        if self.dp_clipping == "client":  # federated/clipping.py's mod clips on the client
+            round_config[CLIP_NORM_KEY] = float(self.clip_norm)
         messages = super().configure_train(server_round, self._outgoing(arrays), round_config, grid)
         return _by_destination(messages)
 
@@ -379,6 +390,12 @@ class RobustFedAvg(FedAvg):
             refused[node] = [reason]
             logger.warning("%s: refusing update from node %s: %s", self.rule_name, node, reason)
         kept = [u for u in updates if u.node_id not in outliers]
+        if self.clip_norm and self.dp_clipping == "client":  # clipped on the client: check, never fix
+            limit = self.clip_norm * (1 + 1e-4)  # float32 rounding of a clipped update
+            for node in [u.node_id for u in kept if norms[u.node_id] > limit]:
+                refused[node] = [f"update norm {norms[node]:.4g} above clip_norm {self.clip_norm:g}: not clipped"]
+                logger.warning("%s: refusing update from node %s: %s", self.rule_name, node, refused[node][0])
+            return [u for u in kept if u.node_id not in refused]
         if self.clip_norm:
             clipped = {}
             for i, update in enumerate(kept):

@@ -34,6 +34,7 @@ from fedspeech.apps.earlyexit.task import (
 )
 from fedspeech.data.audio import make_loader
 from fedspeech.data.partition import Partition
+from fedspeech.federated.clipping import clipping_mod
 from fedspeech.federated.faults import faults_mod
 from fedspeech.federated.secagg import secagg_mod
 from fedspeech.models.feature_cache import FrozenFeatureCache
@@ -44,8 +45,9 @@ from fedspeech.ssl.train import train_local
 log = logging.getLogger(__name__)
 
 
-# no-ops unless the run asks for them; secagg_mod first: faults act on the training step it wraps
-client_app = ClientApp(mods=[secagg_mod, faults_mod])
+# no-ops unless the run asks for them. secagg_mod first: the rest is the training step it
+# masks; faults after clipping: an injected attacker sends what an unclipped client would
+client_app = ClientApp(mods=[secagg_mod, faults_mod, clipping_mod])
 
 # What a client keeps in its node's ``context.state`` for the rest of the run. Under the
 # Deployment Engine every message runs in a fresh ClientApp process, so in-memory caches

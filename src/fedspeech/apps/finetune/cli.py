@@ -33,6 +33,7 @@ _RULE_OPTIONS = (
     "faults",
     "dp_noise",
     "dp_delta",
+    "dp_clipping",
 )
 _FEDERATED_ONLY = (
     "clients",
@@ -136,6 +137,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     federated.add_argument(
         "--dp-noise", type=float, metavar="Z", help="DP noise multiplier (needs --clip-norm; fedavg) (default 0 = off)"
+    )
+    federated.add_argument(
+        "--dp-clipping", choices=("server", "client"), help="who clips to --clip-norm (default server)"
     )
     federated.add_argument("--dp-delta", type=float, metavar="D", help="delta of the reported epsilon (default 1e-5)")
     federated.add_argument("--clip-norm", type=float, metavar="N", help="clip updates to norm N (default 0 = off)")
