@@ -19,7 +19,7 @@ _COMMAND_MODULES = (
     "fedspeech.apps.pretrain.cli",
     "fedspeech.apps.finetune.cli",
     "fedspeech.apps.earlyexit.cli",
-    "fedspeech.demo",
+    "fedspeech.demo.cli",
 )
 
 
