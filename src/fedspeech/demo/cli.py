@@ -31,10 +31,14 @@ def _demo(args: argparse.Namespace) -> int:
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"))  # fmt: skip
     tasks: dict[str, TaskID] = {}
+    last: dict[str, str] = {}
     with Progress(*columns, console=console) as progress:
 
         def show(steps: dict) -> None:
             for name, step in steps.items():
+                if not console.is_terminal and last.get(name) != step["status"]:  # a log: one line per change
+                    console.print(f"{name}: {step['status']}")
+                last[name] = step["status"]
                 if name not in tasks:
                     tasks[name] = progress.add_task(name, total=1, status=step["status"])
                 done, total = step.get("progress", (0, 1))

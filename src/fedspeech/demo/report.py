@@ -265,7 +265,8 @@ def _pretraining_section(out: Path, config: dict[str, Any]) -> str:
     return (
         f"<p>Tiny wav2vec 2.0, {config['clients']} speaker clients (all every round), {config['rounds']} rounds of "
         f"{config['local_epochs']} local epochs at client batch 1; the centralised run sees as many examples per "
-        "round on the pooled data. Validation contrastive loss on held-out speakers (chance ln 101 = 4.615).</p>"
+        f"round on the pooled data, at batch {config.get('centralised_batch', 1)}. Validation contrastive loss "
+        "on held-out speakers (chance ln 101 = 4.615; a loss near 0.1 means the codebook collapsed).</p>"
         + _table(["run", "rounds", "val loss by round", "final", "minutes"], rows)
         + _image(plot, "validation loss per round")
     )

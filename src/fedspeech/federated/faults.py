@@ -22,6 +22,7 @@ a spec without loading Flower.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class FaultPlan:
         return None
 
 
+@functools.lru_cache(maxsize=16)  # the client mod parses the run's spec on every message
 def parse_faults(spec: str) -> FaultPlan:
     """A :class:`FaultPlan` from the ``faults`` setting; errors name the entry."""
     probabilities: dict[str, float] = {}

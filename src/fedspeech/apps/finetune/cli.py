@@ -12,11 +12,14 @@ Federated clients are a speaker partition of the training utterances
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from fedspeech.apps.finetune.settings import RUNNERS
 from fedspeech.apps.finetune.settings import STRATEGIES as FED_STRATEGIES
+from fedspeech.federated.rules import GUARDED_HELPS, GuardedSettings
+from fedspeech.settings import add_settings_flags
 
 TASK_CHOICES = ("asr", "kws", "speaker")
 _RULE_OPTIONS = (
@@ -24,16 +27,7 @@ _RULE_OPTIONS = (
     "mixed_beta",
     "ldawa_warmup",
     "trim_fraction",
-    "update_norm_bound",
-    "update_norm_ratio",
-    "clip_norm",
-    "min_replies",
-    "reply_timeout",
-    "secure_aggregation",
-    "faults",
-    "dp_noise",
-    "dp_delta",
-    "dp_clipping",
+    *(f.name for f in dataclasses.fields(GuardedSettings)),
 )
 _FEDERATED_ONLY = (
     "clients",
@@ -123,41 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     federated.add_argument(
         "--trim-fraction", type=float, metavar="F", help="trimmed: share of extreme values dropped (default 0.1)"
     )
-    federated.add_argument(
-        "--update-norm-bound", type=float, metavar="N", help="refuse updates with norm above N (default 0 = off)"
-    )
-    federated.add_argument(
-        "--update-norm-ratio",
-        type=float,
-        metavar="R",
-        help="refuse updates with norm above R x the round's median (default 0 = off)",
-    )
-    federated.add_argument(
-        "--faults", metavar="SPEC", help="inject client faults, e.g. crash=0.1,scale=100:0.05 (docs/reliability.md)"
-    )
-    federated.add_argument(
-        "--dp-noise", type=float, metavar="Z", help="DP noise multiplier (needs --clip-norm; fedavg) (default 0 = off)"
-    )
-    federated.add_argument(
-        "--dp-clipping", choices=("server", "client"), help="who clips to --clip-norm (default server)"
-    )
-    federated.add_argument("--dp-delta", type=float, metavar="D", help="delta of the reported epsilon (default 1e-5)")
-    federated.add_argument("--clip-norm", type=float, metavar="N", help="clip updates to norm N (default 0 = off)")
-    federated.add_argument(
-        "--min-replies", type=int, metavar="K", help="fewer valid replies: the round fails (default 1)"
-    )
-    federated.add_argument(
-        "--secure-aggregation",
-        action="store_true",
-        default=None,
-        help="Flower's SecAgg+: the server sees only the sum of the updates (fedavg, >= 3 clients)",
-    )
-    federated.add_argument(
-        "--reply-timeout",
-        type=float,
-        metavar="S",
-        help="drop clients that reply after S seconds (default 0 = no limit)",
-    )
+    # the screening, privacy and fault flags every federated workload shares
+    add_settings_flags(federated, GuardedSettings, GUARDED_HELPS)
     federated.add_argument(
         "--runner", choices=RUNNERS, help="inprocess (default, no Ray) or Flower's Simulation Engine"
     )
