@@ -75,6 +75,8 @@ def check_secagg(strategy: str, settings: Any) -> None:
                 f"secure_aggregation: {field_name} needs individual updates, which the server never sees "
                 f"under SecAgg+; leave it at {off}{_CLIENT_CLIPPING_HINT if field_name in _CLIENT_SIDE else ''}"
             )
+    if getattr(settings, "update_dtype", "float32") != "float32":
+        raise ValueError("secure_aggregation: update_dtype must stay float32 (SecAgg+ quantises the update itself)")
     if getattr(settings, "optimizer_state", "reset") == "server":
         raise ValueError("secure_aggregation: optimizer_state='server' sends per-client moments; use reset or client")
 

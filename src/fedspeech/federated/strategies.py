@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedspeech.federated import aggregation as agg
 from fedspeech.federated.aggregation import StateDict
 from fedspeech.federated.clipping import CLIP_NORM_KEY
+from fedspeech.federated.compression import DELTA_METRIC, UPDATE_DTYPE_KEY, UPDATE_DTYPES, decode_update
 from fedspeech.federated.rules import CLIPPING_SIDES, RULES
 from fedspeech.federated.server_optimizers import ServerOptimizer
 
@@ -145,9 +146,13 @@ class RobustFedAvg(FedAvg):
         dp_delta: float = 1e-5,
         dp_seed: int | None = None,
         dp_clipping: str = "server",
+        update_dtype: str = "float32",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
+        if update_dtype not in UPDATE_DTYPES:
+            raise ValueError(f"update_dtype: must be one of {UPDATE_DTYPES}, got {update_dtype!r}")
+        self.update_dtype = update_dtype
         if dp_clipping not in CLIPPING_SIDES:
             raise ValueError(f"dp_clipping: must be one of {CLIPPING_SIDES}, got {dp_clipping!r}")
         if dp_clipping == "client" and clip_norm <= 0:
@@ -228,6 +233,8 @@ class RobustFedAvg(FedAvg):
             round_config[key] = value
         if self.dp_clipping == "client":  # federated/clipping.py's mod clips on the client
             round_config[CLIP_NORM_KEY] = float(self.clip_norm)
+        if self.update_dtype != "float32":  # federated/compression.py's mod encodes the update
+            round_config[UPDATE_DTYPE_KEY] = self.update_dtype
         messages = super().configure_train(server_round, self._outgoing(arrays), round_config, grid)
         return _by_destination(messages)
 
@@ -288,6 +295,8 @@ class RobustFedAvg(FedAvg):
                 state[key] = arrays[key].numpy()
             except Exception as exc:  # noqa: BLE001 - any bad payload refuses the client only
                 reasons.append(f"key '{key}': cannot decode array ({exc})")
+        if metrics.get(DELTA_METRIC) == 1:  # float16 updates (compression.py): back to float32 weights
+            state = decode_update(state, reference)
         reasons += agg.validate_update(reference, state, allow_missing=self.allow_missing_keys)
         if reasons or num_examples is None:
             return None, reasons

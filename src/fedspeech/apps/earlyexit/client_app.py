@@ -35,6 +35,7 @@ from fedspeech.apps.earlyexit.task import (
 from fedspeech.data.audio import make_loader
 from fedspeech.data.partition import Partition
 from fedspeech.federated.clipping import clipping_mod
+from fedspeech.federated.compression import compression_mod
 from fedspeech.federated.faults import faults_mod
 from fedspeech.federated.secagg import secagg_mod
 from fedspeech.models.feature_cache import FrozenFeatureCache
@@ -46,8 +47,9 @@ log = logging.getLogger(__name__)
 
 
 # no-ops unless the run asks for them. secagg_mod first: the rest is the training step it
-# masks; faults after clipping: an injected attacker sends what an unclipped client would
-client_app = ClientApp(mods=[secagg_mod, faults_mod, clipping_mod])
+# masks; compression encodes what leaves the device; faults after clipping: an injected
+# attacker sends what an unclipped client would
+client_app = ClientApp(mods=[secagg_mod, compression_mod, faults_mod, clipping_mod])
 
 # What a client keeps in its node's ``context.state`` for the rest of the run. Under the
 # Deployment Engine every message runs in a fresh ClientApp process, so in-memory caches

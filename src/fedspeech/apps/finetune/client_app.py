@@ -9,12 +9,14 @@ from flwr.clientapp import ClientApp
 from fedspeech.apps.finetune.settings import FinetuneSettings
 from fedspeech.apps.finetune.task import CLASSES_KEY, LR_SCALE_KEY, local_finetune
 from fedspeech.federated.clipping import clipping_mod
+from fedspeech.federated.compression import compression_mod
 from fedspeech.federated.faults import faults_mod
 from fedspeech.federated.secagg import secagg_mod
 
 # no-ops unless the run asks for them. secagg_mod first: the rest is the training step it
-# masks; faults after clipping: an injected attacker sends what an unclipped client would
-client_app = ClientApp(mods=[secagg_mod, faults_mod, clipping_mod])
+# masks; compression encodes what leaves the device; faults after clipping: an injected
+# attacker sends what an unclipped client would
+client_app = ClientApp(mods=[secagg_mod, compression_mod, faults_mod, clipping_mod])
 
 
 @client_app.train()

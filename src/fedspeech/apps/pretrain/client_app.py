@@ -10,13 +10,15 @@ from flwr.clientapp import ClientApp
 from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.apps.pretrain.task import LOCAL_STATE_KEY, OPTIMIZER_RECORD, OPTIMIZER_STATE_KEY, local_round
 from fedspeech.federated.clipping import clipping_mod
+from fedspeech.federated.compression import compression_mod
 from fedspeech.federated.faults import faults_mod
 from fedspeech.federated.secagg import secagg_mod
 from fedspeech.federated.strategies import FEDU_MU_KEY
 
 # no-ops unless the run asks for them. secagg_mod first: the rest is the training step it
-# masks; faults after clipping: an injected attacker sends what an unclipped client would
-client_app = ClientApp(mods=[secagg_mod, faults_mod, clipping_mod])
+# masks; compression encodes what leaves the device; faults after clipping: an injected
+# attacker sends what an unclipped client would
+client_app = ClientApp(mods=[secagg_mod, compression_mod, faults_mod, clipping_mod])
 
 
 @client_app.train()

@@ -1,0 +1,51 @@
+"""16-bit transport of updates (federated/compression.py): half the upload bytes, the
+weights back within float16's precision of the *update*, and every rule sees float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedspeech.apps.pretrain.run import run_pretraining
+from fedspeech.federated import strategies as st
+from fedspeech.federated.compression import DELTA_METRIC, decode_update, encode_update
+from test_pretrain import settings
+from test_strategies import instructions, reply, task_identity, to_state  # noqa: F401 (fixture)
+
+
+def test_the_update_round_trips_within_float16_precision_of_the_update():
+    rng = np.random.default_rng(0)
+    start = {"w": rng.normal(0, 0.5, 10_000).astype(np.float32), "steps": np.array([3], dtype=np.int64)}
+    update = rng.normal(0, 1e-3, 10_000).astype(np.float32)
+    trained = {"w": start["w"] + update, "steps": np.array([4], dtype=np.int64)}
+    encoded = encode_update(trained, start)
+    assert encoded["w"].dtype == np.float16 and encoded["steps"].tolist() == [4]
+    decoded = decode_update(encoded, start)
+    assert decoded["w"].dtype == np.float32
+    error = np.abs(decoded["w"].astype(np.float64) - trained["w"])
+    # float16 keeps ~3 digits of the update; float16 *weights* would be off by ~1e-4 here
+    assert error.max() < 2e-6 and error.max() < 0.01 * np.abs(update).max()
+
+
+def test_the_strategy_decodes_float16_updates_before_screening():
+    strategy = st.RobustFedAvg(update_dtype="float16", max_update_norm=1.0)
+    start = {"w": np.linspace(-1, 1, 100, dtype=np.float32)}
+    sent = instructions(strategy, start, [1, 2], 1)
+    assert all(m.content["config"]["update-dtype"] == "float16" for m in sent.values())
+    replies = []
+    for node, shift in ((1, 0.01), (2, 0.03)):
+        message = reply(sent[node], encode_update({"w": start["w"] + np.float32(shift)}, start), 10)
+        message.content["metrics"][DELTA_METRIC] = 1
+        replies.append(message)
+    record, _ = strategy.aggregate_train(1, replies)
+    assert strategy.last_report.accepted == [1, 2]  # the norms were of float32 updates, not of raw deltas
+    np.testing.assert_allclose(to_state(record)["w"], start["w"] + 0.02, atol=1e-5)
+
+
+def test_pretraining_with_float16_updates_halves_the_upload_and_trains_alike(small_corpus, speaker_partition, tmp_path):
+    partition = speaker_partition(3)
+    [plain] = run_pretraining(settings(small_corpus, partition, tmp_path / "fp32", rounds=1))
+    [half] = run_pretraining(settings(small_corpus, partition, tmp_path / "fp16", rounds=1, update_dtype="float16"))
+    assert 0.45 < half["bytes_from_clients"] / plain["bytes_from_clients"] < 0.55
+    assert half["bytes_to_clients"] == pytest.approx(plain["bytes_to_clients"], rel=1e-3)  # + the config key
+    assert half["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-3)
