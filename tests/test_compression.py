@@ -49,3 +49,22 @@ def test_pretraining_with_float16_updates_halves_the_upload_and_trains_alike(sma
     assert 0.45 < half["bytes_from_clients"] / plain["bytes_from_clients"] < 0.55
     assert half["bytes_to_clients"] == pytest.approx(plain["bytes_to_clients"], rel=1e-3)  # + the config key
     assert half["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-3)
+
+
+def test_partial_early_exit_updates_travel_in_float16_too():
+    depth = {1: 1, 2: 2}
+    strategy = st.DepthAwarePartial(
+        update_dtype="float16", keys_for_node=lambda node, keys: [k for k in keys if int(k[1:]) <= depth[node]]
+    )
+    start = {"l1": np.zeros(50, dtype=np.float32), "l2": np.ones(50, dtype=np.float32)}
+    sent = instructions(strategy, start, [1, 2], 1)
+    assert list(sent[1].content["arrays"].keys()) == ["l1"]
+    replies = []
+    for node, shift in ((1, 0.01), (2, 0.03)):
+        held = {k: v.numpy() for k, v in sent[node].content["arrays"].items()}
+        message = reply(sent[node], encode_update({k: v + np.float32(shift) for k, v in held.items()}, held), 10)
+        message.content["metrics"][DELTA_METRIC] = 1
+        replies.append(message)
+    state = to_state(strategy.aggregate_train(1, replies)[0])
+    np.testing.assert_allclose(state["l1"], 0.02, atol=1e-5)  # both clients trained it
+    np.testing.assert_allclose(state["l2"], 1.03, atol=1e-5)  # only the deep one
