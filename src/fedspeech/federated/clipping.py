@@ -25,21 +25,14 @@ CLIP_NORM_KEY = "clipping_norm"
 
 def clipping_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Clip this client's update to the norm the server asked for (no-op when it did not)."""
-    import numpy as np
-    from flwr.app import Array, ArrayRecord, MessageType
+    from flwr.app import MessageType
 
     from fedspeech.federated.aggregation import clip_update
+    from fedspeech.federated.compression import rewrite_update
 
     if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
         return call_next(msg, context)
     clip_norm = float(msg.content["config"].get(CLIP_NORM_KEY, 0.0))
     if clip_norm <= 0:
         return call_next(msg, context)
-    sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply
-    trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
-    clipped, _ = clip_update(trained, sent, clip_norm)
-    reply.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in clipped.items()})
-    return reply
+    return rewrite_update(msg, context, call_next, lambda trained, sent: clip_update(trained, sent, clip_norm)[0])

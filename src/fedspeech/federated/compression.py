@@ -49,20 +49,36 @@ def decode_update(received: Mapping[str, np.ndarray], reference: Mapping[str, np
     return decoded
 
 
-def compression_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-    """Client mod: send the update in float16 when the train config asks for it."""
-    from flwr.app import Array, ArrayRecord, MessageType
+def rewrite_update(
+    msg: Message,
+    context: Context,
+    call_next: Callable[[Message, Context], Message],
+    rewrite: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]],
+) -> Message:
+    """Run the training step and replace its reply's arrays by ``rewrite(trained, sent)``:
+    the shared body of the client mods that change what an update looks like on the wire
+    (this module's encoding, ``clipping.clipping_mod``)."""
+    from flwr.app import Array, ArrayRecord
 
-    if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
-        return call_next(msg, context)
-    if str(msg.content["config"].get(UPDATE_DTYPE_KEY, "float32")) != "float16":
-        return call_next(msg, context)
     sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
-    encoded = encode_update(trained, sent)
-    reply.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encoded.items()})
-    reply.content["metrics"][DELTA_METRIC] = 1
+    rewritten = rewrite(trained, sent)
+    reply.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in rewritten.items()})
+    return reply
+
+
+def compression_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Client mod: send the update in float16 when the train config asks for it."""
+    from flwr.app import MessageType
+
+    if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
+        return call_next(msg, context)
+    if str(msg.content["config"].get(UPDATE_DTYPE_KEY, "float32")) != "float16":
+        return call_next(msg, context)
+    reply = rewrite_update(msg, context, call_next, encode_update)
+    if not reply.has_error():
+        reply.content["metrics"][DELTA_METRIC] = 1
     return reply

@@ -148,6 +148,7 @@ class GuardedSettings(Settings):
 
     def __post_init__(self) -> None:
         """Validate the shared fields (and ``trim_fraction`` where present), naming the field."""
+        from fedspeech.federated.compression import UPDATE_DTYPES
         from fedspeech.federated.faults import parse_faults
 
         for field_name in ("update_norm_bound", "update_norm_ratio", "clip_norm", "dp_noise", "reply_timeout"):
@@ -160,8 +161,8 @@ class GuardedSettings(Settings):
             raise ValueError(f"dp_clipping: must be one of {CLIPPING_SIDES}, got {self.dp_clipping!r}")
         if self.dp_clipping == "client" and self.clip_norm <= 0:
             raise ValueError("dp_clipping: 'client' needs clip_norm > 0 (the norm clients clip to)")
-        if self.update_dtype not in ("float32", "float16"):
-            raise ValueError(f"update_dtype: must be float32 or float16, got {self.update_dtype!r}")
+        if self.update_dtype not in UPDATE_DTYPES:
+            raise ValueError(f"update_dtype: must be one of {UPDATE_DTYPES}, got {self.update_dtype!r}")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta: must be in (0, 1), got {self.dp_delta}")
         if self.min_replies < 1:
