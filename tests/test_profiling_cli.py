@@ -200,3 +200,46 @@ def test_calibrate_local_writes_a_usable_catalogue_entry(tmp_path):
     row = json.loads(plan_file.read_text())["devices"][0]
     throughput = entry["calibration"]["train_gflops"] / entry["calibration"]["seconds_per_batch"]
     assert row["seconds_per_batch"] == pytest.approx(1.0 / throughput)
+
+
+def test_feasibility_with_auto_savers_names_the_devices_they_make_feasible(tmp_path, capsys):
+    def catalogue_with(memory_gib: float):
+        path = tmp_path / f"devices_{memory_gib:.4f}.json"
+        device = {"id": "edge", "name": "Edge", "class": "test", "headroom": 0.0, "throughput_gflops": 10.0}
+        path.write_text(json.dumps({"devices": [{**device, "memory_gib": memory_gib}]}))
+        return str(path)
+
+    first = tmp_path / "auto.json"
+    common = (
+        "feasibility",
+        "--model",
+        "tiny",
+        "--seconds",
+        "1",
+        "--batch",
+        "4",
+        "--savers",
+        "auto",
+        "--device",
+        "edge",
+    )
+    assert run(*common, "--catalogue", catalogue_with(64), "--json", str(first)) == 0
+    measured = json.loads(first.read_text())
+    ladder = measured["savers_auto"]["ladder"]
+    assert ladder[-1] == ["recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "step-in-backward"]
+    plain_peak = measured["devices"][0]["peak_bytes"]
+    rung_peaks = [rung["fp32"]["peak_bytes"] for rung in measured["savers_auto"]["ladder_workloads"]]
+    assert rung_peaks[-1] < plain_peak  # the savers really lower the predicted peak
+    assert measured["devices"][0]["savers_applied"] == []  # roomy: no saver needed
+    between = (plain_peak + rung_peaks[-1]) / 2 / 2**30
+
+    second = tmp_path / "auto_reused.json"
+    capsys.readouterr()
+    argv = (*common, "--catalogue", catalogue_with(between), "--workload", str(first), "--json", str(second))
+    assert run(*argv) == 0
+    entry = json.loads(second.read_text())["devices"][0]
+    assert entry["fits"] and entry["savers_applied"]
+    assert entry["peak_bytes"] <= between * 2**30 < plain_peak
+    assert "Feasible only thanks to savers: edge (" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cannot be combined"):
+        run("feasibility", "--model", "tiny", "--savers", "auto", "freeze-cnn")

@@ -287,3 +287,54 @@ def test_memory_model_is_fitted_from_three_runs():
     assert w.peak_bytes(seconds=2.0, batch=1) == pytest.approx(200)  # plateau
     assert w.peak_bytes(seconds=2.0, batch=4) == pytest.approx(100 + 4 * 20 + 70)  # activations take over
     assert w.max_seconds(300, batch=4) == pytest.approx((300 - 170 - 4 * 10) / (4 * 5))  # finite despite the flat term
+
+
+def test_auto_savers_apply_the_cheapest_rung_that_fits_and_say_so():
+    from dataclasses import replace
+
+    from fedspeech.profiling.feasibility import render_plan
+
+    plain = workload()  # 3.2 GiB at batch 2
+    # rungs: less memory, more FLOPs (recomputation), as measured savers behave
+    light = replace(plain, savers=("step-in-backward",), fixed_bytes=0.8 * GIB)  # 3.0 GiB
+    strong = replace(
+        plain,
+        savers=("recompute-cnn", "step-in-backward"),
+        utterance_bytes_per_second=0.05 * GIB,
+        train_flops_per_utterance=30e9,
+    )  # 1.0 + 2 * (0.1 + 0.05 * 5) = 1.7 GiB
+    catalogue = {
+        "roomy": device(memory_gib=8, id="roomy"),
+        "mid": device(memory_gib=3.1, headroom=0.0, id="mid"),
+        "small": device(memory_gib=2.0, headroom=0.0, id="small"),
+        "tiny": device(memory_gib=1.0, headroom=0.0, id="tiny"),
+    }
+    ladder = [{"fp32": light}, {"fp32": strong}]
+    schedule = FLSchedule(clients=3, utterances_per_client=8, rounds=10)
+    result = plan(
+        list(catalogue.values()),
+        {"fp32": plain},
+        "fp32",
+        catalogue,
+        schedule,
+        fleet="tiny:1,small:1",
+        saver_ladder=ladder,
+    )
+    rows = {row["device"]: row for row in result["devices"]}
+    assert rows["roomy"]["fits"] and rows["roomy"]["savers_applied"] == []
+    assert rows["mid"]["fits"] and rows["mid"]["savers_applied"] == ["step-in-backward"]
+    assert rows["small"]["fits"] and rows["small"]["savers_applied"] == ["recompute-cnn", "step-in-backward"]
+    # the stronger rung recomputes: its time is its own FLOPs, 60 GFLOPs at 50 GFLOP/s
+    assert rows["small"]["seconds_per_batch"] == pytest.approx(60 / 50)
+    assert rows["small"]["fl"] is not None
+    assert not rows["tiny"]["fits"] and rows["tiny"]["savers_applied"] == []
+    assert "does not fit even with savers" in "; ".join(rows["tiny"]["reasons"])
+    assert result["savers_auto"]["feasible_only_with_savers"] == {
+        "mid": ["step-in-backward"],
+        "small": ["recompute-cnn", "step-in-backward"],
+    }
+    assert result["fleet"]["unable_to_train"] == {"tiny": 1}  # small trains thanks to savers
+    text = render_plan(result)
+    assert "Feasible only thanks to savers: mid (step-in-backward), small (recompute-cnn step-in-backward)" in text
+    without = plan(list(catalogue.values()), {"fp32": plain}, "fp32", catalogue)
+    assert [r["device"] for r in without["devices"] if r["fits"]] == ["roomy"] and "savers_auto" not in without

@@ -47,7 +47,13 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=_positive_float, default=5.0, help="utterance length in seconds (default: 5)")
     parser.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: 1)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default: fp32")
-    parser.add_argument("--savers", nargs="*", default=[], metavar="SAVER", help=f"memory savers: {SAVER_HELP}")
+    parser.add_argument(
+        "--savers",
+        nargs="*",
+        default=[],
+        metavar="SAVER",
+        help=f"memory savers: {SAVER_HELP}; feasibility also takes 'auto' (exact savers per device, only where needed)",
+    )
     parser.add_argument("--device-type", choices=("cpu", "cuda"), default="cpu", help="where to measure (default: cpu)")
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the report as JSON")
@@ -189,7 +195,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_feasibility(args: argparse.Namespace) -> int:
     from fedspeech.profiling.catalogue import DEFAULT_USER_CATALOGUE, load_catalogue, select_devices
-    from fedspeech.profiling.feasibility import plan, render_plan
+    from fedspeech.profiling.feasibility import AUTO_SAVER_LADDER, plan, render_plan
     from fedspeech.profiling.planner import FLSchedule, Workload
     from fedspeech.profiling.savers import Savers
     from fedspeech.profiling.workload import calibrate_local, measure_workload
@@ -221,29 +227,43 @@ def run_feasibility(args: argparse.Namespace) -> int:
             extra.append(target)
     catalogue = load_catalogue(extra)
     devices = select_devices(catalogue, None if args.all else args.device)
-    savers = Savers.parse(args.savers)
+    auto = "auto" in args.savers
+    if auto and args.savers != ["auto"]:
+        raise ValueError("--savers auto picks the savers per device; it cannot be combined with other savers")
+    savers = Savers() if auto else Savers.parse(args.savers)
     precision = savers.effective_precision(args.precision)
 
-    def workload_for(p: str) -> Workload:
+    def workload_for(p: str, chosen: Savers) -> Workload:
         if args.workload is not None:
             stored = _stored_workload(
                 args.workload,
                 p,
                 args.model,
-                savers.effective_seconds(args.seconds),
+                chosen.effective_seconds(args.seconds),
                 args.batch,
-                savers.without_amp().tokens(),
+                chosen.without_amp().tokens(),
             )
             if stored is not None:
                 return stored
-        log.info("measuring workload: %s, %g s, three short runs, %s", args.model, args.seconds, p)
+        log.info(
+            "measuring workload: %s, %g s, three short runs, %s, savers %s",
+            args.model,
+            args.seconds,
+            p,
+            " ".join(chosen.tokens()) or "none",
+        )
         return measure_workload(
-            args.model, args.seconds, args.batch, p, savers.without_amp(), device_type=args.device_type
+            args.model, args.seconds, args.batch, p, chosen.without_amp(), device_type=args.device_type
         )
 
-    workloads = {precision: workload_for(precision)}
-    if precision != "fp32" and any(not d.supports(precision) for d in devices):
-        workloads["fp32"] = workload_for("fp32")
+    def workloads_for(chosen: Savers) -> dict[str, Workload]:
+        found = {precision: workload_for(precision, chosen)}
+        if precision != "fp32" and any(not d.supports(precision) for d in devices):
+            found["fp32"] = workload_for("fp32", chosen)
+        return found
+
+    workloads = workloads_for(savers)
+    ladder = [workloads_for(Savers.parse(list(rung))) for rung in AUTO_SAVER_LADDER] if auto else None
     schedule = None
     if args.utterances_per_client:
         schedule = FLSchedule(
@@ -254,7 +274,9 @@ def run_feasibility(args: argparse.Namespace) -> int:
             args.clients_per_round,
             args.bandwidth_mbps,
         )
-    result = plan(devices, workloads, precision, catalogue, schedule, args.fleet, args.trend_months, args.trend_target)
+    result = plan(
+        devices, workloads, precision, catalogue, schedule, args.fleet, args.trend_months, args.trend_target, ladder
+    )
     print(render_plan(result))
     _write_json(args.json, result)
     return 0
@@ -262,7 +284,8 @@ def run_feasibility(args: argparse.Namespace) -> int:
 
 def _stored_workload(path: Path, precision: str, model: str, seconds: float, batch: int, savers: list[str]):
     """A workload saved in an earlier feasibility JSON, rescaled to ``batch`` (None if the
-    file has none for ``precision``: that one is measured)."""
+    file has none for ``precision``, or none with these savers among the ``--savers auto``
+    rungs it holds: that one is measured)."""
     from dataclasses import replace
 
     from fedspeech.profiling.planner import Workload
@@ -270,11 +293,19 @@ def _stored_workload(path: Path, precision: str, model: str, seconds: float, bat
     if not path.is_file():
         raise FileNotFoundError(f"workload file {path} does not exist")
     try:
-        stored = json.loads(path.read_text(encoding="utf-8")).get("workloads", {}).get(precision)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        stored = data.get("workloads", {}).get(precision)
+        rungs = [rung.get(precision) for rung in data.get("savers_auto", {}).get("ladder_workloads", [])]
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{path}: not a feasibility JSON") from None
     if stored is None:
         log.info("%s has no %s workload: measuring it", path, precision)
+        return None
+    rung = next((r for r in rungs if r is not None and list(r.get("savers", [])) == list(savers)), None)
+    if rung is not None:
+        stored = rung
+    elif rungs and list(stored.get("savers", [])) != list(savers):
+        log.info("%s has no %s workload with savers %s: measuring it", path, precision, savers)
         return None
     workload = Workload.from_dict(stored)
     if workload.model != model:

@@ -4,6 +4,13 @@ JSON schema ``fedspeech.feasibility/1``: ``workload`` (what was measured), ``dev
 (the formulas), ``devices`` (one object per device with at least ``device``, ``fits``,
 ``seconds_per_batch``, ``max_seconds_that_fit``, ``peak_bytes``; plus ``fl`` and ``trend``
 when asked), and optional ``fl_schedule``, ``fleet`` and ``trend`` summaries.
+
+With ``--savers auto`` the planner also measures the exact memory savers as a ladder,
+cheapest first (:data:`AUTO_SAVER_LADDER`), and gives each device the plain workload if it
+fits, else the first rung that fits: ``savers_applied`` per device, and ``savers_auto``
+lists the devices that are feasible only thanks to savers. Only exact savers are tried
+(same gradients as plain training); freezing the CNN or cropping changes what is learnt,
+so they stay the user's explicit choice.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from fedspeech.profiling.catalogue import Device, select_devices
 from fedspeech.profiling.planner import (
     BASELINE_YEAR,
     FLSchedule,
+    Prediction,
     Workload,
     first_year_reaching,
     fl_wallclock,
@@ -46,6 +54,44 @@ def parse_fleet(text: str, catalogue: dict[str, Device]) -> list[Device]:
     return clients
 
 
+#: Exact savers, in order of extra compute: freeing gradients costs nothing, Transformer
+#: checkpointing recomputes the Transformer forward, recomputing the CNN and the contrastive logits
+#: adds their forward.
+AUTO_SAVER_LADDER: tuple[tuple[str, ...], ...] = (
+    ("step-in-backward",),
+    ("ckpt-transformer", "step-in-backward"),
+    ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "step-in-backward"),
+)
+
+Ladder = list[dict[str, Workload]]  # per rung: workloads by precision, as ``workloads``
+
+
+def predict_with_savers(
+    device: Device, workloads: dict[str, Workload], precision: str, ladder: Ladder | None = None
+) -> tuple[Prediction, list[str]]:
+    """The plain prediction if it fits, else that of the first ladder rung that fits; with the
+    savers that were applied. When nothing fits, the plain prediction, with the longest input
+    the strongest rung would fit."""
+    plain = predict(device, workloads[precision], workloads.get("fp32"))
+    if plain.fits or not ladder:
+        return plain, []
+    for rung in ladder:
+        option = predict(device, rung[precision], rung.get("fp32"))
+        if option.fits:
+            tokens = list(rung[precision].savers)
+            option.reasons.insert(
+                0, f"fits only with savers {' '.join(tokens)} (plain needs {plain.peak_bytes / 2**30:.2f} GiB)"
+            )
+            return option, tokens
+    strongest = predict(device, ladder[-1][precision], ladder[-1].get("fp32"))
+    plain.max_seconds_that_fit = max(plain.max_seconds_that_fit or 0.0, strongest.max_seconds_that_fit or 0.0)
+    plain.reasons.append(
+        f"does not fit even with savers {' '.join(ladder[-1][precision].savers)} "
+        f"({strongest.peak_bytes / 2**30:.2f} GiB); max s is theirs"
+    )
+    return plain, []
+
+
 def plan(
     devices: list[Device],
     workloads: dict[str, Workload],
@@ -55,15 +101,10 @@ def plan(
     fleet: str | None = None,
     trend_months: float | None = None,
     trend_target: str = "a40",
+    saver_ladder: Ladder | None = None,
 ) -> dict[str, Any]:
     """All predictions for the selected devices (see module docstring for the schema)."""
     workload = workloads[precision]
-    fp32 = workloads.get("fp32")
-
-    def run(device: Device):
-        return predict(device, workload, fp32)
-
-    predictions = {d.id: run(d) for d in devices}
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "workload": workload.to_dict(),
@@ -71,11 +112,22 @@ def plan(
         "device_model": DEVICE_MODEL,
         "devices": [],
     }
+    only_with_savers: dict[str, list[str]] = {}
     for device in devices:
-        entry = predictions[device.id].to_dict()
+        prediction, applied = predict_with_savers(device, workloads, precision, saver_ladder)
+        entry = prediction.to_dict()
+        entry["savers_applied"] = applied
+        if applied:
+            only_with_savers[device.id] = applied
         entry["throughput_gflops"] = None if device.memory_only else cast(float, device.throughput_flops) / 1e9
         entry["headroom"] = device.headroom
         result["devices"].append(entry)
+    if saver_ladder:
+        result["savers_auto"] = {
+            "ladder": [list(rung[precision].savers) for rung in saver_ladder],
+            "ladder_workloads": [{p: w.to_dict() for p, w in rung.items()} for rung in saver_ladder],
+            "feasible_only_with_savers": only_with_savers,
+        }
 
     if schedule is not None:
         result["fl_schedule"] = asdict(schedule)
@@ -87,11 +139,13 @@ def plan(
                 else fl_wallclock([spb] * schedule.clients, workload.batch, schedule, workload.model_bytes)
             )
         if fleet:
-            result["fleet"] = fleet_wallclock(parse_fleet(fleet, catalogue), workload, fp32, schedule)
+            result["fleet"] = fleet_wallclock(
+                parse_fleet(fleet, catalogue), workloads, precision, schedule, saver_ladder
+            )
 
     if trend_months is not None:
         target_device = select_devices(catalogue, [trend_target])[0]
-        target = predict(target_device, workload, fp32).compute_seconds_per_batch
+        target = predict_with_savers(target_device, workloads, precision, saver_ladder)[0].compute_seconds_per_batch
         if target is None:
             raise ValueError(f"trend target {trend_target!r} has no throughput")
         classes: dict[str, int] = {}
@@ -115,14 +169,19 @@ def plan(
 
 
 def fleet_wallclock(
-    clients: list[Device], workload: Workload, fp32: Workload | None, schedule: FLSchedule
+    clients: list[Device],
+    workloads: dict[str, Workload],
+    precision: str,
+    schedule: FLSchedule,
+    saver_ladder: Ladder | None = None,
 ) -> dict[str, Any]:
     """Mixed fleet: each round samples clients from the whole fleet; a sampled client whose
     device cannot train (out of memory, no throughput) drops out of that round."""
+    workload = workloads[precision]
     times: list[float | None] = []
     unable: Counter[str] = Counter()
     for device in clients:
-        p = predict(device, workload, fp32)
+        p, _ = predict_with_savers(device, workloads, precision, saver_ladder)
         if p.seconds_per_batch is None:
             unable[device.id] += 1
         times.append(p.seconds_per_batch)
@@ -166,7 +225,9 @@ def render_plan(result: dict[str, Any]) -> str:
     ]
     has_fl = "fl_schedule" in result
     has_trend = "trend" in result
+    auto = result.get("savers_auto")
     headers = ["device", "fits", "s/batch", "max s", "peak GiB", "usable GiB"]
+    headers += ["savers applied"] if auto else []
     headers += ["FL hours"] if has_fl else []
     headers += ["year"] if has_trend else []
     headers += ["notes"]
@@ -181,6 +242,8 @@ def render_plan(result: dict[str, Any]) -> str:
             _gib(d["peak_bytes"]),
             _gib(d["usable_bytes"]),
         ]
+        if auto:
+            row.append(" ".join(d["savers_applied"]) or "-")
         if has_fl:
             row.append(_hours(d.get("fl")))
         if has_trend:
@@ -188,6 +251,15 @@ def render_plan(result: dict[str, Any]) -> str:
         row.append("; ".join(d["reasons"]))
         rows.append(row)
     lines.append(format_table(headers, rows))
+    if auto:
+        only = auto["feasible_only_with_savers"]
+        lines += [
+            "",
+            "Savers tried where plain training does not fit (cheapest first): "
+            + " | ".join(" ".join(rung) for rung in auto["ladder"]),
+            "Feasible only thanks to savers: "
+            + (", ".join(f"{device} ({' '.join(tokens)})" for device, tokens in only.items()) or "none"),
+        ]
     if has_fl:
         s = result["fl_schedule"]
         lines += [

@@ -124,14 +124,17 @@ def _fill(layers: list[LayerFigures], other: LayerFigures, attr: str, by_unit: d
 
 
 def static_bytes(step: TrainStep) -> dict[str, int]:
-    """Bytes that live across steps: weights, gradients (of trainable weights), AdamW state."""
+    """Bytes that live across steps: weights, gradients (of trainable weights), AdamW state.
+
+    Under ``step-in-backward`` at most one parameter's gradient exists at a time."""
     params = list(step.model.parameters())
+    grads = [p.nbytes for p in params if p.requires_grad]
     optimizer_state = sum(
         value.nbytes for state in step.optimizer.state.values() for value in state.values() if torch.is_tensor(value)
     )
     return {
         "params": sum(p.nbytes for p in params),
-        "grads": sum(p.nbytes for p in params if p.requires_grad),
+        "grads": max(grads, default=0) if step.savers.step_in_backward else sum(grads),
         "optimizer_state": optimizer_state,
     }
 

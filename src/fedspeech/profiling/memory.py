@@ -95,7 +95,7 @@ def tensors_of(*objects: Any) -> list[torch.Tensor]:
         if isinstance(obj, torch.nn.Module):
             found += list(obj.parameters()) + list(obj.buffers())
             found += [p.grad for p in obj.parameters() if p.grad is not None]
-        elif isinstance(obj, torch.optim.Optimizer):
+        elif isinstance(obj, torch.optim.Optimizer) or hasattr(obj, "optimizers"):  # or StepInBackward
             found += [v for state in obj.state.values() for v in state.values() if torch.is_tensor(v)]
         elif isinstance(obj, torch.Tensor):
             found.append(obj)

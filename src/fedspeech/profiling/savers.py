@@ -7,6 +7,28 @@ and is applied with what transformers / torch already provide:
   encoder layers / the Transformer layers. transformers 5.x turns on checkpointing for
   *every* ``GradientCheckpointingLayer`` (the conv layers are such layers too), so we enable
   it the library's way and then switch it off again in the scope the user did not pick.
+- ``recompute-cnn``: keep nothing of the CNN for backward but its input, and recompute it
+  one utterance at a time during backward (``torch.utils.checkpoint`` around the whole
+  feature encoder, per example). Per-layer checkpointing (``ckpt-cnn``) still keeps every
+  conv layer's input, and the first layers' outputs are the largest tensors of the model;
+  per example, the recomputation holds one utterance's CNN activations instead of the
+  batch's. Exact: group and layer norms normalise each utterance on its own.
+- ``ckpt-contrastive``: compute the contrastive logits (cosine similarity of every frame's
+  prediction with its target and 100 distractors) in checkpointed chunks of distractors.
+  Plain, autograd keeps the concatenated [101, batch, frames, 256] targets and the cosine's
+  intermediates for backward: the largest activations once the CNN and the Transformer are
+  checkpointed. Exact: each distractor's cosine is independent of the others.
+- ``step-in-backward``: apply AdamW to each parameter as soon as its gradient is complete
+  (``register_post_accumulate_grad_hook``, the pattern of torch's "optimizer step in
+  backward" tutorial) and free that gradient at once, so the full set of gradients never
+  exists. Same update as one AdamW step; it cannot clip by the *global* gradient norm or
+  use fp16 loss scaling, which both need every gradient first.
+- ``adam-bf16`` (with ``step-in-backward``): keep AdamW's two moments in bfloat16, halving
+  the optimizer state (2 × 4 bytes per weight → 2 × 2). The update is computed in float32
+  and written back with *stochastic* rounding, as torchao's low-bit optimizers do: with
+  round-to-nearest, the second moment's per-step change (0.1 %) is below bfloat16's
+  resolution (0.4 %) and would freeze. Not exact: the benchmark and a test compare the
+  loss curve with float32 moments.
 - ``freeze-cnn``: ``model.freeze_feature_encoder()`` (no gradients, no optimizer state and
   no saved activations for the CNN).
 - ``crop=S``: train on crops of at most S seconds.
@@ -16,11 +38,20 @@ and is applied with what transformers / torch already provide:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
+import torch
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-SAVER_HELP = "ckpt-cnn, ckpt-transformer, freeze-cnn, crop=SECONDS, amp=bf16|fp16"
+SAVER_HELP = (
+    "ckpt-cnn, ckpt-transformer, recompute-cnn, ckpt-contrastive, step-in-backward, adam-bf16, freeze-cnn, "
+    "crop=SECONDS, amp=bf16|fp16"
+)
+#: The exact savers together: the same gradients and update as no savers (tests check it).
+EXACT_SAVERS = ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "step-in-backward")
+#: Distractors per checkpointed chunk of ``ckpt-contrastive``.
+CONTRASTIVE_CHUNK = 10
 
 
 @dataclass(frozen=True)
@@ -30,6 +61,10 @@ class Savers:
     checkpoint_cnn: bool = False
     checkpoint_transformer: bool = False
     freeze_cnn: bool = False
+    recompute_cnn: bool = False
+    checkpoint_contrastive: bool = False
+    step_in_backward: bool = False
+    adam_bf16: bool = False
     crop_seconds: float | None = None
     amp: str | None = None
 
@@ -50,6 +85,14 @@ class Savers:
             return replace(self, checkpoint_transformer=True)
         if key == "freeze-cnn" and not value:
             return replace(self, freeze_cnn=True)
+        if key == "recompute-cnn" and not value:
+            return replace(self, recompute_cnn=True)
+        if key == "ckpt-contrastive" and not value:
+            return replace(self, checkpoint_contrastive=True)
+        if key == "step-in-backward" and not value:
+            return replace(self, step_in_backward=True)
+        if key == "adam-bf16" and not value:
+            return replace(self, adam_bf16=True)
         if key == "crop":
             try:
                 seconds = float(value)
@@ -69,8 +112,16 @@ class Savers:
         out = []
         if self.checkpoint_cnn:
             out.append("ckpt-cnn")
+        if self.recompute_cnn:
+            out.append("recompute-cnn")
         if self.checkpoint_transformer:
             out.append("ckpt-transformer")
+        if self.checkpoint_contrastive:
+            out.append("ckpt-contrastive")
+        if self.step_in_backward:
+            out.append("step-in-backward")
+        if self.adam_bf16:
+            out.append("adam-bf16")
         if self.freeze_cnn:
             out.append("freeze-cnn")
         if self.crop_seconds is not None:
@@ -122,6 +173,14 @@ def apply_model_savers(model: nn.Module, savers: Savers) -> None:
             model.freeze_feature_encoder()
         else:  # AutoModel bases (HuBERT, WavLM) have the method on the feature encoder only
             _feature_encoder(model)._freeze_parameters()
+    if savers.recompute_cnn and savers.checkpoint_cnn:
+        raise ValueError("savers recompute-cnn and ckpt-cnn both checkpoint the CNN: pick one")
+    if savers.recompute_cnn and not savers.freeze_cnn:  # a frozen CNN keeps nothing for backward anyway
+        recompute_per_example(_feature_encoder(model))
+    if savers.checkpoint_contrastive:
+        if not hasattr(model, "compute_contrastive_logits"):
+            raise ValueError(f"{type(model).__name__} has no contrastive head: ckpt-contrastive does not apply")
+        checkpoint_contrastive_logits(model)
     if not (savers.checkpoint_cnn or savers.checkpoint_transformer):
         return
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -139,3 +198,134 @@ def apply_model_savers(model: nn.Module, savers: Savers) -> None:
     for scope, wanted in (("cnn", savers.checkpoint_cnn), ("transformer", savers.checkpoint_transformer)):
         if wanted and not found[scope]:
             raise ValueError(f"{type(model).__name__}: no checkpointable {scope} layers found")
+
+
+def recompute_per_example(encoder: nn.Module) -> None:
+    """Make ``encoder`` (a conv feature encoder) keep only its input for backward and
+    recompute itself one utterance at a time there; in place, parameters and state-dict
+    keys unchanged (the instance's ``forward`` is wrapped, the module tree is not).
+
+    Why our own wrapper: transformers checkpoints per conv layer only (``ckpt-cnn``), which
+    keeps each layer's input alive; torch's ``checkpoint`` does the recomputation, we only
+    split the batch so that backward holds one utterance's activations at a time.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    plain_forward = encoder.forward
+
+    def forward(input_values: torch.Tensor) -> torch.Tensor:
+        trains = torch.is_grad_enabled() and encoder.training and any(p.requires_grad for p in encoder.parameters())
+        if not trains:
+            return plain_forward(input_values)
+        chunks = [checkpoint(plain_forward, one, use_reentrant=False) for one in input_values.split(1)]
+        return torch.cat(chunks)
+
+    encoder.forward = forward
+
+
+def checkpoint_contrastive_logits(model: nn.Module, chunk: int = CONTRASTIVE_CHUNK) -> None:
+    """Wrap ``model.compute_contrastive_logits`` (transformers' static method, overridden on
+    the instance) so that it runs in checkpointed chunks of ``chunk`` distractors: backward
+    keeps only the inputs and recomputes one chunk's cosines at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    plain = model.compute_contrastive_logits
+
+    def chunked(
+        target_features: torch.Tensor,
+        negative_features: torch.Tensor,
+        predicted_features: torch.Tensor,
+        temperature: float = 0.1,
+    ) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return plain(target_features, negative_features, predicted_features, temperature)
+
+        def logits(targets: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+            # the library's formula on a slice of [positive, distractors] (see plain)
+            similarity = torch.cosine_similarity(predicted.float(), targets.float(), dim=-1)
+            return similarity.type_as(targets) / temperature
+
+        parts = (target_features, *negative_features.split(chunk))
+        return torch.cat([checkpoint(logits, part, predicted_features, use_reentrant=False) for part in parts])
+
+    model.compute_contrastive_logits = chunked
+
+
+class StepInBackward:
+    """AdamW applied per parameter inside backward (see ``step-in-backward`` above).
+
+    Quacks like the optimizer :class:`~fedspeech.profiling.trainstep.TrainStep` uses:
+    ``state`` holds every parameter's AdamW state, ``step`` and ``zero_grad`` do nothing
+    because the update and the freeing already happened in backward. ``moments_bf16``: the
+    ``adam-bf16`` saver (our own update, since torch's AdamW keeps its state in the
+    parameters' dtype; the formula is torch's AdamW, checked against it in the tests).
+    """
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        moments_bf16: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not params:
+            raise ValueError("step-in-backward: no trainable parameters")
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.moments_bf16 = moments_bf16
+        self.rounding = torch.Generator().manual_seed(seed)  # not the model's RNG stream
+        self._state: dict[nn.Parameter, dict[str, Any]] = {}
+        # foreach=False: one parameter per optimizer, so there is nothing to batch anyway,
+        # and no multi-tensor temporaries the size of the model.
+        adamw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+        self.optimizers = {} if moments_bf16 else {p: torch.optim.AdamW([p], **adamw) for p in params}
+        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in params]
+
+    def _step(self, param: torch.Tensor) -> None:
+        if self.moments_bf16:
+            self._bf16_step(param)
+            param.grad = None
+            return
+        optimizer = self.optimizers[param]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _bf16_step(self, param: nn.Parameter) -> None:
+        grad = param.grad
+        assert grad is not None  # the hook runs once the gradient is accumulated
+        state = self._state.get(param)
+        if state is None:
+            zeros = torch.zeros_like(param, dtype=torch.bfloat16)
+            state = self._state[param] = {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+        state["step"] += 1
+        beta1, beta2 = self.betas
+        exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        param.mul_(1 - self.lr * self.weight_decay)
+        correction1 = 1 - beta1 ** state["step"]
+        correction2 = 1 - beta2 ** state["step"]
+        denominator = (exp_avg_sq.sqrt() / correction2**0.5).add_(self.eps)
+        param.addcdiv_(exp_avg, denominator, value=-self.lr / correction1)
+        state["exp_avg"].copy_(self._round(exp_avg))
+        state["exp_avg_sq"].copy_(self._round(exp_avg_sq))
+
+    def _round(self, value: torch.Tensor) -> torch.Tensor:
+        """float32 → bfloat16 with stochastic rounding: add random low 16 bits, truncate."""
+        bits = value.view(torch.int32)
+        noise = torch.randint(0, 1 << 16, value.shape, generator=self.rounding, dtype=torch.int32)
+        return (bits + noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+
+    @property
+    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        if self.moments_bf16:
+            return dict(self._state)
+        return {p: s for optimizer in self.optimizers.values() for p, s in optimizer.state.items()}
+
+    def step(self) -> None:
+        """Nothing left to do: every parameter was updated during backward."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing left to free: each gradient was dropped right after its update."""

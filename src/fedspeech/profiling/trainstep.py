@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedspeech.models.configs import model_config
-from fedspeech.profiling.savers import Savers, apply_model_savers, check_precision
+from fedspeech.profiling.savers import Savers, StepInBackward, apply_model_savers, check_precision
 
 SAMPLE_RATE = 16_000
 # Span masking of docs/methods.md §1, used whatever the checkpoint's (fine-tuning) config says.
@@ -101,6 +101,8 @@ class TrainStep:
 
     Keeps its own copy of the model and its AdamW state, so steps are steady-state after the
     first call (the optimizer state exists, gradients are freed with ``set_to_none``).
+    ``copy_model=False`` trains ``template`` itself: a process-memory benchmark must not
+    hold a second copy of the weights.
     """
 
     def __init__(
@@ -109,17 +111,26 @@ class TrainStep:
         precision: str = "fp32",
         savers: Savers = Savers(),
         device_type: str = "cpu",
+        copy_model: bool = True,
     ) -> None:
         self.precision = check_precision(savers.effective_precision(precision))
         self.savers = savers
         self.device = torch.device(device_type)
-        self.model = copy.deepcopy(template).to(self.device).train()
+        self.model = (copy.deepcopy(template) if copy_model else template).to(self.device).train()
         apply_model_savers(self.model, savers)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        fp16 = self.precision == "fp16"
+        self.optimizer: torch.optim.Optimizer | StepInBackward
+        if savers.adam_bf16 and not savers.step_in_backward:
+            raise ValueError("saver adam-bf16 needs step-in-backward (it is that optimizer's option)")
+        if savers.step_in_backward:
+            if fp16:
+                raise ValueError("saver step-in-backward cannot run with fp16: loss scaling needs every gradient first")
+            self.optimizer = StepInBackward(trainable, lr=1e-4, moments_bf16=savers.adam_bf16)
+        else:
+            self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         # fp16 needs loss scaling. Start at scale 1, not 65536: a step whose scaled gradients
         # overflow is skipped, and a skipped first step never creates the AdamW state we profile.
-        fp16 = self.precision == "fp16"
         self.scaler = torch.amp.GradScaler(device_type, init_scale=1.0) if fp16 else None
 
     def autocast(self):
@@ -144,6 +155,7 @@ class TrainStep:
     def update(self) -> None:
         """The AdamW step (through the GradScaler for fp16), then free the gradients."""
         if self.scaler is not None:
+            assert isinstance(self.optimizer, torch.optim.Optimizer)  # __init__ refuses fp16 otherwise
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
