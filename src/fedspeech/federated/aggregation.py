@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean as flower_trim_mean
 
+from fedspeech.federated.streaming import StreamingAverage, cast_like, cosine, global_norm
+
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, np.ndarray]
@@ -185,16 +187,6 @@ def _copy_state(state: Mapping[str, np.ndarray]) -> StateDict:
 # ------------------------------------------------------------------------ numerics
 
 
-def _cast_like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Cast a float64 aggregate back to the reference dtype (ints rounded, bools voted)."""
-    dtype = np.asarray(reference).dtype
-    if dtype.kind == "b":
-        return np.asarray(value >= 0.5)
-    if dtype.kind in "iu":
-        return np.rint(value).astype(dtype)
-    return np.asarray(value).astype(dtype)
-
-
 def weighted_average(
     reference: Mapping[str, np.ndarray],
     states: Sequence[Mapping[str, np.ndarray]],
@@ -209,18 +201,10 @@ def weighted_average(
     """
     if len(states) != len(weights):
         raise ValueError(f"got {len(weights)} weights for {len(states)} client states")
-    result: StateDict = {}
-    for key, ref_value in reference.items():
-        contributors = [(s[key], float(c)) for s, c in zip(states, weights) if key in s]
-        total = sum(c for _, c in contributors)
-        if not contributors or total <= 0.0:
-            result[key] = np.array(ref_value, copy=True)
-            continue
-        accumulator = np.zeros(np.shape(ref_value), dtype=np.float64)
-        for value, weight in contributors:
-            accumulator += np.asarray(value).astype(np.float64) * (weight / total)
-        result[key] = _cast_like(accumulator, ref_value)
-    return result
+    average = StreamingAverage(reference)
+    for state, weight in zip(states, weights):
+        average.add({k: v for k, v in state.items() if k in reference}, float(weight))
+    return average.result()
 
 
 def _check_positive_finite(values: Sequence[float], name: str) -> np.ndarray:
@@ -328,30 +312,11 @@ def mixed(
     return weighted_average(reference, [states[i] for i in accepted], weights)
 
 
-def _cosine_delta(client: np.ndarray, global_value: np.ndarray) -> float:
-    """δ = cos(w_k, w_g) clipped to ≤ 1; 1 where the angle is undefined.
-
-    Undefined: integer/bool buffers, 0-d tensors (the reference code leaves such
-    entries unscaled) and zero-norm tensors (the reference code divides by zero when
-    the global tensor is zero, e.g. a zero-initialised bias; we fall back to δ = 1,
-    i.e. the plain mean).
-    """
-    client = np.asarray(client)
-    if client.dtype.kind != "f" or client.ndim == 0:
-        return 1.0
-    x = client.astype(np.float64).ravel()
-    y = np.asarray(global_value).astype(np.float64).ravel()
-    norms = float(np.linalg.norm(x)) * float(np.linalg.norm(y))
-    if norms == 0.0 or not math.isfinite(norms):
-        return 1.0
-    return min(float(np.dot(x, y)) / norms, 1.0)
-
-
 def ldawa_deltas(
     global_state: Mapping[str, np.ndarray], states: Sequence[Mapping[str, np.ndarray]]
 ) -> list[dict[str, float]]:
     """Per client, per tensor δ_k^l = min(cos(w_k^l, w_g^l), 1) (see :func:`ldawa`)."""
-    return [{k: _cosine_delta(s[k], global_state[k]) for k in global_state} for s in states]
+    return [{k: cosine(s[k], global_state[k]) for k in global_state} for s in states]
 
 
 def ldawa(
@@ -380,16 +345,13 @@ def ldawa(
     reference, accepted = _screen(global_state, states, client_ids)
     if reference is None:
         return _copy_state(global_state)
-    kept = [states[i] for i in accepted]
-    deltas = ldawa_deltas(global_state, kept)
-    count = len(kept)
-    result: StateDict = {}
-    for key, ref_value in global_state.items():
-        accumulator = np.zeros(np.shape(ref_value), dtype=np.float64)
-        for state, delta in zip(kept, deltas):
-            accumulator += np.asarray(state[key]).astype(np.float64) * delta[key]
-        result[key] = _cast_like(accumulator / count, ref_value)
-    return result
+    average = StreamingAverage(global_state)
+    global_norms = {k: global_norm(v) for k, v in global_state.items()}
+    for i in accepted:  # one client at a time: δ_k^l w_k^l, each client counting 1 in the divisor
+        state = states[i]
+        deltas = {k: cosine(state[k], global_state[k], global_norms[k]) for k in global_state}
+        average.add({k: state[k] for k in global_state}, deltas, normaliser=1.0)
+    return average.result()
 
 
 # --------------------------------------------------------------- robust aggregation
@@ -439,7 +401,7 @@ def clip_update(
             clipped[key] = value
             continue
         ref64 = np.asarray(ref, dtype=np.float64)
-        clipped[key] = _cast_like(ref64 + factor * (np.asarray(value, dtype=np.float64) - ref64), value)
+        clipped[key] = cast_like(ref64 + factor * (np.asarray(value, dtype=np.float64) - ref64), value)
     return clipped, factor
 
 
@@ -474,7 +436,7 @@ def trimmed_mean(
         # Flower's FedMedian/FedTrimmedAvg compute the same per tensor but average integer
         # buffers as floats and skip our screening, so the strategies wrap the arithmetic only.
         combined = np.median(stacked, axis=0) if trim >= 0.5 else flower_trim_mean(stacked, trim)
-        result[key] = _cast_like(combined, ref_value)
+        result[key] = cast_like(combined, ref_value)
     return result
 
 
