@@ -21,7 +21,7 @@ variant it prints:
 Ratios are against ``plain`` measured in the same run. ``plain`` is the model as
 transformers ships it with ``torch.optim.AdamW``; ``exact`` is fedspeech's savers that do
 not change the training (``recompute-cnn ckpt-transformer ckpt-contrastive
-step-in-backward``, gradients
+fused-quantizer step-in-backward``, gradients
 checked equal in ``tests/test_savers_exact.py``); ``hf-ckpt`` is the library's own
 activation checkpointing of conv and Transformer layers; ``exact+adam-bf16`` adds AdamW
 moments in bfloat16 (stochastic rounding; not exact: compare its losses); ``frozen-cnn``
@@ -44,9 +44,16 @@ import time
 VARIANTS = {
     "plain": [],
     "hf-ckpt": ["ckpt-cnn", "ckpt-transformer"],
-    "exact": ["recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "step-in-backward"],
-    "exact+adam-bf16": ["recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "step-in-backward", "adam-bf16"],
-    "frozen-cnn": ["ckpt-transformer", "ckpt-contrastive", "step-in-backward", "freeze-cnn"],
+    "exact": ["recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "fused-quantizer", "step-in-backward"],
+    "exact+adam-bf16": [
+        "recompute-cnn",
+        "ckpt-transformer",
+        "ckpt-contrastive",
+        "fused-quantizer",
+        "step-in-backward",
+        "adam-bf16",
+    ],
+    "frozen-cnn": ["ckpt-transformer", "ckpt-contrastive", "fused-quantizer", "step-in-backward", "freeze-cnn"],
 }
 TARGETS = {"held": 0.25, "process_peak": 0.50, "time": 1.35}
 MIB = 2**20

@@ -226,7 +226,13 @@ def test_feasibility_with_auto_savers_names_the_devices_they_make_feasible(tmp_p
     assert run(*common, "--catalogue", catalogue_with(64), "--json", str(first)) == 0
     measured = json.loads(first.read_text())
     ladder = measured["savers_auto"]["ladder"]
-    assert ladder[-1] == ["recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "step-in-backward"]
+    assert ladder[-1] == [
+        "recompute-cnn",
+        "ckpt-transformer",
+        "ckpt-contrastive",
+        "fused-quantizer",
+        "step-in-backward",
+    ]
     plain_peak = measured["devices"][0]["peak_bytes"]
     rung_peaks = [rung["fp32"]["peak_bytes"] for rung in measured["savers_auto"]["ladder_workloads"]]
     assert rung_peaks[-1] < plain_peak  # the savers really lower the predicted peak

@@ -52,7 +52,13 @@ def _weights_after_steps(template, tokens: list[str], steps: int = 2) -> dict[st
 
 
 @pytest.mark.parametrize(
-    "tokens", [["recompute-cnn"], ["ckpt-contrastive"], ["recompute-cnn", "ckpt-transformer", "ckpt-contrastive"]]
+    "tokens",
+    [
+        ["recompute-cnn"],
+        ["ckpt-contrastive"],
+        ["fused-quantizer"],
+        ["recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "fused-quantizer"],
+    ],
 )
 def test_recomputed_cnn_gives_the_plain_gradients(tiny, tokens):
     plain_loss, plain = _gradients(tiny, [])

@@ -54,13 +54,13 @@ def parse_fleet(text: str, catalogue: dict[str, Device]) -> list[Device]:
     return clients
 
 
-#: Exact savers, in order of extra compute: freeing gradients costs nothing, Transformer
-#: checkpointing recomputes the Transformer forward, recomputing the CNN and the contrastive logits
-#: adds their forward.
+#: Exact savers, in order of extra compute: the fused quantizer and freeing gradients cost
+#: nothing, checkpointing the Transformer and the contrastive logits recomputes their forward,
+#: recomputing the CNN adds its forward.
 AUTO_SAVER_LADDER: tuple[tuple[str, ...], ...] = (
-    ("step-in-backward",),
-    ("ckpt-transformer", "step-in-backward"),
-    ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "step-in-backward"),
+    ("fused-quantizer", "step-in-backward"),
+    ("ckpt-transformer", "ckpt-contrastive", "fused-quantizer", "step-in-backward"),
+    ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "fused-quantizer", "step-in-backward"),
 )
 
 Ladder = list[dict[str, Workload]]  # per rung: workloads by precision, as ``workloads``

@@ -18,6 +18,11 @@ and is applied with what transformers / torch already provide:
   Plain, autograd keeps the concatenated [101, batch, frames, 256] targets and the cosine's
   intermediates for backward: the largest activations once the CNN and the Transformer are
   checkpointed. Exact: each distractor's cosine is independent of the others.
+- ``fused-quantizer``: look up the Gumbel quantizer's codevectors with one batched matrix
+  product instead of transformers' broadcast multiply-and-sum, which materialises a
+  [frames, groups × codes, dim / groups] tensor (360 MB at base, batch 4, 5.5 s) and three
+  such tensors in backward: with everything else checkpointed, the step's peak. Exact up to
+  the order of a float sum (the one-hot selection is a sum over codes either way).
 - ``step-in-backward``: apply AdamW to each parameter as soon as its gradient is complete
   (``register_post_accumulate_grad_hook``, the pattern of torch's "optimizer step in
   backward" tutorial) and free that gradient at once, so the full set of gradients never
@@ -45,11 +50,12 @@ from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAVER_HELP = (
-    "ckpt-cnn, ckpt-transformer, recompute-cnn, ckpt-contrastive, step-in-backward, adam-bf16, freeze-cnn, "
+    "ckpt-cnn, ckpt-transformer, recompute-cnn, ckpt-contrastive, fused-quantizer, step-in-backward, adam-bf16, "
+    "freeze-cnn, "
     "crop=SECONDS, amp=bf16|fp16"
 )
 #: The exact savers together: the same gradients and update as no savers (tests check it).
-EXACT_SAVERS = ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "step-in-backward")
+EXACT_SAVERS = ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "fused-quantizer", "step-in-backward")
 #: Distractors per checkpointed chunk of ``ckpt-contrastive``.
 CONTRASTIVE_CHUNK = 10
 
@@ -63,6 +69,7 @@ class Savers:
     freeze_cnn: bool = False
     recompute_cnn: bool = False
     checkpoint_contrastive: bool = False
+    fused_quantizer: bool = False
     step_in_backward: bool = False
     adam_bf16: bool = False
     crop_seconds: float | None = None
@@ -89,6 +96,8 @@ class Savers:
             return replace(self, recompute_cnn=True)
         if key == "ckpt-contrastive" and not value:
             return replace(self, checkpoint_contrastive=True)
+        if key == "fused-quantizer" and not value:
+            return replace(self, fused_quantizer=True)
         if key == "step-in-backward" and not value:
             return replace(self, step_in_backward=True)
         if key == "adam-bf16" and not value:
@@ -118,6 +127,8 @@ class Savers:
             out.append("ckpt-transformer")
         if self.checkpoint_contrastive:
             out.append("ckpt-contrastive")
+        if self.fused_quantizer:
+            out.append("fused-quantizer")
         if self.step_in_backward:
             out.append("step-in-backward")
         if self.adam_bf16:
@@ -181,6 +192,11 @@ def apply_model_savers(model: nn.Module, savers: Savers) -> None:
         if not hasattr(model, "compute_contrastive_logits"):
             raise ValueError(f"{type(model).__name__} has no contrastive head: ckpt-contrastive does not apply")
         checkpoint_contrastive_logits(model)
+    if savers.fused_quantizer:
+        quantizer = getattr(model, "quantizer", None)
+        if quantizer is None:
+            raise ValueError(f"{type(model).__name__} has no quantizer: fused-quantizer does not apply")
+        fuse_quantizer(quantizer)
     if not (savers.checkpoint_cnn or savers.checkpoint_transformer):
         return
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -249,6 +265,36 @@ def checkpoint_contrastive_logits(model: nn.Module, chunk: int = CONTRASTIVE_CHU
         return torch.cat([checkpoint(logits, part, predicted_features, use_reentrant=False) for part in parts])
 
     model.compute_contrastive_logits = chunked
+
+
+def fuse_quantizer(quantizer: nn.Module) -> None:
+    """Replace the forward of a transformers Gumbel vector quantizer (wav2vec 2.0 and its
+    conformer) on this instance by the same computation with a batched-matmul codevector
+    lookup (see ``fused-quantizer``). Everything before the lookup is transformers' code
+    path, step by step: projection, hard Gumbel softmax in training / argmax otherwise,
+    perplexity of the soft distribution over the masked frames."""
+    functional = nn.functional
+
+    def forward(hidden_states: torch.Tensor, mask_time_indices: torch.Tensor | None = None):
+        batch_size, sequence_length, _ = hidden_states.shape
+        groups, codes = quantizer.num_groups, quantizer.num_vars
+        frames = batch_size * sequence_length
+        logits = quantizer.weight_proj(hidden_states).view(frames * groups, -1)
+        if quantizer.training:
+            probs = functional.gumbel_softmax(logits.float(), tau=quantizer.temperature, hard=True).type_as(logits)
+            soft = torch.softmax(logits.view(frames, groups, -1).float(), dim=-1)
+            perplexity = quantizer._compute_perplexity(soft, mask_time_indices)
+        else:
+            index = logits.argmax(dim=-1)
+            probs = logits.new_zeros(logits.shape).scatter_(-1, index.view(-1, 1), 1.0)
+            perplexity = quantizer._compute_perplexity(probs.view(frames, groups, -1), mask_time_indices)
+        codebook = quantizer.codevectors.view(groups, codes, -1)
+        # [groups, frames, codes] @ [groups, codes, dim/groups]: no [frames, groups*codes, dim/groups] product
+        selected = torch.bmm(probs.view(frames, groups, codes).transpose(0, 1), codebook)
+        codevectors = selected.transpose(0, 1).reshape(batch_size, sequence_length, -1)
+        return codevectors, perplexity
+
+    quantizer.forward = forward
 
 
 class StepInBackward:
