@@ -40,7 +40,6 @@ def child(mode: str, model: str, clients: int, threads: int) -> dict:
     import torch
 
     from fedspeech.federated import aggregation as agg
-    from fedspeech.federated import streaming
     from fedspeech.profiling.trainstep import build_model
 
     torch.set_num_threads(threads)
@@ -79,6 +78,8 @@ def child(mode: str, model: str, clients: int, threads: int) -> dict:
             result = agg.ldawa(global_state, states)
         seconds = time.perf_counter() - start
     else:
+        from fedspeech.federated import streaming
+
         rule = mode.removeprefix("streaming-")
         accumulator: streaming.StreamingAverage | streaming.StreamingSoftmaxAverage
         accumulator = (

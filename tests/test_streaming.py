@@ -83,3 +83,17 @@ def test_unknown_client_keys_are_refused():
     reference, states = _states(1)
     with pytest.raises(KeyError, match="extra"):
         StreamingAverage(reference).add({**states[0], "extra": np.zeros(2, np.float32)}, 1.0)
+
+
+def test_the_fast_finiteness_check_agrees_with_isfinite():
+    from fedspeech.federated.aggregation import all_finite
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.float16, np.float32, np.float64):
+        x = rng.normal(size=1000).astype(dtype)
+        assert all_finite(x)
+        assert all_finite(np.full(1000, np.finfo(dtype).max, dtype=dtype))  # huge but finite
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[17] = bad
+            assert not all_finite(y)

@@ -116,10 +116,19 @@ def validate_update(
             reasons.append(f"key '{key}': unsupported dtype {array.dtype}")
         elif array.shape != expected:
             reasons.append(f"key '{key}': shape {array.shape} != global shape {expected}")
-        elif array.dtype.kind == "f" and not np.isfinite(array).all():
+        elif array.dtype.kind == "f" and not all_finite(array):
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             reasons.append(f"key '{key}': {bad} non-finite value(s) of {array.size}")
     return reasons
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN/Inf in ``array``. For float32 and narrower, from its float64 sum: that cannot
+    overflow, NaN/Inf make it non-finite, and it is one pass with no mask the size of the
+    tensor (which matters on 95 M weights per reply)."""
+    if array.dtype.itemsize <= 4:
+        return bool(np.isfinite(np.sum(array, dtype=np.float64)))
+    return bool(np.isfinite(array).all())
 
 
 def format_reasons(reasons: Sequence[str]) -> str:
