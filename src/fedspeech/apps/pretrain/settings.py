@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedspeech.federated.rules import PRETRAIN, RULES, GuardedSettings, check_rule, rule_names
+from fedspeech.profiling.savers import Savers
 from fedspeech.settings import round_lr
 
 STRATEGIES = rule_names(PRETRAIN)
@@ -23,6 +24,11 @@ OPTIMIZER_STATES = ("reset", "client", "server")
 #: "round": one learning rate per round; "step": the schedule followed step by step within
 #: the round, by the fraction of the run done (what a centralised run does per step).
 LR_SCHEDULES = ("round", "step")
+
+
+#: Savers a pretraining client can apply: they change how the model computes, not the loop
+#: (``ckpt-contrastive`` targets transformers' own loss, which our objective does not use).
+PRETRAIN_SAVERS = ("ckpt-cnn", "recompute-cnn", "ckpt-transformer", "fused-quantizer", "freeze-cnn")
 
 
 @dataclass
@@ -61,6 +67,8 @@ class PretrainSettings(GuardedSettings):
     val_max_utterances: int = 64  # held-out speakers' utterances used for validation loss
     probes: str = ""  # per-round frozen-feature probes, e.g. "kws,speaker,asr" (docs/methods.md §4)
     probe_method: str = "linear"  # or "knn"
+    # memory savers each client applies to its model (docs/performance.md); exact ones only here
+    savers: str = ""  # e.g. "recompute-cnn ckpt-transformer fused-quantizer"
     keep_checkpoints: int = 0  # 0 = keep a checkpoint for every round
     resume: bool = False
 
@@ -91,6 +99,23 @@ class PretrainSettings(GuardedSettings):
             raise ValueError(f"probes: unknown task(s) {sorted(unknown)}; choose from kws, speaker, asr")
         if self.max_seconds <= 0:
             raise ValueError(f"max_seconds: must be > 0, got {self.max_seconds}")
+        self.model_savers()  # validates the savers now, naming the field
+
+    def model_savers(self) -> Savers:
+        """The ``savers`` field parsed; only the ones that change the model, not the loop."""
+        try:
+            savers = Savers.parse(self.savers.replace(",", " ").split())
+        except ValueError as exc:
+            raise ValueError(f"savers: {exc}") from None
+        loop_level = [t for t in savers.tokens() if t.split("=")[0] not in PRETRAIN_SAVERS]
+        if loop_level:
+            raise ValueError(
+                f"savers: {' '.join(loop_level)} not available in pretraining (the local loop clips by the global "
+                f"gradient norm and crops with --max-seconds); choose from {' '.join(PRETRAIN_SAVERS)}"
+            )
+        if savers.any and self.method != "wav2vec2":
+            raise ValueError(f"savers: apply to the wav2vec2 method only, not {self.method!r}")
+        return savers
 
     @property
     def probe_tasks(self) -> list[str]:

@@ -16,6 +16,7 @@ from fedspeech.apps.pretrain.settings import PretrainSettings
 from fedspeech.data.audio import AudioDataset, make_loader
 from fedspeech.data.manifest import read_manifest
 from fedspeech.data.partition import Partition, client_utterances
+from fedspeech.profiling.savers import apply_model_savers
 from fedspeech.ssl.methods import get_method
 from fedspeech.ssl.train import LRSchedule, train_local
 
@@ -106,6 +107,7 @@ def local_round(
     method = get_method(settings, fedu_mu)
     model = method.fresh_model()
     load_info = method.load_global(model, global_state, kept)
+    apply_model_savers(model, settings.model_savers())
 
     torch.manual_seed(hash((settings.seed, server_round, client_id)) % 2**63)  # dropout, Gumbel noise
     dataset = _client_dataset(manifest, partition, client_id, settings.max_seconds, settings.seed)
