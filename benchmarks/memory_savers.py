@@ -15,8 +15,10 @@ variant it prints:
   (``fedspeech.profiling.memory.PeakTensorMemory``);
 - **process peak**: the process's maximum resident set size (``ru_maxrss``), the figure a
   device's memory limit applies to, including Python, torch and transformers themselves;
-- **step time**: median wall-clock of the timed steps, and the loss of every step (the
-  exact savers must give the plain losses).
+- **losses** of every step (the exact savers must give the plain losses);
+- **step time ÷ plain**: measured in one more process per variant that holds both models
+  and alternates their steps (plain, variant, plain, variant, ...), the median of the
+  per-pair ratios: a load that comes and goes on a shared machine hits both sides alike.
 
 Ratios are against ``plain`` measured in the same run. ``plain`` is the model as
 transformers ships it with ``torch.optim.AdamW``; ``exact`` is fedspeech's savers that do
@@ -115,11 +117,34 @@ def child(model_name: str, seconds: float, batch: int, tokens: list[str], repeat
     }
 
 
-def run_variant(args: argparse.Namespace, name: str) -> dict:
+def pair_timing(model_name: str, seconds: float, batch: int, tokens: list[str], pairs: int, threads: int) -> dict:
+    """Alternate steps of the plain model and of ``tokens``' model in this process."""
+    import torch
+
+    from fedspeech.profiling.savers import Savers
+    from fedspeech.profiling.trainstep import TrainStep, build_model, synthetic_batch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    steps = [TrainStep(build_model(model_name), savers=Savers.parse(t), copy_model=False) for t in ([], tokens)]
+    data = synthetic_batch(steps[0].model, batch, seconds, seed=0)
+    for step in steps:
+        step(data)  # warm-up
+    times: list[list[float]] = [[], []]
+    for _ in range(pairs):
+        for side, step in enumerate(steps):
+            start = time.perf_counter()
+            step(data)
+            times[side].append(time.perf_counter() - start)
+    ratios = [b / a for a, b in zip(*times)]
+    return {"plain_seconds": times[0], "variant_seconds": times[1], "ratio": statistics.median(ratios)}
+
+
+def run_child(args: argparse.Namespace, flag: str, name: str) -> dict:
     command = [
         sys.executable,
         __file__,
-        "--child",
+        flag,
         json.dumps(VARIANTS[name]),
         "--model",
         args.model,
@@ -128,7 +153,7 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
         "--batch",
         str(args.batch),
         "--repeats",
-        str(args.repeats),
+        str(args.repeats if flag == "--child" else args.pairs),
         "--threads",
         str(args.threads),
     ]
@@ -147,7 +172,7 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         f"# {args.model}, batch {args.batch}, {args.seconds:g} s, fp32, {args.threads} torch thread(s), "
         f"{args.repeats} timed steps; {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "| variant | savers | held for backward MiB | ÷ plain | tensor peak MiB | ÷ plain "
-        "| process peak MiB | ÷ plain | step s | ÷ plain | losses by step |",
+        "| process peak MiB | ÷ plain | step s (alone) | time ÷ plain (paired) | losses by step |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
@@ -155,19 +180,20 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
             lines.append(f"| {name} | {' '.join(VARIANTS[name]) or '-'} | failed: {r['error']} |")
             continue
         step = statistics.median(r["step_seconds"])
+        timing = r.get("pair_timing") or {}
+        time_ratio = "1.000" if name == "plain" else f"{timing['ratio']:.3f}" if "ratio" in timing else "-"
 
         def ratio(key: str, value: float) -> str:
             if plain is None or "error" in plain:
                 return "-"
-            base = statistics.median(plain["step_seconds"]) if key == "time" else plain[key]
-            return f"{value / base:.3f}"
+            return f"{value / plain[key]:.3f}"
 
         lines.append(
             f"| {name} | {' '.join(r['savers']) or '-'} "
             f"| {r['held_bytes'] / MIB:,.1f} | {ratio('held_bytes', r['held_bytes'])} "
             f"| {r['tensor_peak_bytes'] / MIB:,.1f} | {ratio('tensor_peak_bytes', r['tensor_peak_bytes'])} "
             f"| {r['process_peak_bytes'] / MIB:,.1f} | {ratio('process_peak_bytes', r['process_peak_bytes'])} "
-            f"| {step:.2f} | {ratio('time', step)} | {' '.join(f'{x:.4f}' for x in r['losses'])} |"
+            f"| {step:.2f} | {time_ratio} | {' '.join(f'{x:.4f}' for x in r['losses'])} |"
         )
     runtime = next((r["runtime_rss_bytes"] for r in results.values() if "error" not in r), 0)
     lines.append(
@@ -183,20 +209,29 @@ def main() -> int:
     parser.add_argument("--model", default="base")
     parser.add_argument("--seconds", type=float, default=5.5)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per memory run (after one warm-up)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating plain/variant step pairs for the time ratio")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per variant")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--pair-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         result = child(args.model, args.seconds, args.batch, json.loads(args.child), args.repeats, args.threads)
         print(json.dumps(result))
         return 0
+    if args.pair_child is not None:
+        tokens = json.loads(args.pair_child)
+        print(json.dumps(pair_timing(args.model, args.seconds, args.batch, tokens, args.repeats, args.threads)))
+        return 0
     results = {}
     for name in args.variants:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_variant(args, name)
+        results[name] = run_child(args, "--child", name)
+    for name in [n for n in args.variants if n != "plain" and "error" not in results[n] and args.pairs > 0]:
+        print(f"timing {name} against plain, {args.pairs} alternating pairs ...", file=sys.stderr, flush=True)
+        results[name]["pair_timing"] = run_child(args, "--pair-child", name)
     print(table(results, args))
     if args.json:
         with open(args.json, "w") as out:
