@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean as flower_trim_mean
 
-from fedspeech.federated.streaming import StreamingAverage, cast_like, cosine, global_norm
+from fedspeech.federated.streaming import CHUNK, add_scaled, cast_like, cosine, global_norm
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +212,21 @@ def weighted_average(
     """
     if len(states) != len(weights):
         raise ValueError(f"got {len(weights)} weights for {len(states)} client states")
-    average = StreamingAverage(reference)
-    for state, weight in zip(states, weights):
-        average.add({k: v for k, v in state.items() if k in reference}, float(weight))
-    return average.result()
+    # Key by key, so each key's float64 accumulator stays in the cache across the clients
+    # (all replies are here already); streaming.StreamingAverage is the one-reply-at-a-time form.
+    scratch = np.empty(CHUNK, dtype=np.float64)
+    result: StateDict = {}
+    for key, ref_value in reference.items():
+        contributors = [(s[key], float(c)) for s, c in zip(states, weights) if key in s]
+        total = sum(c for _, c in contributors)
+        if not contributors or total <= 0.0:
+            result[key] = np.array(ref_value, copy=True)
+            continue
+        accumulator = np.zeros(np.shape(ref_value), dtype=np.float64)
+        for value, weight in contributors:
+            add_scaled(accumulator, value, weight / total, scratch)
+        result[key] = cast_like(accumulator, ref_value)
+    return result
 
 
 def _check_positive_finite(values: Sequence[float], name: str) -> np.ndarray:
@@ -356,13 +367,16 @@ def ldawa(
     reference, accepted = _screen(global_state, states, client_ids)
     if reference is None:
         return _copy_state(global_state)
-    average = StreamingAverage(global_state)
-    global_norms = {k: global_norm(v) for k, v in global_state.items()}
-    for i in accepted:  # one client at a time: δ_k^l w_k^l, each client counting 1 in the divisor
-        state = states[i]
-        deltas = {k: cosine(state[k], global_state[k], global_norms[k]) for k in global_state}
-        average.add({k: state[k] for k in global_state}, deltas, normaliser=1.0)
-    return average.result()
+    kept = [states[i] for i in accepted]
+    scratch = np.empty(CHUNK, dtype=np.float64)
+    result: StateDict = {}
+    for key, ref_value in global_state.items():  # key by key, as weighted_average
+        norm = global_norm(ref_value)
+        accumulator = np.zeros(np.shape(ref_value), dtype=np.float64)
+        for state in kept:  # δ_k^l w_k^l, each client counting 1 in the divisor
+            add_scaled(accumulator, state[key], cosine(state[key], ref_value, norm) / len(kept), scratch)
+        result[key] = cast_like(accumulator, ref_value)
+    return result
 
 
 # --------------------------------------------------------------- robust aggregation

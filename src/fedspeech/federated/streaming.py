@@ -9,10 +9,11 @@ buffer (cast and scale one cache-sized chunk, add it) touches memory once per re
 fused answer but ran 6x slower than NumPy's float32 ``add`` on this CPU; the chunked
 NumPy loop runs at 1.6x.)
 
-Used by every averaging rule of :mod:`fedspeech.federated.aggregation` (FedAvg, loss,
-mixed, partial averages of early exits, L-DAWA) and directly by
-``benchmarks/server_aggregation.py``. Rules that need every reply at once (coordinate
-median, trimmed mean, the median-norm guard) cannot stream and do not use it.
+:mod:`fedspeech.federated.aggregation` uses the same chunked float64 addition key by key
+over replies that are all present (each key's accumulator then stays in the cache across
+clients: faster, but every reply is held); the classes here add one whole reply at a time
+(``benchmarks/server_aggregation.py`` compares the two). Rules that need every reply at
+once (coordinate median, trimmed mean, the median-norm guard) cannot stream.
 """
 
 from __future__ import annotations
