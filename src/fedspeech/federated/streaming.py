@@ -6,8 +6,8 @@ float64 temporary the size of each tensor. A running sum needs one float64 accum
 each reply can be dropped as soon as it is added, and adding through a small scratch
 buffer (cast and scale one cache-sized chunk, add it) touches memory once per reply.
 (torch's ``add_(x, alpha=w)`` into a float64 accumulator from float32 looked like the
-fused answer but ran 6x slower than NumPy's float32 ``add`` on this CPU; the chunked
-NumPy loop runs at 1.6x.)
+fused answer but ran several times slower than the chunked NumPy loop in a quick check on
+this CPU; ``benchmarks/server_aggregation.py`` measures the loop against a NumPy sum.)
 
 :mod:`fedspeech.federated.aggregation` uses the same chunked float64 addition key by key
 over replies that are all present (each key's accumulator then stays in the cache across

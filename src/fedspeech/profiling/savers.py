@@ -49,11 +49,18 @@ import torch
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-SAVER_HELP = (
-    "ckpt-cnn, ckpt-transformer, recompute-cnn, ckpt-contrastive, fused-quantizer, step-in-backward, adam-bf16, "
-    "freeze-cnn, "
-    "crop=SECONDS, amp=bf16|fp16"
-)
+#: The on/off savers: command-line token -> ``Savers`` field, in the spelling order of ``tokens``.
+SWITCHES = {
+    "ckpt-cnn": "checkpoint_cnn",
+    "recompute-cnn": "recompute_cnn",
+    "ckpt-transformer": "checkpoint_transformer",
+    "ckpt-contrastive": "checkpoint_contrastive",
+    "fused-quantizer": "fused_quantizer",
+    "step-in-backward": "step_in_backward",
+    "adam-bf16": "adam_bf16",
+    "freeze-cnn": "freeze_cnn",
+}
+SAVER_HELP = ", ".join(SWITCHES) + ", crop=SECONDS, amp=bf16|fp16"
 #: The exact savers together: the same gradients and update as no savers (tests check it).
 EXACT_SAVERS = ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "fused-quantizer", "step-in-backward")
 #: Distractors per checkpointed chunk of ``ckpt-contrastive``.
@@ -86,22 +93,9 @@ class Savers:
 
     def _with_token(self, token: str) -> Savers:
         key, _, value = token.partition("=")
-        if key == "ckpt-cnn" and not value:
-            return replace(self, checkpoint_cnn=True)
-        if key == "ckpt-transformer" and not value:
-            return replace(self, checkpoint_transformer=True)
-        if key == "freeze-cnn" and not value:
-            return replace(self, freeze_cnn=True)
-        if key == "recompute-cnn" and not value:
-            return replace(self, recompute_cnn=True)
-        if key == "ckpt-contrastive" and not value:
-            return replace(self, checkpoint_contrastive=True)
-        if key == "fused-quantizer" and not value:
-            return replace(self, fused_quantizer=True)
-        if key == "step-in-backward" and not value:
-            return replace(self, step_in_backward=True)
-        if key == "adam-bf16" and not value:
-            return replace(self, adam_bf16=True)
+        if key in SWITCHES and not value:
+            switched_on: dict[str, Any] = {SWITCHES[key]: True}
+            return replace(self, **switched_on)
         if key == "crop":
             try:
                 seconds = float(value)
@@ -118,23 +112,7 @@ class Savers:
 
     def tokens(self) -> list[str]:
         """The command-line spelling, in a fixed order (inverse of :meth:`parse`)."""
-        out = []
-        if self.checkpoint_cnn:
-            out.append("ckpt-cnn")
-        if self.recompute_cnn:
-            out.append("recompute-cnn")
-        if self.checkpoint_transformer:
-            out.append("ckpt-transformer")
-        if self.checkpoint_contrastive:
-            out.append("ckpt-contrastive")
-        if self.fused_quantizer:
-            out.append("fused-quantizer")
-        if self.step_in_backward:
-            out.append("step-in-backward")
-        if self.adam_bf16:
-            out.append("adam-bf16")
-        if self.freeze_cnn:
-            out.append("freeze-cnn")
+        out = [token for token, name in SWITCHES.items() if getattr(self, name)]
         if self.crop_seconds is not None:
             out.append(f"crop={self.crop_seconds:g}")
         if self.amp is not None:
