@@ -163,6 +163,12 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
         True,
         "the centralised run at batch 2 (4x its steps)",
     ),
+    "centralised-batch1": (
+        "gao10",
+        {**ONE_OPTIMIZER, "batch_size": 1},
+        True,
+        "the centralised run at batch 1 (8x its steps): is batch 1 or federation what the downstream sees?",
+    ),
     "batch2-lr1e-3": ("gao10", {"batch_size": 2, "lr": 1e-3}, False, "batch 2 at half the learning rate"),
     "batch2-moments-server": (
         "gao10",

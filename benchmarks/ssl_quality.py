@@ -254,6 +254,9 @@ BACKBONES = (
     ("centralised SSL", "centralised"),
     ("federated SSL, old (batch 8)", "fedavg"),
     ("federated SSL, recipe (batch 1)", "recipe"),
+    # Ablations: which of "batch 1" and "federated" costs the recipe's backbone downstream?
+    ("centralised SSL, batch 1", "centralised-batch1"),
+    ("federated SSL, batch 2", "batch2"),
 )
 
 

@@ -143,3 +143,18 @@ def test_bf16_moments_follow_torch_adamw_and_keep_the_loss_curve(tiny):
     }
     with pytest.raises(ValueError, match="adam-bf16 needs step-in-backward"):
         TrainStep(tiny, savers=Savers.parse(["adam-bf16"]))
+
+
+def test_step_in_backward_frees_its_model_copy_when_dropped(tiny) -> None:
+    """The per-parameter hooks must not pin the step: they live in C++, where Python's
+    garbage collector cannot break a parameter -> hook -> optimizer -> parameter cycle, and
+    the planner measures several saver rungs in one process (a leaked copy per rung)."""
+    import gc
+    import weakref
+
+    step = TrainStep(tiny, savers=Savers.parse(["step-in-backward"]))
+    step(synthetic_batch(step.model, 2, 1.0))
+    first_weight = weakref.ref(next(step.model.parameters()))
+    del step
+    gc.collect()
+    assert first_weight() is None
