@@ -11,6 +11,11 @@ Every mode runs in its own fresh process, so its process peak (``ru_maxrss``) is
 - ``streaming-<rule>``: replies aggregated as they arrive (:mod:`fedspeech.federated.streaming`):
   each client state exists only until it has been added, so memory is one float64
   accumulator plus one reply.
+- ``server-held-<rule>`` / ``server-streamed-<rule>``: the server's own code path, Flower
+  messages included: each client state travels as a Flower reply (``ArrayRecord``), and the
+  strategy either screens and aggregates all 20 held replies (``aggregate_train``) or takes
+  each one as it arrives (``reply_stream``, what the round loop does for these rules). Timed:
+  decoding the arrays, screening and aggregating (building a reply is the client's work).
 
 Client states are the base model's float32 state dict plus seeded noise, made one at a time
 (not timed); only the aggregation is timed. Rules: FedAvg (weights n_k), loss-weighted
@@ -30,7 +35,13 @@ import sys
 import time
 
 RULES = ("fedavg", "loss", "ldawa")
-MODES = ("numpy-sum", *(f"held-{r}" for r in RULES), *(f"streaming-{r}" for r in RULES))
+MODES = (
+    "numpy-sum",
+    *(f"held-{r}" for r in RULES),
+    *(f"streaming-{r}" for r in RULES),
+    *(f"server-held-{r}" for r in RULES),
+    *(f"server-streamed-{r}" for r in RULES),
+)
 TARGET = 3.0
 MIB = 2**20
 
@@ -62,7 +73,9 @@ def child(mode: str, model: str, clients: int, threads: int) -> dict:
         return out
 
     seconds = 0.0
-    if mode == "numpy-sum" or mode.startswith("held-"):
+    if mode.startswith("server-"):
+        seconds, result = through_the_strategy(mode, global_state, client_state, examples, losses)
+    elif mode == "numpy-sum" or mode.startswith("held-"):
         states = [client_state(k) for k in range(clients)]
         start = time.perf_counter()
         if mode == "numpy-sum":
@@ -114,6 +127,50 @@ def child(mode: str, model: str, clients: int, threads: int) -> dict:
         "params": params,
         "checksum": checksum,
     }
+
+
+def through_the_strategy(mode: str, global_state, client_state, examples, losses):
+    """Aggregate Flower replies with the library's strategy, held or as they arrive."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedspeech.federated.strategies import make_strategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    rule = mode.split("-")[-1]
+    server_round = 3  # past L-DAWA's FedAvg warm-up
+    strategy = make_strategy(rule)
+    strategy.set_global_arrays(ArrayRecord({k: Array(v) for k, v in global_state.items()}))
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train")
+
+    def arriving(k: int) -> Message:
+        state = client_state(k)
+        metrics = MetricRecord({"num-examples": examples[k], "train_loss": losses[k]})
+        content = RecordDict({"arrays": ArrayRecord({key: Array(v) for key, v in state.items()}), "metrics": metrics})
+        reply = Message(content, reply_to=instruction)
+        reply.metadata.__dict__["_src_node_id"] = 100 + k
+        return reply
+
+    clients = len(examples)
+    seconds = 0.0
+    if mode.startswith("server-held-"):
+        replies = [arriving(k) for k in range(clients)]
+        start = time.perf_counter()
+        record, _ = strategy.aggregate_train(server_round, replies)
+        seconds = time.perf_counter() - start
+    else:
+        stream = strategy.reply_stream(server_round)
+        for k in range(clients):
+            reply = arriving(k)
+            start = time.perf_counter()
+            stream.add(reply)
+            seconds += time.perf_counter() - start
+            del reply
+        start = time.perf_counter()
+        record, _ = stream.finish()
+        seconds += time.perf_counter() - start
+    assert record is not None and strategy.last_report.accepted, strategy.last_report
+    return seconds, {k: v.numpy() for k, v in record.items()}
 
 
 def main() -> int:

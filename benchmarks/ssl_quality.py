@@ -260,6 +260,19 @@ BACKBONES = (
 )
 
 
+def rows_to_run(names: list[str]) -> list[tuple[str, str | None]]:
+    """The rows named, in table order: BACKBONES' names, then raw ``fed_ssl_recipe`` variants
+    (so any pretraining variant can be fine-tuned without a new row here)."""
+    import fed_ssl_recipe
+
+    known = dict(BACKBONES)
+    unknown = [n for n in names if n not in known and n not in fed_ssl_recipe.VARIANTS]
+    if unknown:
+        raise SystemExit(f"--backbones: unknown {unknown}; rows: {list(known)}, or a variant of fed_ssl_recipe.py")
+    rows = [(name, variant) for name, variant in BACKBONES if name in names]
+    return rows + [(f"variant {n}", n) for n in names if n not in known]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few-minute smoke version of the recipe")
@@ -284,7 +297,10 @@ def main() -> None:
         "imported with `fedspeech corpus import speech_commands`; other words -> _unknown_)",
     )
     parser.add_argument(
-        "--backbones", nargs="+", default=[name for name, _ in BACKBONES], help="which rows to run (default: all)"
+        "--backbones",
+        nargs="+",
+        default=[name for name, _ in BACKBONES],
+        help="which rows to run (default: all): row names, or any fed_ssl_recipe.py variant name (--list there)",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default=None, help="also draw the table as grouped bars (PNG)")
@@ -312,9 +328,7 @@ def main() -> None:
     rows: list[dict] = []
     for seed in args.seeds:
         labelled = labelled_subset(utterances, recipe["labelled_speakers"], seed)
-        for name, variant in BACKBONES:
-            if name not in args.backbones:
-                continue
+        for name, variant in rows_to_run(args.backbones):
             if variant is None:
                 path, seconds, losses = untrained_checkpoint(work, seed), 0.0, []
             else:

@@ -71,15 +71,24 @@ def test_a_node_that_never_answers_gets_an_error_reply():
 
     from fedspeech.federated.round_loop import receive_replies
 
-    class SilentNodeGrid:  # node 7 never answers
-        def send_and_receive(self, messages, *, timeout=None):
-            assert timeout == 2.5
-            return [Message(RecordDict(), reply_to=m) for m in messages if m.metadata.dst_node_id != 7]
+    class SilentNodeGrid:  # node 7 never answers; the others' replies come one per pull
+        def push_messages(self, messages):
+            self.waiting = []
+            for i, message in enumerate(messages):
+                message.metadata.__dict__["_message_id"] = f"m{i}"
+                if message.metadata.dst_node_id != 7:
+                    self.waiting.append(Message(RecordDict(), reply_to=message))
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, message_ids):
+            return [self.waiting.pop()] if self.waiting else []
 
     messages = [
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train") for n in (9, 7, 3)
     ]
-    replies = receive_replies(SilentNodeGrid(), messages, reply_timeout=2.5)  # type: ignore[arg-type]
+    seen = []
+    replies = receive_replies(SilentNodeGrid(), messages, reply_timeout=0.3, on_reply=seen.append)  # type: ignore[arg-type]
     assert [int(r.metadata.src_node_id) for r in replies] == [3, 7, 9]
     assert [r.has_error() for r in replies] == [False, True, False]
-    assert "2.5 s reply timeout" in replies[1].error.reason
+    assert "0.3 s reply timeout" in replies[1].error.reason
+    assert [int(r.metadata.src_node_id) for r in seen] == [3, 9, 7]  # as they arrived, the late one last

@@ -101,7 +101,8 @@ def validate_update(
 
     Refused: a key the global lacks, a global key the client lacks (unless
     ``allow_missing``, used by depth-aware partial aggregation), a shape that differs
-    from the global one, a non-numeric dtype, or any NaN/Inf in a float tensor.
+    from the global one, a non-numeric dtype, an integer or bool array where the global one
+    is float, or any NaN/Inf in a float tensor.
     """
     reasons: list[str] = []
     if not allow_missing:
@@ -112,8 +113,13 @@ def validate_update(
             continue
         array = np.asarray(value)
         expected = np.shape(global_state[key])
+        reference_kind = np.asarray(global_state[key]).dtype.kind
         if array.dtype.kind not in _NUMERIC_KINDS:
             reasons.append(f"key '{key}': unsupported dtype {array.dtype}")
+        elif reference_kind == "f" and array.dtype.kind != "f":  # e.g. int8 codes that lost their scales
+            reasons.append(
+                f"key '{key}': dtype {array.dtype} where the global model has {np.asarray(global_state[key]).dtype}"
+            )
         elif array.shape != expected:
             reasons.append(f"key '{key}': shape {array.shape} != global shape {expected}")
         elif array.dtype.kind == "f" and not all_finite(array):

@@ -19,7 +19,7 @@ import copy
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +53,13 @@ def _record_bytes(record: Any) -> int:
     return int(record.count_bytes())
 
 
-def client_rows(replies: list[Message], extra_metrics: tuple[str, ...] = ()) -> list[dict]:
+def client_rows(
+    replies: list[Message], extra_metrics: tuple[str, ...] = (), bytes_sent: dict[int, int] | None = None
+) -> list[dict]:
     """The round log's per-client rows of a training round: client, loss, examples, steps,
     seconds and bytes sent, plus float metrics whose names start with ``extra_metrics``;
-    a failed reply becomes a row with its node and error."""
+    a failed reply becomes a row with its node and error. ``bytes_sent`` by node: the sizes
+    as received (a streamed round has dropped the arrays since; default: count them now)."""
     rows = []
     for reply in replies:
         if reply.has_error():
@@ -70,11 +73,16 @@ def client_rows(replies: list[Message], extra_metrics: tuple[str, ...] = ()) -> 
                 "examples": int(m["num-examples"]),
                 "steps": int(m["steps"]),
                 "seconds": round(float(m["seconds"]), 3),
-                "bytes_sent": message_bytes(reply),
+                "bytes_sent": _sent(reply, bytes_sent),
                 **{k: float(v) for k, v in m.items() if extra_metrics and k.startswith(extra_metrics)},
             }
         )
     return sorted(rows, key=lambda r: r.get("client", -1))
+
+
+def _sent(reply: Message, bytes_sent: dict[int, int] | None) -> int:
+    node = int(reply.metadata.src_node_id)
+    return bytes_sent[node] if bytes_sent is not None and node in bytes_sent else message_bytes(reply)
 
 
 def _own_copy(message: Message) -> Message:
@@ -192,14 +200,21 @@ class InProcessGrid(Grid):
         after another here but in parallel on Flower's engines, so the timeout applies to each
         client's own time: a slower reply is discarded as it would not have arrived in time
         (a client that never returns blocks this runner; Flower's engines drop it)."""
-        first_call = len(self.calls)
-        ids = list(self.push_messages(messages))
-        if timeout is not None:
-            for message_id, call in zip(ids, self.calls[first_call:], strict=True):
-                if call.seconds > timeout:
-                    self._replies.pop(message_id, None)
-                    call.error = f"replied after {call.seconds:.1f} s, beyond the {timeout:g} s timeout"
-        return self.pull_messages(ids)
+        return list(self.deliver_one_by_one(messages, timeout=timeout))
+
+    def deliver_one_by_one(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        """``send_and_receive`` as a generator: each client runs only when the previous
+        reply has been taken, so a server that aggregates replies as they arrive
+        (:mod:`fedspeech.federated.reply_stream`) holds one client model at a time here too."""
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            calls_before = len(self.calls)
+            reply = self._deliver(message)
+            call = self.calls[-1] if len(self.calls) > calls_before else None  # None: unknown node
+            if timeout is not None and call is not None and call.seconds > timeout:
+                call.error = f"replied after {call.seconds:.1f} s, beyond the {timeout:g} s timeout"
+                continue
+            yield reply
 
 
 def run_inprocess(

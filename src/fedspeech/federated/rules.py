@@ -121,7 +121,8 @@ GUARDED_HELPS: Mapping[str, str] = {
     "dp_noise": "differential privacy: Gaussian noise multiplier (needs --clip-norm)",
     "dp_delta": "delta at which epsilon is reported",
     "dp_clipping": "who clips updates to --clip-norm: server, or client (before sending; needed with SecAgg+)",
-    "update_dtype": "float16: clients send their update w_k - w in 16 bits (half the upload)",
+    "update_dtype": "float16 / int8: clients send their update w_k - w in 16 bits (half the upload) "
+    "or 8 bits with a scale per 256 values (0.27x)",
     "secure_aggregation": "SecAgg+ (Flower's): the server sees only the sum of the updates (fedavg, >= 3 clients)",
     "faults": "inject client faults in simulated runs, e.g. crash=0.1,scale=100:0.05 (docs/reliability.md)",
 }
@@ -142,7 +143,7 @@ class GuardedSettings(Settings):
     dp_noise: float = 0.0  # differential privacy: Gaussian noise multiplier (needs clip_norm; FedAvg only)
     dp_delta: float = 1e-5  # the delta epsilon is reported at
     dp_clipping: str = "server"  # who clips to clip_norm: "server" or "client" (federated/clipping.py)
-    update_dtype: str = "float32"  # "float16": clients send w_k - w in 16 bits (federated/compression.py)
+    update_dtype: str = "float32"  # "float16"/"int8": clients send w_k - w in 16/8 bits (federated/compression.py)
     secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the sum (federated/secagg.py)
     faults: str = ""  # injected client faults for simulated runs, e.g. "crash=0.1,scale=100:0.05" (federated/faults.py)
 
@@ -163,6 +164,11 @@ class GuardedSettings(Settings):
             raise ValueError("dp_clipping: 'client' needs clip_norm > 0 (the norm clients clip to)")
         if self.update_dtype not in UPDATE_DTYPES:
             raise ValueError(f"update_dtype: must be one of {UPDATE_DTYPES}, got {self.update_dtype!r}")
+        if self.update_dtype == "int8" and self.dp_clipping == "client":
+            raise ValueError(
+                "update_dtype: int8 rounding can push a client-clipped update past clip_norm, which the "
+                "server then refuses; use float16 or dp_clipping 'server'"
+            )
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta: must be in (0, 1), got {self.dp_delta}")
         if self.min_replies < 1:

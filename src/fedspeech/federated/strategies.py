@@ -45,11 +45,15 @@ from flwr.serverapp.strategy import FedAvg
 from fedspeech.federated import aggregation as agg
 from fedspeech.federated.aggregation import StateDict
 from fedspeech.federated.clipping import CLIP_NORM_KEY
-from fedspeech.federated.compression import DELTA_METRIC, UPDATE_DTYPE_KEY, UPDATE_DTYPES, decode_update
+from fedspeech.federated.compression import UPDATE_DTYPE_KEY, UPDATE_DTYPES, decode_reply
 from fedspeech.federated.rules import CLIPPING_SIDES, RULES
 from fedspeech.federated.server_optimizers import ServerOptimizer
+from fedspeech.federated.streaming import StreamingAverage, StreamingMix, StreamingSoftmaxAverage, cosine, global_norm
 
 logger = logging.getLogger(__name__)
+
+#: What a rule's aggregation gives: the state, the weight per node, rule-specific details.
+Aggregate = tuple[StateDict, dict[int, float], dict[str, Any]]
 
 TRAIN_LOSS_KEY = "train_loss"
 METRICS_KEY = "metrics"
@@ -98,6 +102,11 @@ class ClientUpdate:
     num_examples: float
     train_loss: float | None
     content: RecordDict
+
+
+#: A rule's running aggregate: add one accepted update; finish with all accepted updates
+#: (their states already dropped) in node order, giving what ``_aggregate`` gives.
+RuleStream = tuple[Callable[[ClientUpdate], None], Callable[[list[ClientUpdate]], Aggregate]]
 
 
 class RobustFedAvg(FedAvg):
@@ -295,8 +304,7 @@ class RobustFedAvg(FedAvg):
                 state[key] = arrays[key].numpy()
             except Exception as exc:  # noqa: BLE001 - any bad payload refuses the client only
                 reasons.append(f"key '{key}': cannot decode array ({exc})")
-        if metrics.get(DELTA_METRIC) == 1:  # float16 updates (compression.py): back to float32 weights
-            state = decode_update(state, reference)
+        state = decode_reply(state, reference, metrics)  # float16/int8 updates (compression.py): float32 weights
         reasons += agg.validate_update(reference, state, allow_missing=self.allow_missing_keys)
         if reasons or num_examples is None:
             return None, reasons
@@ -356,7 +364,23 @@ class RobustFedAvg(FedAvg):
             return None, None
         reference = agg.select_keys(self._global_state, self.backbone_prefixes)
         updates, refused, ignored = self.screen_replies(replies, reference)
-        updates = self._guard_norms(updates, reference, refused, report)
+        updates = self.guard_norms(updates, reference, refused, report)
+        return self.conclude_round(
+            report, updates, refused, ignored, len(replies), lambda: self._aggregate(server_round, reference, updates)
+        )
+
+    def conclude_round(
+        self,
+        report: RoundReport,
+        updates: list[ClientUpdate],
+        refused: dict[int, list[str]],
+        ignored: dict[int, int],
+        num_replies: int,
+        aggregate: Callable[[], tuple[StateDict, dict[int, float], dict[str, Any]]],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The end of a round, whether the replies were held or streamed
+        (:mod:`fedspeech.federated.reply_stream`): fail it with too few valid updates, else
+        ``aggregate()``, add DP noise, take the server optimizer's step."""
         report.refused = refused
         report.accepted = [u.node_id for u in updates]
         if ignored:
@@ -369,31 +393,62 @@ class RobustFedAvg(FedAvg):
             logger.warning(
                 "%s: round %d: %d valid of %d replies (%d refused), fewer than %d; the global model stays as it was",
                 self.rule_name,
-                server_round,
+                report.server_round,
                 len(updates),
-                len(replies),
+                num_replies,
                 len(refused),
                 self.min_replies,
             )
             return self._global_record, MetricRecord({ACCEPTED_METRIC: 0, REFUSED_METRIC: len(refused)})
-        state, weights, details = self._aggregate(server_round, reference, updates)
+        state, weights, details = aggregate()
         report.weights = weights
         report.details.update(details)
         if self.dp_noise_multiplier:
             report.details["dp"] = self._add_dp_noise(state, len(updates))
         record = self._to_record(state)
         if self.server_optimizer is not None:  # a step from the old global model towards the rule's aggregate
-            record = self.server_optimizer.step(server_round, self._global_record, record)
+            assert self._global_record is not None
+            record = self.server_optimizer.step(report.server_round, self._global_record, record)
         return record, self._aggregate_metrics(updates, len(refused))
 
-    def _guard_norms(
+    # ------------------------------------------------------------ streamed aggregation
+
+    def reply_stream(self, server_round: int) -> Any:
+        """A :class:`~fedspeech.federated.reply_stream.ReplyStream` that aggregates this
+        round's replies as they arrive, or ``None`` where every reply is needed at once (the
+        rule, or the median-norm guard)."""
+        from fedspeech.federated.reply_stream import ReplyStream
+
+        if self._global_state is None or self.norm_median_ratio:
+            return None
+        reference = agg.select_keys(self._global_state, self.backbone_prefixes)
+        rule = self._stream(server_round, reference)
+        return None if rule is None else ReplyStream(self, server_round, reference, *rule)
+
+    def _stream(self, server_round: int, reference: StateDict) -> RuleStream | None:
+        """(add one accepted update, finish with every accepted update in node order) for
+        this rule's running aggregate; the finish gives what ``_aggregate`` gives."""
+        equal = bool(self.dp_noise_multiplier)  # as _aggregate: equal weights under DP
+        average = StreamingAverage(reference)
+
+        def add(update: ClientUpdate) -> None:
+            average.add(update.state, 1.0 if equal else update.num_examples)
+
+        def finish(updates: list[ClientUpdate]) -> Aggregate:
+            counts = [1.0 if equal else u.num_examples for u in updates]
+            return average.result(), _by_node(updates, agg.fedavg_weights(counts)), {}
+
+        return add, finish
+
+    def guard_norms(
         self, updates: list[ClientUpdate], reference: StateDict, refused: dict[int, list[str]], report: RoundReport
     ) -> list[ClientUpdate]:
         """Refuse updates with outlying norms (into ``refused``), then clip the rest."""
         if not (self.max_update_norm or self.norm_median_ratio or self.clip_norm):
             return updates
         norms = {u.node_id: agg.update_norm(u.state, reference) for u in updates}
-        report.details["update_norms"] = {str(k): round(v, 6) for k, v in norms.items()}
+        # merged, not replaced: a streamed round guards one reply at a time
+        report.details.setdefault("update_norms", {}).update({str(k): round(v, 6) for k, v in norms.items()})
         outliers = agg.norm_outliers(norms, bound=self.max_update_norm, median_ratio=self.norm_median_ratio)
         for node, reason in outliers.items():
             refused[node] = [reason]
@@ -412,7 +467,7 @@ class RobustFedAvg(FedAvg):
                 if factor < 1.0:
                     kept[i] = dataclasses.replace(update, state=state)
                     clipped[str(update.node_id)] = round(factor, 6)
-            report.details["clipped"] = clipped
+            report.details.setdefault("clipped", {}).update(clipped)
         return kept
 
     # ------------------------------------------------------------ differential privacy
@@ -512,6 +567,18 @@ class LossWeighted(RobustFedAvg):
         )
         return state, _by_node(updates, agg.loss_weights(losses, self.temperature)), {}
 
+    def _stream(self, server_round: int, reference: StateDict) -> RuleStream | None:
+        average = StreamingSoftmaxAverage(reference)
+
+        def add(update: ClientUpdate) -> None:
+            average.add(update.state, -float(update.train_loss) / self.temperature)  # type: ignore[arg-type]
+
+        def finish(updates: list[ClientUpdate]) -> Aggregate:
+            losses = [float(u.train_loss) for u in updates]  # type: ignore[arg-type]
+            return average.result(), _by_node(updates, agg.loss_weights(losses, self.temperature)), {}
+
+        return add, finish
+
 
 class CoordinateMedian(RobustFedAvg):
     """Coordinate-wise median of the accepted updates (Yin et al., ICML 2018), unweighted."""
@@ -525,6 +592,9 @@ class CoordinateMedian(RobustFedAvg):
     ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
         state = agg.coordinate_median(reference, [u.state for u in updates])
         return state, {u.node_id: 1.0 / len(updates) for u in updates}, {}
+
+    def _stream(self, server_round: int, reference: StateDict) -> RuleStream | None:
+        return None  # a median needs every value of a coordinate at once
 
 
 class TrimmedMean(RobustFedAvg):
@@ -546,6 +616,9 @@ class TrimmedMean(RobustFedAvg):
     ) -> tuple[StateDict, dict[int, float], dict[str, Any]]:
         state = agg.trimmed_mean(reference, [u.state for u in updates], self.trim)
         return state, {u.node_id: 1.0 / len(updates) for u in updates}, {"trim": self.trim}
+
+    def _stream(self, server_round: int, reference: StateDict) -> RuleStream | None:
+        return None  # trimming needs every value of a coordinate at once
 
 
 class MixedFedAvgLoss(RobustFedAvg):
@@ -579,6 +652,23 @@ class MixedFedAvgLoss(RobustFedAvg):
         weights = agg.mixed_weights(counts, losses, self.beta, self.temperature)
         return state, _by_node(updates, weights), {}
 
+    def _stream(self, server_round: int, reference: StateDict) -> RuleStream | None:
+        average = StreamingMix(reference, self.beta)
+
+        def add(update: ClientUpdate) -> None:
+            average.add(update.state, update.num_examples, -float(update.train_loss) / self.temperature)  # type: ignore[arg-type]
+
+        def finish(updates: list[ClientUpdate]) -> Aggregate:
+            counts = [u.num_examples for u in updates]
+            losses = [float(u.train_loss) for u in updates]  # type: ignore[arg-type]
+            return (
+                average.result(),
+                _by_node(updates, agg.mixed_weights(counts, losses, self.beta, self.temperature)),
+                {},
+            )
+
+        return add, finish
+
 
 class LDAWA(RobustFedAvg):
     """L-DAWA: per-tensor cosine-weighted mean (÷K) after ``warmup_rounds`` of FedAvg.
@@ -609,6 +699,34 @@ class LDAWA(RobustFedAvg):
         client_weights = [float(np.mean(list(d.values()))) / count for d in deltas]
         details = {"warmup": False, "deltas": {u.node_id: d for u, d in zip(updates, deltas)}}
         return state, _by_node(updates, client_weights), details
+
+    def _stream(self, server_round: int, reference: StateDict) -> RuleStream | None:
+        if server_round <= self.warmup_rounds:
+            rule = super()._stream(server_round, reference)
+            assert rule is not None
+            add_fedavg, finish_fedavg = rule
+
+            def finish_warmup(updates: list[ClientUpdate]) -> Aggregate:
+                state, weights, _ = finish_fedavg(updates)
+                return state, weights, {"warmup": True}
+
+            return add_fedavg, finish_warmup
+        norms = {key: global_norm(value) for key, value in reference.items()}  # once per round
+        average = StreamingAverage(reference)
+        deltas: dict[int, dict[str, float]] = {}
+
+        def add(update: ClientUpdate) -> None:
+            delta = {k: cosine(update.state[k], reference[k], norms[k]) for k in reference}
+            deltas[update.node_id] = delta
+            average.add(update.state, delta, normaliser=1.0)  # each client counts 1 in the divisor K
+
+        def finish(updates: list[ClientUpdate]) -> Aggregate:
+            ordered = [deltas[u.node_id] for u in updates]
+            weights = [float(np.mean(list(d.values()))) / len(updates) for d in ordered]
+            details = {"warmup": False, "deltas": {u.node_id: d for u, d in zip(updates, ordered)}}
+            return average.result(), _by_node(updates, weights), details
+
+        return add, finish
 
 
 class FedU(RobustFedAvg):
@@ -723,6 +841,24 @@ class DepthAwarePartial(RobustFedAvg):
         # Per-node weight: its share of the examples among all accepted clients; the
         # per-key weight is n_k / Σ_{j∈S_l} n_j (larger for deep keys few clients sent).
         return state, _by_node(updates, agg.fedavg_weights(counts)), details
+
+    def _stream(self, server_round: int, reference: StateDict) -> RuleStream | None:
+        average = StreamingAverage(reference)  # per key over the clients that sent it
+        sent: dict[int, int] = {}
+
+        def add(update: ClientUpdate) -> None:
+            average.add(update.state, update.num_examples)
+            sent[update.node_id] = len(update.state)
+
+        def finish(updates: list[ClientUpdate]) -> Aggregate:
+            covered = average.covered()
+            details = {
+                "keys_not_trained": [k for k in reference if k not in covered],
+                "keys_sent": {u.node_id: sent[u.node_id] for u in updates},
+            }
+            return average.result(), _by_node(updates, agg.fedavg_weights([u.num_examples for u in updates])), details
+
+        return add, finish
 
 
 def make_strategy(name: str, **kwargs: Any) -> RobustFedAvg:

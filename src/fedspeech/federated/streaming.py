@@ -88,17 +88,26 @@ class StreamingAverage:
             np.multiply(accumulator, factor, out=accumulator)
         self._totals = {key: total * factor for key, total in self._totals.items()}
 
-    def result(self) -> StateDict:
-        out: StateDict = {}
-        for key, ref_value in self.reference.items():
-            total = self._totals.get(key, 0.0)
-            if total <= 0.0:
-                out[key] = np.array(ref_value, copy=True)
-                continue
-            mean = np.divide(self._sums[key], total, out=self._sums[key])  # done with it after this
-            out[key] = cast_like(mean, ref_value)
+    def means(self) -> dict[str, np.ndarray]:
+        """The float64 averages of the keys some client sent (the sums are reused: call once)."""
+        out = {
+            key: np.divide(self._sums[key], total, out=self._sums[key])
+            for key, total in self._totals.items()
+            if total > 0.0
+        }
         self._sums, self._totals = {}, {}
         return out
+
+    def covered(self) -> set[str]:
+        """Keys at least one client sent."""
+        return set(self._sums)
+
+    def result(self) -> StateDict:
+        means = self.means()
+        return {
+            key: cast_like(means[key], ref_value) if key in means else np.array(ref_value, copy=True)
+            for key, ref_value in self.reference.items()
+        }
 
 
 class StreamingSoftmaxAverage:
@@ -122,6 +131,34 @@ class StreamingSoftmaxAverage:
 
     def result(self) -> StateDict:
         return self.average.result()
+
+
+class StreamingMix:
+    """The mixed rule's β·Σ n_k x_k/Σ n + (1−β)·Σ softmax(z)_k x_k, one client at a time:
+    both normalisers are known only once every reply is in, so the two sums are kept apart
+    (two float64 accumulators, still independent of the number of clients)."""
+
+    def __init__(self, reference: Mapping[str, np.ndarray], beta: float) -> None:
+        self.reference = reference
+        self.beta = beta
+        self.by_examples = StreamingAverage(reference)
+        self.by_loss = StreamingSoftmaxAverage(reference)
+
+    def add(self, state: Mapping[str, np.ndarray], num_examples: float, logit: float) -> None:
+        self.by_examples.add(state, num_examples)
+        self.by_loss.add(state, logit)
+
+    def result(self) -> StateDict:
+        first, second = self.by_examples.means(), self.by_loss.average.means()
+        out: StateDict = {}
+        for key, ref_value in self.reference.items():
+            if key not in first:
+                out[key] = np.array(ref_value, copy=True)
+                continue
+            mixed = np.multiply(first.pop(key), self.beta)
+            mixed += (1.0 - self.beta) * second.pop(key)
+            out[key] = cast_like(mixed, ref_value)
+        return out
 
 
 def cosine(client: np.ndarray, global_value: np.ndarray, global_norm: float | None = None) -> float:

@@ -43,7 +43,6 @@ and is applied with what transformers / torch already provide:
 from __future__ import annotations
 
 import weakref
-
 from dataclasses import dataclass, replace
 from typing import Any
 

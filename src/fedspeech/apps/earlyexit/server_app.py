@@ -33,6 +33,7 @@ from fedspeech.data.partition import Partition
 from fedspeech.federated import checkpoints, roundlog
 from fedspeech.federated.inprocess import message_bytes
 from fedspeech.federated.round_loop import (
+    ReplySize,
     RoundHooks,
     RoundOutcome,
     receive_replies,
@@ -74,7 +75,9 @@ def _query_plans(
     return plans, failed
 
 
-def _client_rows(replies: list[Message], client_of: dict[int, int]) -> list[dict]:
+def _client_rows(replies: list[Message], client_of: dict[int, int], sizes: dict[int, ReplySize]) -> list[dict]:
+    """Per-client rows; ``sizes``: what each reply carried when it arrived (a streamed round
+    has dropped its arrays since)."""
     rows = []
     for reply in replies:
         node = int(reply.metadata.src_node_id)
@@ -96,8 +99,8 @@ def _client_rows(replies: list[Message], client_of: dict[int, int]) -> list[dict
                 "device_seconds": float(m["device-seconds"]) if "device-seconds" in m else None,
                 "predicted_peak_bytes": float(m["predicted-peak-bytes"]),
                 "fits_memory": bool(m["fits-memory"]),
-                "arrays_sent": len(reply.content["arrays"]),
-                "bytes_sent": message_bytes(reply),
+                "arrays_sent": sizes[node].arrays,
+                "bytes_sent": sizes[node].bytes,
                 "seconds": float(m["seconds"]),
             }
         )
@@ -172,7 +175,7 @@ class EarlyExitRounds(RoundHooks):
     def after_round(self, outcome: RoundOutcome) -> dict[str, Any]:
         settings, model, server_round = self.settings, self.model, outcome.server_round
         model.load_state_dict(outcome.arrays.to_torch_state_dict())
-        clients = _client_rows(outcome.replies, self.client_of)
+        clients = _client_rows(outcome.replies, self.client_of, outcome.reply_sizes)
         ok = [c for c in clients if "error" not in c]
         evaluation = evaluate_exits_of_run(settings, model, self.eval_set, self.eval_cache)
         checkpoints.save_checkpoint(

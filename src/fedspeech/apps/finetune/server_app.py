@@ -92,7 +92,7 @@ class FinetuneRounds(RoundHooks):
     def after_round(self, outcome: RoundOutcome) -> dict[str, Any]:
         model, server_round = self.model, outcome.server_round
         load_trainable_state(model, outcome.arrays.to_torch_state_dict())
-        clients = client_rows(outcome.replies)
+        clients = client_rows(outcome.replies, bytes_sent=outcome.bytes_by_node())
         ok = [c for c in clients if "error" not in c]
         self.total_steps += sum(c["steps"] for c in ok)
         totals = round_totals(ok)
@@ -105,7 +105,7 @@ class FinetuneRounds(RoundHooks):
             "train_loss": totals["train_loss"],
             "lr_scale": outcome.config[LR_SCALE_KEY],
             "bytes_to_clients": sum(message_bytes(m) for m in outcome.messages),
-            "bytes_from_clients": sum(message_bytes(r) for r in outcome.replies),
+            "bytes_from_clients": sum(outcome.bytes_by_node().values()),
         }
         if self.dev_loader is not None:
             record["dev"] = {k: v for k, v in evaluate(model, self.dev_loader).items() if k in DEV_KEYS}

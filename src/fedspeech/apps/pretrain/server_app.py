@@ -143,7 +143,7 @@ class PretrainRounds(RoundHooks):
         if settings.optimizer_state == "server" and report is not None:
             self.optimizer_record = average_optimizer_states(outcome.replies, report.weights) or self.optimizer_record
         method.load_global(model, outcome.arrays.to_torch_state_dict(), {})
-        clients = client_rows(outcome.replies, extra_metrics=("fedu-",))
+        clients = client_rows(outcome.replies, extra_metrics=("fedu-",), bytes_sent=outcome.bytes_by_node())
         ok = [c for c in clients if "error" not in c]
         self.global_step += sum(c["steps"] for c in ok) / max(1, len(ok))
         val_loss = evaluate_loss(model, method.objective, self.val_loader) if self.val_loader else None
@@ -173,7 +173,7 @@ class PretrainRounds(RoundHooks):
             "probes": probes,
             "lr": outcome.config["lr"],
             "bytes_to_clients": sum(message_bytes(m) for m in outcome.messages),
-            "bytes_from_clients": sum(message_bytes(r) for r in outcome.replies),
+            "bytes_from_clients": sum(outcome.bytes_by_node().values()),
         }
 
 
