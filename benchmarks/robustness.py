@@ -6,7 +6,7 @@ injection of ``federated/faults.py``. Each row is one pretraining run of the sam
 budget; the table gives the final validation contrastive loss (held-out speakers) and its
 ratio to the clean FedAvg run, measured side by side in this one invocation:
 
-    .venv/bin/python benchmarks/robustness.py --work runs/robustness [--rounds 6] [--jobs 2]
+    .venv/bin/python benchmarks/robustness.py --work runs/robustness [--rounds 6] [--local-epochs 1] [--jobs 2]
 
 Rows are cached under ``--work`` (rerunning prints the table); docs/reliability.md shows
 the result. Slow (minutes per row on 2 cores), so it is a benchmark, not a test.
@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 }
 
 
-def run_variant(name: str, work: str, rounds: int, seed: int) -> dict:
+def run_variant(name: str, work: str, rounds: int, seed: int, local_epochs: int = 1) -> dict:
     """One cached row: final validation loss and the refusals per round."""
     import torch
 
@@ -63,21 +63,22 @@ def run_variant(name: str, work: str, rounds: int, seed: int) -> dict:
     quiet_logging()
     torch.set_num_threads(1)
     root = Path(work)
-    cache = root / f"{name}-r{rounds}-s{seed}.json"
+    tag = f"{name}-r{rounds}-s{seed}" + (f"-e{local_epochs}" if local_epochs != 1 else "")
+    cache = root / f"{tag}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     manifest = ssl_quality.pretraining_manifest(ssl_quality.corpus(root, 24, seed), 12, seed)
     partition = root / f"partition-10-s{seed}.json"
     if not partition.is_file():
         make_partition(read_manifest(manifest), "speaker", 10, seed, manifest=str(manifest)).save(partition)
-    out = root / f"{name}-r{rounds}-s{seed}"
+    out = root / tag
     overrides, _ = VARIANTS[name]
     settings = PretrainSettings(
         manifest=str(manifest),
         partition=str(partition),
         out_dir=str(out),
         rounds=rounds,
-        local_epochs=1,
+        local_epochs=local_epochs,
         seed=seed,
         val_max_utterances=32,
         keep_checkpoints=1,
@@ -90,6 +91,8 @@ def run_variant(name: str, work: str, rounds: int, seed: int) -> dict:
         "variant": name,
         "rounds": rounds,
         "seed": seed,
+        "local_epochs": local_epochs,
+        "folder": str(out),
         "val_loss": [r["val_loss"] for r in records],
         "refused_per_round": [len(r["aggregation"].get("refused", {})) for r in records],
         "failed_per_round": [len(r["failed"]) for r in records],
@@ -106,7 +109,7 @@ def final_weights_finite(work: str, row: dict) -> bool:
 
     from fedspeech.federated import checkpoints
 
-    out = Path(work) / f"{row['variant']}-r{row['rounds']}-s{row['seed']}"
+    out = Path(row["folder"]) if "folder" in row else Path(work) / f"{row['variant']}-r{row['rounds']}-s{row['seed']}"
     latest = checkpoints.latest_checkpoint(out)
     if latest is None:
         return False
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/robustness")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--local-epochs", type=int, default=1, help="3 makes the clean run learn (docs/reliability.md)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
@@ -127,7 +131,14 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         count = len(args.variants)
         rows = list(
-            pool.map(run_variant, args.variants, [args.work] * count, [args.rounds] * count, [args.seed] * count)
+            pool.map(
+                run_variant,
+                args.variants,
+                [args.work] * count,
+                [args.rounds] * count,
+                [args.seed] * count,
+                [args.local_epochs] * count,
+            )
         )
     clean = next((r for r in rows if r["variant"] == "clean-fedavg"), None)
     print(
@@ -146,7 +157,8 @@ def main() -> None:
             f"| {row['variant']} | {VARIANTS[row['variant']][1]} | {curve} | {final:.3f} | {ratio} | {faults} "
             f"| {finite} | {epsilon} | {row['seconds'] / 60:.1f} min |"
         )
-    print(f"\n(seed {args.seed}, {args.rounds} rounds of 1 local epoch, 10 clients, batch 1; n=1 per row)")
+    epochs = f"{args.local_epochs} local epoch" + ("s" if args.local_epochs != 1 else "")
+    print(f"\n(seed {args.seed}, {args.rounds} rounds of {epochs}, 10 clients, batch 1; n=1 per row)")
 
 
 if __name__ == "__main__":
