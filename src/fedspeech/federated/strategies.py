@@ -11,6 +11,11 @@ construction and evaluation, and replace ``aggregate_train`` with one that
 2. aggregates the accepted clients with the pure rule from ``aggregation.py``;
 3. records a :class:`RoundReport` (accepted/refused clients and why, weights used).
 
+The weighted-sum rules can also do all three one reply at a time as replies arrive
+(:meth:`RobustFedAvg.reply_stream`, :mod:`fedspeech.federated.reply_stream`): each rule's
+``_stream`` gives the running form of its ``_aggregate``, and the round loop uses it so the
+server never holds every client model.
+
 Wire format (what a ClientApp must send back for a train message)::
 
     RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(
@@ -28,7 +33,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import (
@@ -49,6 +54,9 @@ from fedspeech.federated.compression import UPDATE_DTYPE_KEY, UPDATE_DTYPES, dec
 from fedspeech.federated.rules import CLIPPING_SIDES, RULES
 from fedspeech.federated.server_optimizers import ServerOptimizer
 from fedspeech.federated.streaming import StreamingAverage, StreamingMix, StreamingSoftmaxAverage, cosine, global_norm
+
+if TYPE_CHECKING:
+    from fedspeech.federated.reply_stream import ReplyStream
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +384,7 @@ class RobustFedAvg(FedAvg):
         refused: dict[int, list[str]],
         ignored: dict[int, int],
         num_replies: int,
-        aggregate: Callable[[], tuple[StateDict, dict[int, float], dict[str, Any]]],
+        aggregate: Callable[[], Aggregate],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The end of a round, whether the replies were held or streamed
         (:mod:`fedspeech.federated.reply_stream`): fail it with too few valid updates, else
@@ -413,7 +421,7 @@ class RobustFedAvg(FedAvg):
 
     # ------------------------------------------------------------ streamed aggregation
 
-    def reply_stream(self, server_round: int) -> Any:
+    def reply_stream(self, server_round: int) -> ReplyStream | None:
         """A :class:`~fedspeech.federated.reply_stream.ReplyStream` that aggregates this
         round's replies as they arrive, or ``None`` where every reply is needed at once (the
         rule, or the median-norm guard)."""
