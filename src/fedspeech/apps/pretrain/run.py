@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,7 +26,37 @@ from fedspeech.data.partition import Partition, client_utterances
 from fedspeech.federated import checkpoints, roundlog
 from fedspeech.federated.runners import check_runner
 
+if TYPE_CHECKING:
+    from fedspeech.federated.engines import DeploymentCluster
+
 log = logging.getLogger(__name__)
+
+
+def with_absolute_paths(settings: PretrainSettings) -> PretrainSettings:
+    """Flower's engines run the apps in other processes and folders: pass absolute paths."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve())
+
+    return dataclasses.replace(
+        settings,
+        manifest=absolute(settings.manifest),
+        partition=absolute(settings.partition),
+        out_dir=absolute(settings.out_dir),
+    )
+
+
+def deployment_cluster(settings: PretrainSettings, **options: Any) -> DeploymentCluster:
+    """A loopback Deployment Engine for these settings: one SuperNode per client, each
+    reading its own partition from its node config as on real machines; TLS and SuperNode
+    authentication on (``options`` go to ``DeploymentCluster``)."""
+    from fedspeech.federated.engines import DeploymentCluster
+
+    settings = with_absolute_paths(settings)
+    num_clients = Partition.load(settings.partition).num_clients
+    node_configs = [{"manifest": settings.manifest, "partition": settings.partition} for _ in range(num_clients)]
+    options = {"tls": True, "supernode_auth": True, "startup_timeout": 300, **options}
+    return DeploymentCluster(Path(settings.out_dir) / "deployment", num_clients, node_configs=node_configs, **options)
 
 
 def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeout: float = 24 * 3600) -> list[dict]:
@@ -35,12 +65,8 @@ def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeo
     from fedspeech.apps.pretrain.client_app import client_app
     from fedspeech.apps.pretrain.server_app import server_app
 
+    settings = with_absolute_paths(settings)
     num_clients = Partition.load(settings.partition).num_clients
-    # Flower's engines run the apps in other processes and folders: pass absolute paths.
-    absolute: dict[str, Any] = {
-        name: str(Path(getattr(settings, name)).resolve()) for name in ("manifest", "partition", "out_dir")
-    }
-    settings = dataclasses.replace(settings, **absolute)
     run_config = settings.to_run_config()
     if runner == "inprocess":
         from fedspeech.federated.inprocess import run_inprocess
@@ -53,18 +79,9 @@ def run_pretraining(settings: PretrainSettings, runner: str = "inprocess", timeo
             project_app_dir(), run_config, num_clients, flwr_home=Path(settings.out_dir) / "flwr-home", timeout=timeout
         )
     elif runner == "deployment":
-        from fedspeech.federated.engines import DeploymentCluster, project_app_dir
+        from fedspeech.federated.engines import project_app_dir
 
-        # Each SuperNode reads its own partition from its node config, as on real machines.
-        node_configs = [{"manifest": settings.manifest, "partition": settings.partition} for _ in range(num_clients)]
-        with DeploymentCluster(
-            Path(settings.out_dir) / "deployment",
-            num_clients,
-            node_configs=node_configs,
-            tls=True,
-            supernode_auth=True,
-            startup_timeout=300,
-        ) as cluster:
+        with deployment_cluster(settings) as cluster:
             cluster.run(project_app_dir(), run_config, timeout=timeout)
     return roundlog.read_rounds(settings.out_dir)
 

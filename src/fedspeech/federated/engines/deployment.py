@@ -5,6 +5,8 @@ authentication, each SuperNode with its own ``--node-config``."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +19,11 @@ from fedspeech.federated.engines.processes import (
     EngineError,
     RunResult,
     TaggedProcesses,
+    descendants,
     file_tail,
     free_port,
     parse_json_output,
+    submit,
     submit_and_wait,
     tail,
     wait_healthy,
@@ -107,13 +111,40 @@ class DeploymentCluster:
             ]
         return ["--root-certificates", str(self.certificates.ca_cert)]
 
+    def _database(self) -> Path:
+        return self.workdir / "superlink-state.db"
+
+    def _start_superlink(self) -> None:
+        """Start the SuperLink on ``self.port`` and wait until it answers its health check."""
+        assert self._processes is not None
+        self._processes.start(
+            "superlink",
+            [
+                str(Path(sys.executable).parent / "flower-superlink"),
+                *self._tls_args("superlink"),
+                *(["--enable-supernode-auth"] if self.supernode_auth else []),
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *(["--database", str(self._database())] if self.database else []),
+            ],
+        )
+        scheme = "https" if self.tls else "http"
+        wait_healthy(
+            self._processes,
+            "superlink",
+            f"{scheme}://{self.address}/health",
+            self.startup_timeout,
+            ca_file=cast(Certificates, self.certificates).ca_cert if self.tls else None,
+        )
+
     def start(self) -> DeploymentCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        database_args: list[str] = []
         if self.database:
-            database = self.workdir / "superlink-state.db"
-            database.unlink(missing_ok=True)  # runs are told apart from earlier ones by a fresh history
-            database_args = ["--database", str(database)]
+            self._database().unlink(missing_ok=True)  # runs are told apart from earlier ones by a fresh history
         if self.tls and self.certificates is None:
             self.certificates = make_self_signed_certs(self.workdir / "certs")
         self.port = free_port()
@@ -126,31 +157,8 @@ class DeploymentCluster:
         write_connection(self.flwr_home, CLUSTER_CONNECTION, connection)
         processes = self._processes = TaggedProcesses(self.flwr_home, self.workdir / "logs")
         self.tag, self.node_ids = processes.tag, []
-        bin_dir = Path(sys.executable).parent
         try:
-            processes.start(
-                "superlink",
-                [
-                    str(bin_dir / "flower-superlink"),
-                    *self._tls_args("superlink"),
-                    *(["--enable-supernode-auth"] if self.supernode_auth else []),
-                    "--isolation",
-                    "subprocess",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    *database_args,
-                ],
-            )
-            scheme = "https" if self.tls else "http"
-            wait_healthy(
-                processes,
-                "superlink",
-                f"{scheme}://{self.address}/health",
-                self.startup_timeout,
-                ca_file=cast(Certificates, self.certificates).ca_cert if self.tls else None,
-            )
+            self._start_superlink()
             keys: list[Path | None] = [*self._register_all()] if self.supernode_auth else [None] * self.num_supernodes
             for i in range(self.num_supernodes):
                 self.start_supernode(f"supernode-{i}", self._node_args[i], keys[i])
@@ -159,6 +167,47 @@ class DeploymentCluster:
             self.stop()
             raise
         return self
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink and every process it spawned (the ServerApp), as a crash of
+        the server machine would; the SuperNodes keep running and retry the connection."""
+        if self._processes is None:
+            raise RuntimeError("start the cluster first")
+        superlink = self._processes.children["superlink"]
+        doomed = [superlink.pid, *descendants(superlink.pid)]
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass  # already gone
+        superlink.wait()
+
+    def restart_superlink(self) -> None:
+        """Start the SuperLink again on the same address and state database; the SuperNodes
+        (Flower retries without limit by default) rejoin. Needs ``database=True``: an
+        in-memory SuperLink would forget the registered SuperNode keys and every run."""
+        if not self.database:
+            raise ValueError("restart_superlink needs database=True (the state must outlive the SuperLink)")
+        if self._processes is None:
+            raise RuntimeError("start the cluster first")
+        if self._processes.children["superlink"].poll() is None:
+            raise RuntimeError("the SuperLink is still running: kill_superlink() first")
+        self._start_superlink()
+        self._wait_nodes_online()
+
+    def submit(self, app_dir: Path, run_config: dict[str, Any]) -> int:
+        """Submit the app with ``flwr run`` and return its run id without waiting for it."""
+        if self._processes is None:
+            raise RuntimeError("start the cluster first")
+        return submit(self._processes, CLUSTER_CONNECTION, app_dir, run_config, self.startup_timeout)
+
+    def stop_run(self, run_id: int) -> None:
+        """``flwr stop RUN_ID`` (e.g. a run whose ServerApp died with the SuperLink)."""
+        if self._processes is None:
+            raise RuntimeError("start the cluster first")
+        done = self._processes.cli(["stop", str(run_id), CLUSTER_CONNECTION], timeout=60.0)
+        if done.returncode != 0:
+            raise EngineError(f"`flwr stop {run_id}` failed:\n{tail(done.stdout + done.stderr)}")
 
     def start_supernode(self, name: str, node_config: str, private_key: Path | None = None) -> None:
         """Start one more SuperNode (``node_config`` as ``--node-config`` takes it), with this

@@ -127,6 +127,25 @@ def tagged_pids(tag: str) -> list[int]:
     return pids
 
 
+def descendants(pid: int) -> list[int]:
+    """Ids of every live process below ``pid`` in the process tree (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[-1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        below = children.get(queue.pop(), [])
+        found += below
+        queue += below
+    return found
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -270,6 +289,26 @@ def wait_healthy(processes: TaggedProcesses, name: str, url: str, timeout: float
                 f"{name} not healthy at {url} after {timeout:.0f} s; log:\n{file_tail(processes.log_path(name))}"
             )
         time.sleep(0.5)
+
+
+def submit(
+    processes: TaggedProcesses, connection: str, app_dir: Path, run_config: dict[str, Any], timeout: float
+) -> int:
+    """``flwr run`` without ``--stream``: submit the app and return the new run's id at once."""
+    app_dir = Path(app_dir).resolve()
+    overrides = write_run_config(processes.flwr_home / f"run-config-{uuid.uuid4().hex[:8]}.toml", run_config, app_dir)
+    done = processes.cli(
+        ["run", str(app_dir), connection, "--run-config", str(overrides), "--format", "json"], timeout=timeout
+    )
+    try:
+        reply = parse_json_output(done.stdout)
+    except ValueError:
+        reply = {}
+    if not reply.get("success"):
+        reason = reply.get("error-message") or tail(done.stdout + done.stderr)
+        raise EngineError(f"`flwr run {app_dir}` failed: {reason}")
+    processes.seen_runs.add(reply["run-id"])
+    return int(reply["run-id"])
 
 
 def submit_and_wait(
