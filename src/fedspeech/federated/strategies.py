@@ -49,6 +49,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedspeech.federated import aggregation as agg
 from fedspeech.federated.aggregation import StateDict
+from fedspeech.federated.arrays import array_view
 from fedspeech.federated.clipping import CLIP_NORM_KEY
 from fedspeech.federated.compression import UPDATE_DTYPE_KEY, UPDATE_DTYPES, decode_reply
 from fedspeech.federated.rules import CLIPPING_SIDES, RULES
@@ -309,7 +310,7 @@ class RobustFedAvg(FedAvg):
         state: StateDict = {}
         for key in keys:
             try:
-                state[key] = arrays[key].numpy()
+                state[key] = array_view(arrays[key])  # read-only, no copy of the reply's bytes
             except Exception as exc:  # noqa: BLE001 - any bad payload refuses the client only
                 reasons.append(f"key '{key}': cannot decode array ({exc})")
         state = decode_reply(state, reference, metrics)  # float16/int8 updates (compression.py): float32 weights
