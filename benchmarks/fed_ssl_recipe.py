@@ -152,6 +152,12 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
         False,
         "3x the rounds and server momentum 0.9",
     ),
+    "iid-clients": (
+        "gao10",
+        {"partition_scheme": "iid"},
+        False,
+        "FedAvg (old default), clients get random utterances of every speaker instead of 3-4 speakers each",
+    ),
     "batch4": ("gao10", {"batch_size": 4}, False, "client batch 4 (the reference study's): 2x the local steps"),
     "batch2": ("gao10", {"batch_size": 2}, False, "client batch 2: 4x the local steps"),
     "batch1": ("gao10", {"batch_size": 1}, False, "client batch 1: 8x the local steps"),
@@ -205,8 +211,9 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
 }
 
 
-def setting_data(work: Path, name: str) -> tuple[Path, Path]:
-    """(unlabelled pretraining manifest, speaker partition) of a setting, built once."""
+def setting_data(work: Path, name: str, scheme: str = "speaker") -> tuple[Path, Path]:
+    """(unlabelled pretraining manifest, partition) of a setting, built once; ``scheme`` is
+    a partition scheme of ``fedspeech.data.partition`` (speaker-disjoint clients by default)."""
     from fedspeech.data.manifest import read_manifest
     from fedspeech.data.partition import make_partition
     from fedspeech.data.synth import build_corpus
@@ -226,9 +233,9 @@ def setting_data(work: Path, name: str) -> tuple[Path, Path]:
                 sentences_per_speaker=setting.sentences,
             )
     unlabelled = ssl_quality.pretraining_manifest(manifest, setting.per_speaker, 0)
-    partition = unlabelled.with_suffix(f".speaker{setting.clients}.json")
+    partition = unlabelled.with_suffix(f".{scheme}{setting.clients}.json")
     if not partition.is_file():
-        make_partition(read_manifest(unlabelled), "speaker", setting.clients, seed=0, manifest=str(unlabelled)).save(
+        make_partition(read_manifest(unlabelled), scheme, setting.clients, seed=0, manifest=str(unlabelled)).save(
             partition
         )
     return unlabelled, partition
@@ -251,7 +258,8 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
     setting_name = setting or setting_name
     setting = SETTINGS[setting_name]
     folder = Path(work)
-    unlabelled, partition = setting_data(folder, setting_name)
+    overrides = dict(overrides)
+    unlabelled, partition = setting_data(folder, setting_name, overrides.pop("partition_scheme", "speaker"))
     init = ssl_quality.untrained_checkpoint(folder, seed)
     fields = dict(
         rounds=setting.rounds,
