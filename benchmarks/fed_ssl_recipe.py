@@ -163,6 +163,12 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
     "batch1": ("gao10", {"batch_size": 1}, False, "client batch 1: 8x the local steps"),
     "local-lr3x": ("gao10", {"lr": 3 * RECIPE["lr"]}, False, "3x the client learning rate"),
     "no-clip": ("gao10", {"max_grad_norm": 1e9}, False, "no gradient clipping (default clips at norm 5)"),
+    "centralised-every-round": (
+        "gao10",
+        {**ONE_OPTIMIZER, "keep_checkpoints": 0},
+        True,
+        "the centralised run keeping every round's checkpoint (fine-tune an early round with ssl_quality.py NAME@R)",
+    ),
     "centralised-batch2": (
         "gao10",
         {**ONE_OPTIMIZER, "batch_size": 2},
@@ -279,7 +285,7 @@ def run_variant(name: str, seed: int, work: str, setting: str | None = None, cac
         model=str(init),
         seed=seed,
         val_max_utterances=16,
-        keep_checkpoints=1,
+        keep_checkpoints=overrides.get("keep_checkpoints", 1),
     )
     # Every optimiser setting is given explicitly, so a row never changes with the library's
     # defaults; the folder key leaves out those equal to the old defaults (older caches stay valid).

@@ -146,12 +146,20 @@ def untrained_checkpoint(work: Path, seed: int) -> Path:
 
 def pretrain(variant: str, work: Path, seed: int, quick: bool) -> tuple[Path, float, list[float]]:
     """Run (or reuse) one of ``fed_ssl_recipe.py``'s pretraining variants on this benchmark's
-    data; returns its last checkpoint, wall time and validation loss per round."""
+    data; returns its last checkpoint (``VARIANT@R``: round R's, which the run must have
+    kept), wall time and validation loss per round (up to that round)."""
     import fed_ssl_recipe
     from fedspeech.federated import checkpoints
 
+    variant, _, at_round = variant.partition("@")
     row = fed_ssl_recipe.run_variant(variant, seed, str(work), setting="quick" if quick else None)
-    return checkpoints.latest_checkpoint(Path(row["folder"])), row["seconds"], row["val_loss"]
+    folder = Path(row["folder"])
+    if not at_round:
+        return checkpoints.latest_checkpoint(folder), row["seconds"], row["val_loss"]
+    chosen = checkpoints.round_dir(folder, int(at_round))
+    if not chosen.is_dir():
+        raise SystemExit(f"{variant}@{at_round}: {folder} kept no round {at_round} checkpoint (keep_checkpoints)")
+    return chosen, row["seconds"], row["val_loss"][: int(at_round)]
 
 
 def labelled_subset(utterances, count: int, seed: int):
@@ -266,7 +274,12 @@ def rows_to_run(names: list[str]) -> list[tuple[str, str | None]]:
     import fed_ssl_recipe
 
     known = dict(BACKBONES)
-    unknown = [n for n in names if n not in known and n not in fed_ssl_recipe.VARIANTS]
+
+    def is_variant(name: str) -> bool:  # VARIANT or VARIANT@ROUND
+        variant, _, at_round = name.partition("@")
+        return variant in fed_ssl_recipe.VARIANTS and (not at_round or at_round.isdigit())
+
+    unknown = [n for n in names if n not in known and not is_variant(n)]
     if unknown:
         raise SystemExit(f"--backbones: unknown {unknown}; rows: {list(known)}, or a variant of fed_ssl_recipe.py")
     rows = [(name, variant) for name, variant in BACKBONES if name in names]
@@ -300,7 +313,8 @@ def main() -> None:
         "--backbones",
         nargs="+",
         default=[name for name, _ in BACKBONES],
-        help="which rows to run (default: all): row names, or any fed_ssl_recipe.py variant name (--list there)",
+        help="which rows to run (default: all): row names, or any fed_ssl_recipe.py variant name (--list there), "
+        "VARIANT@R for round R's checkpoint of a run that keeps it",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default=None, help="also draw the table as grouped bars (PNG)")

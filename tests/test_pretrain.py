@@ -117,6 +117,16 @@ def test_centralised_baseline_sees_the_same_examples(small_corpus, partition, tm
     assert completed_rounds(tmp_path / "central") == [1]
 
 
+def test_centralised_resume_matches_an_uninterrupted_run(small_corpus, partition, tmp_path):
+    """Dropout and Gumbel noise are seeded per round, so a resumed centralised run (here: the
+    second round in a process that has already trained) ends on the same model."""
+    run_centralised(settings(small_corpus, partition, tmp_path / "whole", rounds=2))
+    run_centralised(settings(small_corpus, partition, tmp_path / "cut", rounds=1))
+    run_centralised(settings(small_corpus, partition, tmp_path / "cut", rounds=2, resume=True))
+    whole, cut = (load_file(str(round_dir(tmp_path / n, 2) / "model.safetensors")) for n in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
 def test_per_round_probes_keep_the_best_round_per_task(small_corpus, partition, tmp_path):
     import json
 
@@ -222,3 +232,24 @@ def test_exact_memory_savers_train_the_same_model(small_corpus, partition, tmp_p
         settings(small_corpus, partition, tmp_path / "x", savers="step-in-backward")
     with pytest.raises(ValueError, match="savers: unknown saver"):
         settings(small_corpus, partition, tmp_path / "x", savers="fast-please")
+
+
+@pytest.mark.parametrize("runner", [run_pretraining, run_centralised], ids=["federated", "centralised"])
+def test_cached_cnn_features_train_the_frozen_cnn_model(small_corpus, partition, tmp_path, runner):
+    """cache-cnn serves the second local epoch's CNN features from the first: the same model
+    as freeze-cnn, whose CNN stays the initial one (the centralised run applies savers too)."""
+    from fedspeech.ssl.methods import get_method
+
+    common = dict(rounds=1, local_epochs=2)
+    runner(settings(small_corpus, partition, tmp_path / "frozen", savers="freeze-cnn", **common))
+    runner(settings(small_corpus, partition, tmp_path / "cached", savers="cache-cnn", **common))
+    runner(settings(small_corpus, partition, tmp_path / "trained", **common))
+    frozen, cached, trained = (
+        load_file(str(round_dir(tmp_path / name, 1) / "model.safetensors")) for name in ("frozen", "cached", "trained")
+    )
+    cnn = [k for k in frozen if "feature_extractor" in k]
+    assert cnn and any(not torch.equal(frozen[k], trained[k]) for k in cnn)  # without the saver the CNN learns
+    untrained = get_method(settings(small_corpus, partition, tmp_path / "x")).fresh_model().state_dict()
+    assert all(torch.equal(frozen[k], untrained[k]) for k in cnn)
+    for key, value in frozen.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-5, atol=1e-6, msg=key)

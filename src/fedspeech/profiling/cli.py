@@ -9,7 +9,10 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedspeech.profiling.savers import Savers
 
 log = logging.getLogger("fedspeech.profiling")
 
@@ -39,7 +42,7 @@ def _seconds_list(text: str) -> list[float]:
 
 
 def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    from fedspeech.profiling.savers import PRECISIONS, SAVER_HELP
+    from fedspeech.profiling.savers import PRECISIONS, PROFILER_SAVER_HELP
 
     parser.add_argument(
         "--model", default="base", help="tiny, base, large or a local HF checkpoint folder (default: base)"
@@ -52,7 +55,8 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default=[],
         metavar="SAVER",
-        help=f"memory savers: {SAVER_HELP}; feasibility also takes 'auto' (exact savers per device, only where needed)",
+        help=f"memory savers: {PROFILER_SAVER_HELP}; "
+        "feasibility also takes 'auto' (exact savers per device, only where needed)",
     )
     parser.add_argument("--device-type", choices=("cpu", "cuda"), default="cpu", help="where to measure (default: cpu)")
     parser.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
@@ -159,16 +163,28 @@ def _json_default(value: Any) -> Any:
     return str(value)  # paths, dtypes: anything JSON has no type for
 
 
+def _profiled_savers(tokens: list[str]) -> Savers:
+    """``--savers`` parsed, refusing the one whose effect a single timed batch misstates."""
+    from fedspeech.profiling.savers import UNPROFILED_SAVERS, Savers
+
+    savers = Savers.parse(tokens)
+    if any(token in UNPROFILED_SAVERS for token in savers.tokens()):
+        raise ValueError(
+            "--savers cache-cnn: the profiler repeats one batch, where a feature cache would hit at every step; "
+            "its saving depends on how often crops recur (benchmarks/memory_savers.py measures it); use freeze-cnn"
+        )
+    return savers
+
+
 def run_profile(args: argparse.Namespace) -> int:
     from fedspeech.profiling.plots import write_plots
     from fedspeech.profiling.report import model_label, profile, render
-    from fedspeech.profiling.savers import Savers
     from fedspeech.profiling.trainstep import build_model
 
     _setup_torch(args)
     if args.repeats < 0:
         raise ValueError("--repeats must be >= 0")
-    savers = Savers.parse(args.savers)
+    savers = _profiled_savers(args.savers)
     template = build_model(args.model)
     report = profile(
         template,
@@ -230,7 +246,7 @@ def run_feasibility(args: argparse.Namespace) -> int:
     auto = "auto" in args.savers
     if auto and args.savers != ["auto"]:
         raise ValueError("--savers auto picks the savers per device; it cannot be combined with other savers")
-    savers = Savers() if auto else Savers.parse(args.savers)
+    savers = Savers() if auto else _profiled_savers(args.savers)
     precision = savers.effective_precision(args.precision)
 
     def workload_for(p: str, chosen: Savers) -> Workload:

@@ -36,13 +36,23 @@ and is applied with what transformers / torch already provide:
   loss curve with float32 moments.
 - ``freeze-cnn``: ``model.freeze_feature_encoder()`` (no gradients, no optimizer state and
   no saved activations for the CNN).
+- ``cache-cnn`` (implies ``freeze-cnn``): keep the frozen CNN's output per utterance and
+  serve it when the same samples come again (a crop repeated in the next local epoch), so
+  the CNN's forward pass is paid once per crop instead of once per step. Exact for a frozen
+  CNN: each row is keyed by a digest of its samples (padding included) and computed as the
+  batch would compute it (group/layer norms see one utterance at a time), and the cache is
+  dropped when a CNN weight is written. How much it saves depends on how often crops recur
+  (in ``fedspeech pretrain`` crops change every round, so ``local_epochs`` − 1 of every
+  ``local_epochs`` passes hit); the profiler refuses it, since it times one repeated batch.
 - ``crop=S``: train on crops of at most S seconds.
 - ``amp=bf16`` / ``amp=fp16``: mixed precision with ``torch.autocast``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,12 +70,18 @@ SWITCHES = {
     "step-in-backward": "step_in_backward",
     "adam-bf16": "adam_bf16",
     "freeze-cnn": "freeze_cnn",
+    "cache-cnn": "cache_cnn",
 }
 SAVER_HELP = ", ".join(SWITCHES) + ", crop=SECONDS, amp=bf16|fp16"
+#: Savers the profiler cannot time from one repeated batch (a cache would hit every step).
+UNPROFILED_SAVERS = ("cache-cnn",)
+PROFILER_SAVER_HELP = ", ".join(t for t in SWITCHES if t not in UNPROFILED_SAVERS) + ", crop=SECONDS, amp=bf16|fp16"
 #: The exact savers together: the same gradients and update as no savers (tests check it).
 EXACT_SAVERS = ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "fused-quantizer", "step-in-backward")
 #: Distractors per checkpointed chunk of ``ckpt-contrastive``.
 CONTRASTIVE_CHUNK = 10
+#: Bytes of CNN features one ``cache-cnn`` model keeps at most (least recently used go first).
+CNN_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,7 @@ class Savers:
     fused_quantizer: bool = False
     step_in_backward: bool = False
     adam_bf16: bool = False
+    cache_cnn: bool = False
     crop_seconds: float | None = None
     amp: str | None = None
 
@@ -96,6 +113,8 @@ class Savers:
         key, _, value = token.partition("=")
         if key in SWITCHES and not value:
             switched_on: dict[str, Any] = {SWITCHES[key]: True}
+            if key == "cache-cnn":  # only a frozen CNN's output can be reused
+                switched_on["freeze_cnn"] = True
             return replace(self, **switched_on)
         if key == "crop":
             try:
@@ -167,6 +186,8 @@ def apply_model_savers(model: nn.Module, savers: Savers) -> None:
         raise ValueError("savers recompute-cnn and ckpt-cnn both checkpoint the CNN: pick one")
     if savers.recompute_cnn and not savers.freeze_cnn:  # a frozen CNN keeps nothing for backward anyway
         recompute_per_example(_feature_encoder(model))
+    if savers.cache_cnn:
+        FrozenCNNCache.attach(_feature_encoder(model))
     if savers.checkpoint_contrastive:
         if not hasattr(model, "compute_contrastive_logits"):
             raise ValueError(f"{type(model).__name__} has no contrastive head: ckpt-contrastive does not apply")
@@ -216,6 +237,84 @@ def recompute_per_example(encoder: nn.Module) -> None:
         return torch.cat(chunks)
 
     encoder.forward = forward
+
+
+class FrozenCNNCache:
+    """The ``cache-cnn`` saver: a frozen conv feature encoder's output per utterance, reused
+    when the same samples come again (see the module docstring).
+
+    Why our own: transformers recomputes the CNN at every forward pass, and the library has
+    no hook for precomputed features in ``Wav2Vec2ForPreTraining`` (the lengths, masks and
+    the quantizer's targets all start from ``input_values``), so the encoder's ``forward``
+    is wrapped on the instance, as for ``recompute-cnn``; parameters and state-dict keys are
+    unchanged. ``hits`` and ``misses`` count rows served from and added to the cache.
+    """
+
+    def __init__(self, encoder: nn.Module, max_bytes: int = CNN_CACHE_BYTES) -> None:
+        self.encoder = encoder
+        self.plain_forward = encoder.forward
+        self.max_bytes = max_bytes
+        self.rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._versions: tuple[int, ...] = ()
+
+    @classmethod
+    def attach(cls, encoder: nn.Module, max_bytes: int = CNN_CACHE_BYTES) -> FrozenCNNCache:
+        cache = cls(encoder, max_bytes)
+        encoder.forward = cache
+        encoder.cnn_cache = cache
+        return cache
+
+    def _check_weights(self) -> None:
+        params = [*self.encoder.parameters(), *self.encoder.buffers()]
+        if any(p.requires_grad for p in self.encoder.parameters()):
+            raise RuntimeError("cache-cnn: the CNN is trainable again, so its cached features would go stale")
+        # torch bumps a tensor's version on every in-place write (load_state_dict included)
+        versions = tuple(t._version for t in params) + tuple(id(t) for t in params)
+        if versions != self._versions:
+            self.rows.clear()
+            self.bytes = 0
+            self._versions = versions
+
+    @staticmethod
+    def _key(row: torch.Tensor) -> bytes:
+        values = row.detach().to("cpu").contiguous()
+        digest = hashlib.blake2b(values.numpy().view("uint8"), digest_size=20)
+        digest.update(f"{tuple(values.shape)}{values.dtype}".encode())
+        return digest.digest()
+
+    def __call__(self, input_values: torch.Tensor) -> torch.Tensor:
+        self._check_weights()
+        keys = [self._key(row) for row in input_values]
+        missing = [i for i, key in enumerate(keys) if key not in self.rows]
+        fresh: dict[int, torch.Tensor] = {}
+        if missing:
+            with torch.no_grad():  # frozen: nothing to keep for backward
+                computed = self.plain_forward(input_values[missing])
+            fresh = {i: row for i, row in zip(missing, computed)}
+        rows = []
+        for i, key in enumerate(keys):
+            if i in fresh:
+                row = fresh[i].clone()
+                self._store(key, row)
+                self.misses += 1
+            else:
+                row = self.rows[key]
+                self.rows.move_to_end(key)
+                self.hits += 1
+            rows.append(row)
+        return torch.stack(rows)
+
+    def _store(self, key: bytes, row: torch.Tensor) -> None:
+        if key in self.rows:  # the same samples twice in one batch
+            return
+        self.rows[key] = row
+        self.bytes += row.numel() * row.element_size()
+        while self.bytes > self.max_bytes and len(self.rows) > 1:
+            _, dropped = self.rows.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
 
 
 def checkpoint_contrastive_logits(model: nn.Module, chunk: int = CONTRASTIVE_CHUNK) -> None:

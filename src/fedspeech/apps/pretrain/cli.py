@@ -40,7 +40,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         "server_momentum": "server momentum (FedAvgM server_momentum, FedAdam/FedYogi beta_1)",
         "server_tau": "FedAdam/FedYogi/FedAdagrad adaptivity tau",
         "savers": "memory savers every client applies to its model, e.g. 'recompute-cnn ckpt-transformer "
-        "fused-quantizer' (exact: same training; docs/performance.md)",
+        "fused-quantizer' (exact: same training), or 'cache-cnn' (a frozen CNN computed once per crop; "
+        "docs/performance.md)",
     }
     add_settings_flags(parser, PretrainSettings, {**GUARDED_HELPS, **helps}, flag_names={"out_dir": "--out"})
 

@@ -97,6 +97,7 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
     """
     from fedspeech.apps.pretrain.task import round_lr_schedule, validation_loader
     from fedspeech.data.partition import sample_clients
+    from fedspeech.profiling.savers import apply_model_savers
     from fedspeech.ssl.methods import get_method
     from fedspeech.ssl.train import evaluate_loss, train_local
 
@@ -123,6 +124,7 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
         state = checkpoints.load_state(latest)
         first_round, global_step = state["round"] + 1, float(state["global_step"])
         roundlog.truncate_after(out, state["round"])
+    apply_model_savers(model, settings.model_savers())  # as the federated clients do
     val_loader = validation_loader(settings)
     import torch
     import torch.utils.data as tud
@@ -157,6 +159,9 @@ def run_centralised(settings: PretrainSettings) -> list[dict]:
             int(global_step),
         )
         keep_moments = settings.optimizer_state != "reset"  # one optimiser across rounds, as a plain run has
+        # dropout and Gumbel noise from the round alone (as each client's), so a run, or a
+        # resumed one, does not depend on what this process did before
+        torch.manual_seed(settings.seed * 1_000_003 + server_round)
         result = train_local(
             model,
             method.objective,

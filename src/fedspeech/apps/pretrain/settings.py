@@ -28,7 +28,7 @@ LR_SCHEDULES = ("round", "step")
 
 #: Savers a pretraining client can apply: they change how the model computes, not the loop
 #: (``ckpt-contrastive`` targets transformers' own loss, which our objective does not use).
-PRETRAIN_SAVERS = ("ckpt-cnn", "recompute-cnn", "ckpt-transformer", "fused-quantizer", "freeze-cnn")
+PRETRAIN_SAVERS = ("ckpt-cnn", "recompute-cnn", "ckpt-transformer", "fused-quantizer", "freeze-cnn", "cache-cnn")
 
 
 @dataclass
