@@ -152,6 +152,13 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
         False,
         "3x the rounds and server momentum 0.9",
     ),
+    "fedavg-3x-examples": (
+        "gao10",
+        {"rounds": 3 * RECIPE["rounds"], "warmup_rounds": 3 * RECIPE["warmup_rounds"], "keep_checkpoints": 0},
+        False,
+        "the old FedAvg default for 3x the rounds (3x the examples), every round kept: does it transfer "
+        "like a centralised checkpoint at the same SSL loss?",
+    ),
     "iid-clients": (
         "gao10",
         {"partition_scheme": "iid"},
