@@ -203,6 +203,12 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
     ),
     # The recipe that learns (the library's defaults since this benchmark), under every rule.
     "recipe": ("gao10", RECIPE_OVERRIDES, False, "the recipe: FedAvg at client batch 1"),
+    "recipe-moments-client": (
+        "gao10",
+        {**RECIPE_OVERRIDES, "optimizer_state": "client"},
+        False,
+        "the recipe, each client keeping its AdamW moments across rounds",
+    ),
     "recipe-probed": (
         "gao10",
         {**RECIPE_OVERRIDES, "probes": "kws"},
