@@ -128,6 +128,18 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
         False,
         "server learning rate 3 (FedAvgM, no momentum)",
     ),
+    "cnn-server-lr3": (
+        "gao10",
+        {"server_optimizer": "fedavgm", "server_lr": 3.0, "server_optimizer_scope": "wav2vec2.feature_extractor."},
+        False,
+        "server learning rate 3 for the CNN only (FedAvgM scoped to it); the rest as FedAvg",
+    ),
+    "cnn-server-lr10": (
+        "gao10",
+        {"server_optimizer": "fedavgm", "server_lr": 10.0, "server_optimizer_scope": "wav2vec2.feature_extractor."},
+        False,
+        "server learning rate 10 for the CNN only",
+    ),
     "fedavgm": (
         "gao10",
         {"server_optimizer": "fedavgm", "server_momentum": 0.9},

@@ -312,9 +312,17 @@ def main() -> None:
     parser.add_argument(
         "--backbones",
         nargs="+",
-        default=[name for name, _ in BACKBONES],
-        help="which rows to run (default: all): row names, or any fed_ssl_recipe.py variant name (--list there), "
+        default=None,
+        help="which rows to run (default: all, or none when --folder is given): row names, or any "
+        "fed_ssl_recipe.py variant name (--list there), "
         "VARIANT@R for round R's checkpoint of a run that keeps it",
+    )
+    parser.add_argument(
+        "--folder",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="also fine-tune this HF checkpoint folder as row NAME (repeatable), e.g. benchmarks/transplant.py's",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default=None, help="also draw the table as grouped bars (PNG)")
@@ -340,11 +348,21 @@ def main() -> None:
     utterances = read_manifest(manifest)
     extra = external_kws_test(Path(args.test_manifest)) if args.test_manifest else None
     rows: list[dict] = []
+    folders = {}
+    for item in args.folder:
+        name, sep, folder = item.partition("=")
+        if not sep or not (Path(folder) / "config.json").is_file():
+            raise SystemExit(f"--folder {item!r}: expected NAME=FOLDER with a config.json in FOLDER")
+        folders[name] = Path(folder).resolve()
     for seed in args.seeds:
         labelled = labelled_subset(utterances, recipe["labelled_speakers"], seed)
-        for name, variant in rows_to_run(args.backbones):
+        named = args.backbones if args.backbones is not None else ([] if folders else [n for n, _ in BACKBONES])
+        rows_here = rows_to_run(named)
+        for name, variant in [*rows_here, *((f"folder {n}", n) for n in folders)]:
             if variant is None:
                 path, seconds, losses = untrained_checkpoint(work, seed), 0.0, []
+            elif variant in folders and name.startswith("folder "):
+                path, seconds, losses = folders[variant], 0.0, []
             else:
                 path, seconds, losses = pretrain(variant, work, seed, args.quick)
             cache = finetune_cache(work, path, recipe, seed, args.test_manifest)

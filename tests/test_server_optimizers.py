@@ -68,3 +68,23 @@ def test_the_settings_offer_exactly_the_server_optimizers_there_are():
     from fedspeech.federated import server_optimizers
 
     assert settings.SERVER_OPTIMIZERS == tuple(server_optimizers.SERVER_OPTIMIZERS)
+
+
+def test_a_scoped_step_moves_only_the_keys_in_scope():
+    current = record(cnn_w=np.array([1.0, 2.0], dtype=np.float32), head_w=np.array([1.0, 2.0], dtype=np.float32))
+    aggregate = record(cnn_w=np.array([2.0, 1.0], dtype=np.float32), head_w=np.array([2.0, 1.0], dtype=np.float32))
+    new = ServerOptimizer("fedavgm", lr=3.0, momentum=0.0, scope=("cnn_",)).step(1, current, aggregate)
+    assert np.allclose(new["cnn_w"].numpy(), [4.0, -1.0])  # 1 + 3 * (2 - 1), 2 + 3 * (1 - 2)
+    assert np.array_equal(new["head_w"].numpy(), aggregate["head_w"].numpy())  # the rule's aggregate
+    with pytest.raises(ValueError, match="matches no floating-point key"):
+        ServerOptimizer("fedavgm", lr=3.0, momentum=0.0, scope=("nothing.",)).step(1, current, aggregate)
+
+
+def test_a_scope_without_a_server_optimizer_is_refused():
+    from fedspeech.apps.pretrain.settings import PretrainSettings
+
+    with pytest.raises(ValueError, match="server_optimizer_scope"):
+        PretrainSettings(manifest="m.tsv", server_optimizer_scope="wav2vec2.feature_extractor.")
+    assert PretrainSettings(
+        manifest="m.tsv", server_optimizer="fedavgm", server_optimizer_scope="wav2vec2.feature_extractor."
+    ).server_optimizer_scope

@@ -47,9 +47,21 @@ class ServerOptimizer:
 
     ``lr`` is FedAvgM's ``server_learning_rate`` or FedOpt's ``eta``; ``momentum`` is
     FedAvgM's ``server_momentum`` or FedOpt's ``beta_1``; ``tau`` is FedOpt's adaptivity.
+    ``scope``: key prefixes the step applies to (empty: every floating-point key); the other
+    keys take the rule's aggregate as it is, e.g. a larger server step for the CNN alone,
+    the part of wav2vec 2.0 that moves least under averaging (docs/evaluation.md).
     """
 
-    def __init__(self, name: str, *, lr: float, momentum: float, tau: float = 1e-3, beta_2: float = 0.99) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        lr: float,
+        momentum: float,
+        tau: float = 1e-3,
+        beta_2: float = 0.99,
+        scope: tuple[str, ...] = (),
+    ) -> None:
         if name not in SERVER_OPTIMIZERS or SERVER_OPTIMIZERS[name] is None:
             choices = [n for n, cls in SERVER_OPTIMIZERS.items() if cls is not None]
             raise ValueError(f"server optimizer: must be one of {choices}, got {name!r}")
@@ -69,17 +81,24 @@ class ServerOptimizer:
         else:
             self._strategy = stepper(eta=lr, beta_1=momentum, beta_2=beta_2, tau=tau)
         self.name = name
+        self.scope = tuple(scope)
         self._restored_momentum: dict[str, np.ndarray] | None = None
 
     def step(self, server_round: int, current: ArrayRecord, aggregate: ArrayRecord) -> ArrayRecord:
         """The new global model: one optimiser step from ``current`` towards ``aggregate``.
 
         Dtypes are kept (Flower's FedOpt arithmetic promotes float32 to float64), and keys
-        whose arrays are not floating point (integer buffers) are taken from the aggregate
-        unchanged.
+        whose arrays are not floating point (integer buffers) or lie outside ``scope`` are
+        taken from the aggregate unchanged.
         """
         strategy = self._strategy
-        floats = {k for k, v in current.items() if np.issubdtype(v.numpy().dtype, np.floating)}
+        floats = {
+            k
+            for k, v in current.items()
+            if np.issubdtype(v.numpy().dtype, np.floating) and (not self.scope or k.startswith(self.scope))
+        }
+        if not floats:
+            raise ValueError(f"server optimizer scope {list(self.scope)}: matches no floating-point key of the model")
         strategy.given = ArrayRecord({k: aggregate[k] for k in current if k in floats})
         current_floats = ArrayRecord({k: current[k] for k in current if k in floats})
         if isinstance(strategy, FedAvgM):

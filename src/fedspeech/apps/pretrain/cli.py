@@ -39,6 +39,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         "server_lr": "server learning rate (FedAvgM server_learning_rate, FedAdam/FedYogi/FedAdagrad eta)",
         "server_momentum": "server momentum (FedAvgM server_momentum, FedAdam/FedYogi beta_1)",
         "server_tau": "FedAdam/FedYogi/FedAdagrad adaptivity tau",
+        "server_optimizer_scope": "weight-name prefixes the server step applies to, e.g. "
+        "'wav2vec2.feature_extractor.' (default: all; the rest takes the rule's aggregate)",
         "savers": "memory savers every client applies to its model, e.g. 'recompute-cnn ckpt-transformer "
         "fused-quantizer' (exact: same training), or 'cache-cnn' (a frozen CNN computed once per crop; "
         "docs/performance.md)",

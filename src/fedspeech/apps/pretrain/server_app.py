@@ -77,7 +77,11 @@ def build_server_optimizer(settings: PretrainSettings):
     from fedspeech.federated.server_optimizers import ServerOptimizer
 
     return ServerOptimizer(
-        settings.server_optimizer, lr=settings.server_lr, momentum=settings.server_momentum, tau=settings.server_tau
+        settings.server_optimizer,
+        lr=settings.server_lr,
+        momentum=settings.server_momentum,
+        tau=settings.server_tau,
+        scope=tuple(settings.server_optimizer_scope.replace(",", " ").split()),
     )
 
 

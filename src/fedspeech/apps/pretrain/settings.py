@@ -58,6 +58,7 @@ class PretrainSettings(GuardedSettings):
     server_lr: float = 1.0  # FedAvgM server_learning_rate, FedOpt eta
     server_momentum: float = 0.0  # FedAvgM server_momentum, FedOpt beta_1
     server_tau: float = 1e-3  # FedOpt adaptivity tau
+    server_optimizer_scope: str = ""  # key prefixes the server step applies to (space-separated; "" = all)
     seed: int = 0
     loss_temperature: float = 1.0  # loss-weighted and mixed rules
     mixed_beta: float = 0.2  # mixed FedAvg/loss rule
@@ -89,6 +90,8 @@ class PretrainSettings(GuardedSettings):
                 f"server_lr must be > 0, server_momentum in [0, 1), server_tau > 0; got "
                 f"{self.server_lr}, {self.server_momentum}, {self.server_tau}"
             )
+        if self.server_optimizer_scope.strip() and self.server_optimizer == "none":
+            raise ValueError("server_optimizer_scope: needs a --server-optimizer to scope (it is 'none')")
         if RULES[self.strategy].needs == "predictor" and self.method != "byol":
             raise ValueError(f"strategy {self.strategy!r} needs a method with a predictor: use --method byol")
         for name in ("rounds", "local_epochs", "batch_size"):
