@@ -140,6 +140,12 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
         False,
         "server learning rate 10 for the CNN only",
     ),
+    "cnn-server-lr30": (
+        "gao10",
+        {"server_optimizer": "fedavgm", "server_lr": 30.0, "server_optimizer_scope": "wav2vec2.feature_extractor."},
+        False,
+        "server learning rate 30 for the CNN only",
+    ),
     "fedavgm": (
         "gao10",
         {"server_optimizer": "fedavgm", "server_momentum": 0.9},
@@ -220,6 +226,17 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
         {**RECIPE_OVERRIDES, "optimizer_state": "client"},
         False,
         "the recipe, each client keeping its AdamW moments across rounds",
+    ),
+    "recipe-cnn-server-lr10": (
+        "gao10",
+        {
+            **RECIPE_OVERRIDES,
+            "server_optimizer": "fedavgm",
+            "server_lr": 10.0,
+            "server_optimizer_scope": "wav2vec2.feature_extractor.",
+        },
+        False,
+        "the recipe with a server learning rate of 10 for the CNN only",
     ),
     "recipe-probed": (
         "gao10",
