@@ -140,6 +140,23 @@ VARIANTS: dict[str, tuple[str, dict, bool, str]] = {
         False,
         "server learning rate 10 for the CNN only",
     ),
+    "cnn-server-lr5": (
+        "gao10",
+        {"server_optimizer": "fedavgm", "server_lr": 5.0, "server_optimizer_scope": "wav2vec2.feature_extractor."},
+        False,
+        "server learning rate 5 for the CNN only",
+    ),
+    "cnn-server-lr10-every-round": (
+        "gao10",
+        {
+            "server_optimizer": "fedavgm",
+            "server_lr": 10.0,
+            "server_optimizer_scope": "wav2vec2.feature_extractor.",
+            "keep_checkpoints": 0,
+        },
+        False,
+        "cnn-server-lr10 keeping every round's checkpoint (fine-tune the rounds before its collapse)",
+    ),
     "cnn-server-lr30": (
         "gao10",
         {"server_optimizer": "fedavgm", "server_lr": 30.0, "server_optimizer_scope": "wav2vec2.feature_extractor."},
