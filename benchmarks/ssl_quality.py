@@ -351,23 +351,24 @@ def main() -> None:
     utterances = read_manifest(manifest)
     extra = external_kws_test(Path(args.test_manifest)) if args.test_manifest else None
     rows: list[dict] = []
-    folders = {}
+    # each row's source: None (the untrained init), a fed_ssl_recipe variant, or a checkpoint folder
+    sources: list[tuple[str, str | Path | None]] = []
     for item in args.folder:
         name, sep, folder = item.partition("=")
         if not sep or not (Path(folder) / "config.json").is_file():
             raise SystemExit(f"--folder {item!r}: expected NAME=FOLDER with a config.json in FOLDER")
-        folders[name] = Path(folder).resolve()
+        sources.append((f"folder {name}", Path(folder).resolve()))
+    named = args.backbones if args.backbones is not None else ([] if sources else [n for n, _ in BACKBONES])
+    sources = [*rows_to_run(named), *sources]
     for seed in args.seeds:
         labelled = labelled_subset(utterances, recipe["labelled_speakers"], seed)
-        named = args.backbones if args.backbones is not None else ([] if folders else [n for n, _ in BACKBONES])
-        rows_here = rows_to_run(named)
-        for name, variant in [*rows_here, *((f"folder {n}", n) for n in folders)]:
-            if variant is None:
+        for name, source in sources:
+            if source is None:
                 path, seconds, losses = untrained_checkpoint(work, seed), 0.0, []
-            elif variant in folders and name.startswith("folder "):
-                path, seconds, losses = folders[variant], 0.0, []
+            elif isinstance(source, Path):
+                path, seconds, losses = source, 0.0, []
             else:
-                path, seconds, losses = pretrain(variant, work, seed, args.quick)
+                path, seconds, losses = pretrain(source, work, seed, args.quick)
             cache = finetune_cache(work, path, recipe, seed, args.test_manifest)
             result = json.loads(cache.read_text()) if cache.is_file() else None
             if result is not None and extra is not None and "extra_kws_macro_accuracy" not in result:

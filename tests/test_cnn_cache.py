@@ -81,7 +81,7 @@ def test_padded_rows_and_new_weights_are_never_served_stale(tiny):
         encoder(padded)
 
 
-def test_the_cache_stays_within_its_byte_budget(tiny):
+def test_the_cache_stays_within_its_byte_budget():
     model = build_model("tiny")
     model.freeze_feature_encoder()
     cache = FrozenCNNCache.attach(model.wav2vec2.feature_extractor, max_bytes=1)

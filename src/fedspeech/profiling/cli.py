@@ -168,10 +168,12 @@ def _profiled_savers(tokens: list[str]) -> Savers:
     from fedspeech.profiling.savers import UNPROFILED_SAVERS, Savers
 
     savers = Savers.parse(tokens)
-    if any(token in UNPROFILED_SAVERS for token in savers.tokens()):
+    refused = [token for token in savers.tokens() if token in UNPROFILED_SAVERS]
+    if refused:
         raise ValueError(
-            "--savers cache-cnn: the profiler repeats one batch, where a feature cache would hit at every step; "
-            "its saving depends on how often crops recur (benchmarks/memory_savers.py measures it); use freeze-cnn"
+            f"--savers {' '.join(refused)}: the profiler repeats one batch, where a feature cache would hit at "
+            "every step; its saving depends on how often crops recur (benchmarks/memory_savers.py measures it); "
+            "use freeze-cnn"
         )
     return savers
 

@@ -72,10 +72,11 @@ SWITCHES = {
     "freeze-cnn": "freeze_cnn",
     "cache-cnn": "cache_cnn",
 }
-SAVER_HELP = ", ".join(SWITCHES) + ", crop=SECONDS, amp=bf16|fp16"
+_VALUED_SAVERS_HELP = "crop=SECONDS, amp=bf16|fp16"
+SAVER_HELP = ", ".join([*SWITCHES, _VALUED_SAVERS_HELP])
 #: Savers the profiler cannot time from one repeated batch (a cache would hit every step).
 UNPROFILED_SAVERS = ("cache-cnn",)
-PROFILER_SAVER_HELP = ", ".join(t for t in SWITCHES if t not in UNPROFILED_SAVERS) + ", crop=SECONDS, amp=bf16|fp16"
+PROFILER_SAVER_HELP = ", ".join([*(t for t in SWITCHES if t not in UNPROFILED_SAVERS), _VALUED_SAVERS_HELP])
 #: The exact savers together: the same gradients and update as no savers (tests check it).
 EXACT_SAVERS = ("recompute-cnn", "ckpt-transformer", "ckpt-contrastive", "fused-quantizer", "step-in-backward")
 #: Distractors per checkpointed chunk of ``ckpt-contrastive``.
